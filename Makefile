@@ -1,0 +1,43 @@
+# The README's two commands: `make demo` and `make test`. Both install first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install tools lint unit integration e2e test demo clean
+
+install: $(VENV)/.installed tools
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,
+# promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version.
+tools: $(VENV)/.installed
+	hack/install-tools.sh
+
+lint: install
+	$(BIN)/ruff check cli operator server devcluster tests benchmarks
+	$(BIN)/mypy operator/fleetserve_operator server/fleetserve_server/engine
+
+unit: install
+	$(PYTEST) tests/unit
+
+integration: install
+	$(PYTEST) tests/integration
+
+e2e: install
+	$(PYTEST) tests/e2e
+
+test: install lint unit integration e2e
+
+demo: install
+	hack/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

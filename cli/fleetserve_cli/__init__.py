@@ -1,0 +1,1 @@
+"""The `fleetserve` command line: one console script, one subcommand per part."""
