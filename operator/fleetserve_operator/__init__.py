@@ -1,0 +1,1 @@
+"""fleetserve_operator: the kopf operator for LLMDeployment."""

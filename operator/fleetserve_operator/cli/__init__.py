@@ -1,0 +1,1 @@
+"""`fleetserve` subcommands owned by the operator package."""
