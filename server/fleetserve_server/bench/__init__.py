@@ -1,0 +1,1 @@
+"""Benchmarks: offline engine throughput and HTTP serving load."""
