@@ -1,0 +1,138 @@
+"""`fleetserve dev-cluster up|down|status|env`: the local real control plane.
+
+Only argument parsing and printing live here; the work is in controlplane.py.
+Imports nothing heavy (no kubernetes client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def _state_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the cluster keeps its data, certs, pids and logs "
+                        "(default: $FLEETSERVE_CACHE_DIR/dev-cluster, i.e. ~/.cache/fleetserve/dev-cluster)")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dev_cluster_command", metavar="ACTION")
+    up = sub.add_parser("up", help="start etcd, kube-apiserver, kube-controller-manager, kube-scheduler "
+                                   "(idempotent) and wait until /readyz is ok",
+                        description="Start the dev cluster's control plane on 127.0.0.1 (idempotent).")
+    up.add_argument("--nodes", type=_non_negative, default=2, help="GPU nodes the node agent registers (default 2)")
+    up.add_argument("--gpus-per-node", type=_non_negative, default=2,
+                    help="nvidia.com/gpu capacity of each node (default 2)")
+    up.add_argument("--port-base", type=int, default=None,
+                    help="first of the loopback ports used (apiserver = base+443, etcd = base+379, ...; default 16000)")
+    _state_dir_arg(up)
+    up.set_defaults(handler=run_up)
+
+    down = sub.add_parser("down", help="stop every process of the dev cluster and delete its state dir",
+                          description="Stop everything the dev cluster started (by pid) and delete its state dir.")
+    _state_dir_arg(down)
+    down.set_defaults(handler=run_down)
+
+    status = sub.add_parser("status", help="components, their pids and health",
+                            description="Print the dev cluster's components, their pids and health.")
+    _state_dir_arg(status)
+    status.set_defaults(handler=run_status)
+
+    env = sub.add_parser("env", help="print `export KUBECONFIG=... PATH=...` for eval in a shell",
+                         description='Print shell exports; use as: eval "$(fleetserve dev-cluster env)". '
+                                     "The tools' PATH is printed even when no cluster is up.")
+    _state_dir_arg(env)
+    env.set_defaults(handler=run_env)
+
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from .controlplane import default_state_dir
+
+    return (args.state_dir or default_state_dir()).expanduser().resolve()
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from .controlplane import DEFAULT_PORT_BASE, ClusterConfig, DevClusterError, main_error, up
+
+    try:
+        config = ClusterConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                               port_base=args.port_base if args.port_base is not None else DEFAULT_PORT_BASE)
+        up(_state_dir(args), config)
+    except DevClusterError as exc:
+        return main_error(exc)
+    print(f'use it with: eval "$(fleetserve dev-cluster env{_state_flag(args)})"')
+    return 0
+
+
+def _state_flag(args: argparse.Namespace) -> str:
+    return f" --state-dir {shlex.quote(str(args.state_dir))}" if args.state_dir else ""
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from .controlplane import down
+
+    down(_state_dir(args))
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from .controlplane import DevClusterError, main_error, status
+
+    try:
+        cluster, rows = status(_state_dir(args))
+    except DevClusterError as exc:
+        return main_error(exc)
+    print(f"state dir  {cluster.state_dir}")
+    print(f"server     {cluster.server_url}")
+    print(f"kubeconfig {cluster.kubeconfig}")
+    print(f"nodes      {cluster.config.nodes} x {cluster.config.gpus_per_node} nvidia.com/gpu")
+    print(f"{'COMPONENT':<24} {'PID':<8} {'STATE':<8} HEALTH")
+    for r in rows:
+        health = "-" if r.healthy is None else ("ok" if r.healthy else "failing")
+        print(f"{r.name:<24} {r.pid if r.pid is not None else '-':<8} "
+              f"{'running' if r.running else 'stopped':<8} {health}")
+    return 0 if all(r.running and r.healthy is not False for r in rows) else 1
+
+
+def env_lines(state_dir: Path, bin_dir: Path) -> list[str]:
+    """The shell exports `env` prints (bash/zsh/sh syntax)."""
+    return [
+        f"export KUBECONFIG={shlex.quote(str(state_dir / 'kubeconfig'))}",
+        f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"',
+    ]
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from .controlplane import is_up
+    from .tools import missing_tools, tools_bin_dir
+
+    state_dir = _state_dir(args)
+    for line in env_lines(state_dir, tools_bin_dir()):
+        print(line)
+    missing = missing_tools()
+    if missing:
+        print(f"# note: not provisioned yet: {', '.join(missing)} (run `make install`)", file=sys.stderr)
+    if not is_up(state_dir):
+        print(f"# note: no dev cluster is running in {state_dir}; start one with `fleetserve dev-cluster up`",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,412 @@
+"""The dev cluster's real control plane on loopback: etcd, kube-apiserver,
+kube-controller-manager and kube-scheduler, as detached local processes.
+
+State dir layout (default ``~/.cache/fleetserve/dev-cluster``):
+
+    cluster.json      ClusterConfig: ports, --nodes, --gpus-per-node (the node agent reads it)
+    kubeconfig        admin (system:masters) kubeconfig, certs embedded
+    pki/              CAs, serving/client certs, service-account keys
+    etcd/             etcd's data dir
+    kubeconfigs/      the controller-manager's and the scheduler's own identities
+    pids/<name>.pid   one per long-running process (see processes.py)
+    logs/<name>.log
+
+`up()` walks `COMPONENTS` in order and starts each one that is not running,
+then waits for its health probe; anything further (the node agent, the
+service proxy) is one more `Component` appended to that list.
+
+Invariant: every process `up()` starts has a pid file before `up()` returns
+or raises, so `down()` can always stop it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import pki, processes, tools
+
+DEFAULT_PORT_BASE = 16000
+
+
+class DevClusterError(RuntimeError):
+    """Something the user must fix; the message says what and how."""
+
+
+def default_state_dir() -> Path:
+    return tools.cache_dir() / "dev-cluster"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What ``up`` was asked for; stored as ``<state>/cluster.json``."""
+
+    nodes: int = 2
+    gpus_per_node: int = 2
+    port_base: int = DEFAULT_PORT_BASE
+    k8s_version: str = tools.K8S_VERSION
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nodes < 0:
+            raise DevClusterError(f"--nodes must be >= 0, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise DevClusterError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
+        if not 1024 <= self.port_base <= 65000:
+            raise DevClusterError(f"--port-base must be in 1024..65000, got {self.port_base}")
+        if not self.ports:
+            b = self.port_base
+            object.__setattr__(self, "ports", {
+                "apiserver": b + 443, "etcd": b + 379, "etcd-peer": b + 380,
+                "controller-manager": b + 257, "scheduler": b + 259,
+            })
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterConfig:
+        try:
+            data = json.loads((state_dir / "cluster.json").read_text())
+        except FileNotFoundError:
+            raise DevClusterError(f"no dev cluster in {state_dir}: run `fleetserve dev-cluster up`") from None
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, state_dir: Path) -> None:
+        tmp = state_dir / "cluster.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(state_dir / "cluster.json")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A state dir plus its config: everything a component needs to build its command line."""
+
+    state_dir: Path
+    config: ClusterConfig
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def pki(self) -> pki.PKIPaths:
+        return pki.PKIPaths(self.state_dir / "pki")
+
+    @property
+    def server_url(self) -> str:
+        return f"https://127.0.0.1:{self.config.ports['apiserver']}"
+
+    def port(self, name: str) -> int:
+        return self.config.ports[name]
+
+    def component_kubeconfig(self, identity: str) -> Path:
+        return self.state_dir / "kubeconfigs" / f"{identity}.kubeconfig"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A long-running process of the dev cluster.
+
+    ``argv`` builds the command line (it may raise ToolMissingError); ``healthy``
+    is the readiness probe polled after start, for up to ``timeout_s``;
+    ``port`` (a key of ClusterConfig.ports) is checked to be free before start.
+    """
+
+    name: str
+    argv: Callable[[Cluster], list[str]]
+    healthy: Callable[[Cluster], bool]
+    timeout_s: float = 60.0
+    port: str | None = None
+    env: Callable[[Cluster], dict[str, str]] | None = None
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _https_get(cluster: Cluster, port: int, path: str, client_cert: bool, verify: bool) -> tuple[int, str]:
+    ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_crt)) if verify else ssl._create_unverified_context()
+    if client_cert:
+        ctx.load_cert_chain(str(cluster.pki.crt("admin")), str(cluster.pki.key("admin")))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=3, context=ctx)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _probe(fn: Callable[[], bool]) -> bool:
+    try:
+        return fn()
+    except (OSError, http.client.HTTPException, ssl.SSLError):
+        return False
+
+
+def etcd_healthy(cluster: Cluster) -> bool:
+    def go() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", cluster.port("etcd"), timeout=3)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            return resp.status == 200 and json.loads(resp.read()).get("health") == "true"
+        finally:
+            conn.close()
+    return _probe(go)
+
+
+def apiserver_readyz(cluster: Cluster) -> tuple[int, str]:
+    """``GET /readyz`` as the admin, TLS verified against the cluster CA."""
+    return _https_get(cluster, cluster.port("apiserver"), "/readyz", client_cert=True, verify=True)
+
+
+def apiserver_healthy(cluster: Cluster) -> bool:
+    return _probe(lambda: apiserver_readyz(cluster) == (200, "ok"))
+
+
+def _healthz(port_name: str) -> Callable[[Cluster], bool]:
+    # Their serving certs are self-signed at startup; /healthz is anonymous by default.
+    return lambda c: _probe(lambda: _https_get(c, c.port(port_name), "/healthz", False, False)[0] == 200)
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def etcd_argv(c: Cluster) -> list[str]:
+    peer = f"http://127.0.0.1:{c.port('etcd-peer')}"
+    client = f"http://127.0.0.1:{c.port('etcd')}"
+    return [
+        str(tools.tool_path("etcd")), "--name=fleetserve-dev", f"--data-dir={c.state_dir / 'etcd'}",
+        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=fleetserve-dev={peer}", "--initial-cluster-state=new",
+        # A throwaway dev store on a shared machine: durability is not worth the fsync latency.
+        "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
+    ]
+
+
+def apiserver_argv(c: Cluster) -> list[str]:
+    p = c.pki
+    return [
+        str(tools.tool_path("kube-apiserver")),
+        f"--etcd-servers=http://127.0.0.1:{c.port('etcd')}",
+        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={c.port('apiserver')}",
+        f"--tls-cert-file={p.crt('apiserver')}", f"--tls-private-key-file={p.key('apiserver')}",
+        f"--client-ca-file={p.ca_crt}",
+        "--authorization-mode=Node,RBAC",
+        f"--service-account-issuer={pki.SERVICE_ACCOUNT_ISSUER}",
+        f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
+        f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+        "--allow-privileged=true",
+        # Aggregation layer (e.g. a metrics adapter) via the front-proxy identity.
+        f"--requestheader-client-ca-file={p.crt('front-proxy-ca')}",
+        "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={p.crt('front-proxy-client')}",
+        f"--proxy-client-key-file={p.key('front-proxy-client')}",
+        f"--kubelet-client-certificate={p.crt('apiserver-kubelet-client')}",
+        f"--kubelet-client-key={p.key('apiserver-kubelet-client')}",
+        "--enable-admission-plugins=NodeRestriction",
+        "--profiling=false", "--v=1",
+    ]
+
+
+def _component_common(c: Cluster, identity: str, port_name: str) -> list[str]:
+    kc = str(c.component_kubeconfig(identity))
+    return [
+        f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+        "--bind-address=127.0.0.1", f"--secure-port={c.port(port_name)}",
+        # One replica each: leader election would only delay a restart by a lease period.
+        "--leader-elect=false", "--profiling=false", "--v=1",
+    ]
+
+
+def controller_manager_argv(c: Cluster) -> list[str]:
+    p = c.pki
+    return [
+        str(tools.tool_path("kube-controller-manager")),
+        *_component_common(c, "controller-manager", "controller-manager"),
+        f"--service-account-private-key-file={p.sa_key}", f"--root-ca-file={p.ca_crt}",
+        "--use-service-account-credentials=true",
+        f"--cluster-signing-cert-file={p.ca_crt}", f"--cluster-signing-key-file={p.ca_key}",
+        f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+        # Every default controller (GC, namespace, deployment, replicaset, endpointslice, ...).
+        "--controllers=*",
+    ]
+
+
+def scheduler_argv(c: Cluster) -> list[str]:
+    return [str(tools.tool_path("kube-scheduler")), *_component_common(c, "scheduler", "scheduler")]
+
+
+# The order is the start order; `down` stops in reverse.  The node agent and the
+# service proxy append their Component here (or via `register()`).
+COMPONENTS: list[Component] = [
+    Component("etcd", etcd_argv, etcd_healthy, timeout_s=30, port="etcd"),
+    Component("kube-apiserver", apiserver_argv, apiserver_healthy, timeout_s=120, port="apiserver"),
+    Component("kube-controller-manager", controller_manager_argv, _healthz("controller-manager"),
+              timeout_s=60, port="controller-manager"),
+    Component("kube-scheduler", scheduler_argv, _healthz("scheduler"), timeout_s=60, port="scheduler"),
+]
+
+
+def register(component: Component) -> None:
+    """Add a component after the control plane (idempotent by name)."""
+    if all(c.name != component.name for c in COMPONENTS):
+        COMPONENTS.append(component)
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _prepare(cluster: Cluster) -> None:
+    paths = pki.ensure_pki(cluster.state_dir / "pki")
+    pki.write_kubeconfig(cluster.kubeconfig, cluster.server_url, paths, "admin")
+    (cluster.state_dir / "kubeconfigs").mkdir(exist_ok=True)
+    for identity in ("controller-manager", "scheduler"):
+        pki.write_kubeconfig(cluster.component_kubeconfig(identity), cluster.server_url, paths, identity)
+
+
+def _wait_healthy(cluster: Cluster, comp: Component, proc_pid: int, log: Callable[[str], None]) -> None:
+    deadline = time.monotonic() + comp.timeout_s
+    while time.monotonic() < deadline:
+        if comp.healthy(cluster):
+            return
+        if not processes.is_running(cluster.state_dir, comp.name):
+            raise DevClusterError(
+                f"{comp.name} (pid {proc_pid}) exited during startup. Last lines of "
+                f"{processes.log_file(cluster.state_dir, comp.name)}:\n"
+                f"{processes.log_tail(cluster.state_dir, comp.name)}"
+            )
+        time.sleep(0.25)
+    raise DevClusterError(
+        f"{comp.name} did not become healthy within {comp.timeout_s:.0f}s. Last lines of "
+        f"{processes.log_file(cluster.state_dir, comp.name)}:\n{processes.log_tail(cluster.state_dir, comp.name)}"
+    )
+
+
+def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = print) -> Cluster:
+    """Start every component that is not running and wait until each is healthy.
+
+    A running cluster keeps its stored config (a differing request is reported);
+    a half-running one (a component died) gets the missing components restarted.
+    """
+    state_dir = state_dir.expanduser().resolve()
+    if (state_dir / "cluster.json").exists():
+        stored = ClusterConfig.load(state_dir)
+        if (stored.nodes, stored.gpus_per_node, stored.port_base) != (config.nodes, config.gpus_per_node,
+                                                                       config.port_base):
+            log(f"note: the dev cluster in {state_dir} was created with --nodes {stored.nodes} "
+                f"--gpus-per-node {stored.gpus_per_node} --port-base {stored.port_base}; keeping that "
+                "(run `fleetserve dev-cluster down` first to change it)")
+        config = stored
+    cluster = Cluster(state_dir, config)
+    running = {c.name for c in COMPONENTS if processes.is_running(state_dir, c.name)}
+    if len(running) == len(COMPONENTS) and all(c.healthy(cluster) for c in COMPONENTS):
+        log(f"dev cluster already running in {state_dir} ({cluster.server_url})")
+        return cluster
+    # Resolve every binary and check every port before starting anything, so a
+    # missing tool or a busy port leaves no half-started cluster behind.
+    argvs: dict[str, list[str]] = {}
+    for comp in COMPONENTS:
+        if comp.name in running:
+            continue
+        try:
+            argvs[comp.name] = comp.argv(cluster)
+        except tools.ToolMissingError as exc:
+            raise DevClusterError(str(exc)) from None
+        if comp.port is not None and not _port_free(cluster.port(comp.port)):
+            raise DevClusterError(
+                f"port {cluster.port(comp.port)} on 127.0.0.1 (for {comp.name}) is in use by another process; "
+                f"stop it, or run `fleetserve dev-cluster up --port-base N` to move the dev cluster's ports "
+                f"(now {config.port_base}+offset)")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config.save(state_dir)
+    _prepare(cluster)
+    for comp in COMPONENTS:
+        if comp.name in running:
+            _wait_healthy(cluster, comp, processes.read_pid(processes.pid_file(state_dir, comp.name)) or 0, log)
+            continue
+        env = comp.env(cluster) if comp.env else None
+        proc = processes.start(state_dir, comp.name, argvs[comp.name], env=env, cwd=state_dir)
+        t0 = time.monotonic()
+        _wait_healthy(cluster, comp, proc.pid, log)
+        log(f"{comp.name:<24} pid {proc.pid:<8} healthy after {time.monotonic() - t0:.1f}s")
+    log(f"dev cluster ready: {cluster.server_url}, kubeconfig {cluster.kubeconfig}")
+    return cluster
+
+
+def down(state_dir: Path, log: Callable[[str], None] = print) -> None:
+    """Stop every process with a pid file in the state dir, then delete the state dir."""
+    state_dir = state_dir.expanduser().resolve()
+    if not state_dir.exists():
+        log(f"no dev cluster in {state_dir}")
+        return
+    order = {c.name: i for i, c in enumerate(COMPONENTS)}
+    entries = processes.tracked(state_dir)
+    # Reverse start order; processes of unknown components (pods, helpers) go first.
+    entries.sort(key=lambda t: -order.get(t.name, len(order)))
+    live = [t for t in entries if t.alive()]
+    killed = processes.stop(entries)
+    for t in live:
+        log(f"stopped {t.name} (pid {t.pid}){' with SIGKILL' if t.name in killed else ''}")
+    shutil.rmtree(state_dir)
+    log(f"removed {state_dir}")
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    running: bool
+    healthy: bool | None  # None: no probe for it (a process outside COMPONENTS)
+
+
+def status(state_dir: Path) -> tuple[Cluster, list[ComponentStatus]]:
+    state_dir = state_dir.expanduser().resolve()
+    cluster = Cluster(state_dir, ClusterConfig.load(state_dir))
+    known = {c.name: c for c in COMPONENTS}
+    rows: list[ComponentStatus] = []
+    seen = set()
+    for comp in COMPONENTS:
+        pid = processes.read_pid(processes.pid_file(state_dir, comp.name))
+        running = processes.is_running(state_dir, comp.name)
+        rows.append(ComponentStatus(comp.name, pid, running, running and comp.healthy(cluster)))
+        seen.add(comp.name)
+    for t in processes.tracked(state_dir):
+        if t.name not in seen and t.name not in known:
+            rows.append(ComponentStatus(t.name, t.pid, t.alive(), None))
+    return cluster, rows
+
+
+def is_up(state_dir: Path) -> bool:
+    """True when the state dir has a running API server that answers /readyz with ok."""
+    state_dir = state_dir.expanduser().resolve()
+    try:
+        cluster = Cluster(state_dir, ClusterConfig.load(state_dir))
+    except DevClusterError:
+        return False
+    return processes.is_running(state_dir, "kube-apiserver") and apiserver_healthy(cluster)
+
+
+def main_error(exc: Exception) -> int:
+    print(f"fleetserve dev-cluster: error: {exc}", file=sys.stderr)
+    return 1
