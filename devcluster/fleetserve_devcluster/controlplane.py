@@ -21,6 +21,8 @@ or raises, so `down()` can always stop it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import http.client
 import json
 import shutil
@@ -28,7 +30,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -303,6 +305,19 @@ def _wait_healthy(cluster: Cluster, comp: Component, proc_pid: int, log: Callabl
     )
 
 
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialize `up`/`down` on one state dir across processes (parallel test sessions)."""
+    lock = state_dir.parent / f".{state_dir.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = print) -> Cluster:
     """Start every component that is not running and wait until each is healthy.
 
@@ -310,6 +325,11 @@ def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = prin
     a half-running one (a component died) gets the missing components restarted.
     """
     state_dir = state_dir.expanduser().resolve()
+    with _locked(state_dir):
+        return _up(state_dir, config, log)
+
+
+def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> Cluster:
     if (state_dir / "cluster.json").exists():
         stored = ClusterConfig.load(state_dir)
         if (stored.nodes, stored.gpus_per_node, stored.port_base) != (config.nodes, config.gpus_per_node,
@@ -357,6 +377,11 @@ def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = prin
 def down(state_dir: Path, log: Callable[[str], None] = print) -> None:
     """Stop every process with a pid file in the state dir, then delete the state dir."""
     state_dir = state_dir.expanduser().resolve()
+    with _locked(state_dir):
+        _down(state_dir, log)
+
+
+def _down(state_dir: Path, log: Callable[[str], None]) -> None:
     if not state_dir.exists():
         log(f"no dev cluster in {state_dir}")
         return

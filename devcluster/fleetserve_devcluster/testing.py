@@ -1,0 +1,78 @@
+"""Test helpers around a running dev cluster (used by tests/conftest.py).
+
+Kept in the package rather than in conftest so that the demo script and
+other tiers can reuse the same handle.  Imports the kubernetes client lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import controlplane, tools
+
+
+class KubectlError(AssertionError):
+    """kubectl exited non-zero; the message carries the command, stdout and stderr."""
+
+
+@dataclass
+class DevClusterHandle:
+    """A running dev cluster as a test sees it.
+
+    ``env`` is os.environ plus ``KUBECONFIG`` and the tools directory first on
+    ``PATH``: pass it to any subprocess that should talk to the cluster.
+    """
+
+    state_dir: Path
+    kubeconfig: Path
+    env: dict[str, str]
+    started_here: bool
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [str(tools.tool_path("kubectl")), *args]
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise KubectlError(f"kubectl {' '.join(args)} exited {proc.returncode}\n"
+                               f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        return proc
+
+    def api_client(self) -> Any:
+        """A fresh ``kubernetes.client.ApiClient`` for the admin identity."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+def cluster_env(state_dir: Path) -> dict[str, str]:
+    env = tools.tools_env()
+    env["KUBECONFIG"] = str(state_dir / "kubeconfig")
+    return env
+
+
+def _fleetserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleetserve_cli.main", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def acquire(state_dir: Path | None = None) -> DevClusterHandle:
+    """Reuse the dev cluster running in ``state_dir`` or start one with `fleetserve dev-cluster up`."""
+    state_dir = (state_dir or controlplane.default_state_dir()).expanduser().resolve()
+    started = False
+    if not controlplane.is_up(state_dir):
+        proc = _fleetserve("dev-cluster", "up", "--state-dir", str(state_dir))
+        if proc.returncode != 0:
+            raise RuntimeError(f"`fleetserve dev-cluster up` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        started = True
+    return DevClusterHandle(state_dir, state_dir / "kubeconfig", cluster_env(state_dir), started)
+
+
+def release(handle: DevClusterHandle) -> None:
+    """`down` the cluster if this session started it (unless FLEETSERVE_DEV_CLUSTER_KEEP=1)."""
+    if handle.started_here and os.environ.get("FLEETSERVE_DEV_CLUSTER_KEEP") != "1":
+        _fleetserve("dev-cluster", "down", "--state-dir", str(handle.state_dir))
