@@ -1,0 +1,169 @@
+{{/*
+The fleetserve alert rules, as Prometheus rule groups.
+
+One source for two outputs: the PrometheusRule (templates/prometheusrule.yaml)
+and the plain files/alerts.yaml for users without the Prometheus operator,
+which hack/render_alerts.py writes from this template with the default values
+(tests/unit/test_alerts_rules.py fails when the two differ).
+
+Label contract the expressions rely on (see docs/runbooks.md "Scraping"):
+- server series carry `namespace`, `pod` (from service discovery) and `model`
+  (set by the server); server targets are scraped under job .Values.alerts.serverJob;
+- operator series carry `namespace` and `name` of the LLMDeployment (the
+  operator sets them, so scrape it with honor_labels) under job .Values.alerts.operatorJob.
+Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm leaves it alone.
+*/}}
+{{- define "fleetserve.alertGroups" -}}
+{{- $a := .Values.alerts -}}
+{{- $rb := $a.runbookBaseURL -}}
+- name: fleetserve-server
+  rules:
+    - alert: FleetserveKVCacheNearlyFull
+      expr: max by (namespace, model, pod) (fleetserve_kv_cache_usage_ratio) > {{ $a.kvCacheNearlyFull.threshold }}
+      for: {{ $a.kvCacheNearlyFull.for }}
+      labels:
+        severity: {{ $a.kvCacheNearlyFull.severity }}
+      annotations:
+        summary: KV cache of {{`{{ $labels.namespace }}/{{ $labels.pod }}`}} is nearly full
+        description: >-
+          The KV cache of pod {{`{{ $labels.pod }}`}} (model {{`{{ $labels.model }}`}}, namespace
+          {{`{{ $labels.namespace }}`}}) is {{`{{ $value | humanizePercentage }}`}} full, above
+          {{ mulf 100 $a.kvCacheNearlyFull.threshold }}% for {{ $a.kvCacheNearlyFull.for }}: new requests wait and
+          running ones get preempted.
+        runbook_url: {{ $rb }}#fleetservekvcachenearlyfull
+    - alert: FleetserveQueueBacklog
+      expr: sum by (namespace, model) (fleetserve_requests_waiting) > {{ $a.queueBacklog.threshold }}
+      for: {{ $a.queueBacklog.for }}
+      labels:
+        severity: {{ $a.queueBacklog.severity }}
+      annotations:
+        summary: Requests for model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} are queueing
+        description: >-
+          {{`{{ $value }}`}} requests for model {{`{{ $labels.model }}`}} in namespace
+          {{`{{ $labels.namespace }}`}} are waiting for a batch slot (more than {{ $a.queueBacklog.threshold }}
+          for {{ $a.queueBacklog.for }}): the fleet is behind its load.
+        runbook_url: {{ $rb }}#fleetservequeuebacklog
+    - alert: FleetservePreemptionsRising
+      expr: sum by (namespace, model) (rate(fleetserve_preemptions_total[5m])) > {{ $a.preemptions.ratePerSecond }}
+      for: {{ $a.preemptions.for }}
+      labels:
+        severity: {{ $a.preemptions.severity }}
+      annotations:
+        summary: Model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} keeps preempting sequences
+        description: >-
+          Servers of model {{`{{ $labels.model }}`}} in namespace {{`{{ $labels.namespace }}`}} preempt
+          {{`{{ printf "%.2f" $value }}`}} sequences/s (more than {{ $a.preemptions.ratePerSecond }}/s for
+          {{ $a.preemptions.for }}): the KV cache is too small for the running batch.
+        runbook_url: {{ $rb }}#fleetservepreemptionsrising
+    - alert: FleetserveTimeToFirstTokenHigh
+      expr: >-
+        histogram_quantile(0.99, sum by (namespace, model, le)
+        (rate(fleetserve_time_to_first_token_seconds_bucket[5m]))) > {{ $a.ttftP99.thresholdSeconds }}
+      for: {{ $a.ttftP99.for }}
+      labels:
+        severity: {{ $a.ttftP99.severity }}
+      annotations:
+        summary: p99 time to first token of model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} is high
+        description: >-
+          The p99 time to first token of model {{`{{ $labels.model }}`}} in namespace
+          {{`{{ $labels.namespace }}`}} is {{`{{ $value | humanizeDuration }}`}}, above
+          {{ $a.ttftP99.thresholdSeconds }}s for {{ $a.ttftP99.for }}.
+        runbook_url: {{ $rb }}#fleetservetimetofirsttokenhigh
+    - alert: FleetserveServerTargetDown
+      expr: up{job="{{ $a.serverJob }}"} == 0
+      for: {{ $a.targetDown.for }}
+      labels:
+        severity: {{ $a.targetDown.severity }}
+      annotations:
+        summary: fleetserve server {{`{{ $labels.namespace }}/{{ $labels.pod }}`}} cannot be scraped
+        description: >-
+          Prometheus has failed to scrape /metrics of server pod {{`{{ $labels.pod }}`}} in namespace
+          {{`{{ $labels.namespace }}`}} (job {{`{{ $labels.job }}`}}, {{`{{ $labels.instance }}`}}) for
+          {{ $a.targetDown.for }}: the pod is down or hung, and the autoscaler is blind to it too.
+        runbook_url: {{ $rb }}#fleetserveservertargetdown
+- name: fleetserve-operator
+  rules:
+    - alert: FleetserveFleetAtMaxReplicas
+      # The value is the queue per replica; `and` keeps it and only adds the at-the-maximum condition.
+      expr: >-
+        (max by (namespace, name) (fleetserve_operator_observed_queue_length)
+        / on (namespace, name) max by (namespace, name) (fleetserve_operator_desired_replicas)
+        > {{ $a.fleetAtMaxReplicas.queuePerReplica }})
+        and on (namespace, name)
+        (max by (namespace, name) (fleetserve_operator_desired_replicas)
+        >= on (namespace, name) max by (namespace, name) (fleetserve_operator_max_replicas))
+      for: {{ $a.fleetAtMaxReplicas.for }}
+      labels:
+        severity: {{ $a.fleetAtMaxReplicas.severity }}
+      annotations:
+        summary: LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} is at maxReplicas and still backlogged
+        description: >-
+          LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}} runs its
+          autoscaling.maxReplicas and still has {{`{{ printf "%.2f" $value }}`}} queued or running requests
+          per replica (more than {{ $a.fleetAtMaxReplicas.queuePerReplica }} for {{ $a.fleetAtMaxReplicas.for }}):
+          the autoscaler cannot add capacity.
+        runbook_url: {{ $rb }}#fleetservefleetatmaxreplicas
+    - alert: FleetserveReplicasNotReady
+      expr: >-
+        max by (namespace, name) (fleetserve_operator_desired_replicas)
+        > on (namespace, name) max by (namespace, name) (fleetserve_operator_ready_replicas)
+      for: {{ $a.replicasNotReady.for }}
+      labels:
+        severity: {{ $a.replicasNotReady.severity }}
+      annotations:
+        summary: LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} has fewer ready replicas than desired
+        description: >-
+          LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}} wants
+          {{`{{ $value }}`}} replicas but fewer are Ready, for {{ $a.replicasNotReady.for }}: pods are
+          unschedulable (no free GPU), crash-looping or still loading.
+        runbook_url: {{ $rb }}#fleetservereplicasnotready
+    - alert: FleetserveMemoryDoesNotFit
+      expr: max by (namespace, name) (fleetserve_operator_condition{type="MemoryFits", status="False"}) == 1
+      for: {{ $a.memoryDoesNotFit.for }}
+      labels:
+        severity: {{ $a.memoryDoesNotFit.severity }}
+      annotations:
+        summary: LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} does not fit in GPU memory
+        description: >-
+          LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}} has
+          MemoryFits=False: its model, quantization and maxModelLen do not fit the requested GPU memory,
+          so the operator runs no pods for it. `kubectl describe llmd {{`{{ $labels.name }}`}}` gives the numbers.
+        runbook_url: {{ $rb }}#fleetservememorydoesnotfit
+    - alert: FleetserveOperatorScrapeErrors
+      expr: sum by (namespace, name, reason) (rate(fleetserve_operator_scrape_errors_total[5m])) > {{ $a.scrapeErrors.ratePerSecond }}
+      for: {{ $a.scrapeErrors.for }}
+      labels:
+        severity: {{ $a.scrapeErrors.severity }}
+      annotations:
+        summary: The operator cannot scrape the servers of {{`{{ $labels.namespace }}/{{ $labels.name }}`}}
+        description: >-
+          The fleetserve operator's scrapes of the server pods of {{`{{ $labels.namespace }}/{{ $labels.name }}`}}
+          fail with reason {{`{{ $labels.reason }}`}} at {{`{{ printf "%.2f" $value }}`}}/s for
+          {{ $a.scrapeErrors.for }}: autoscaling decisions hold the current size while it lasts.
+        runbook_url: {{ $rb }}#fleetserveoperatorscrapeerrors
+    - alert: FleetserveOperatorReconcileErrors
+      expr: sum by (namespace, name) (rate(fleetserve_operator_reconcile_errors_total[5m])) > {{ $a.reconcileErrors.ratePerSecond }}
+      for: {{ $a.reconcileErrors.for }}
+      labels:
+        severity: {{ $a.reconcileErrors.severity }}
+      annotations:
+        summary: The operator fails to reconcile {{`{{ $labels.namespace }}/{{ $labels.name }}`}}
+        description: >-
+          Reconciles of LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}}
+          fail at {{`{{ printf "%.2f" $value }}`}}/s for {{ $a.reconcileErrors.for }}: its children are not
+          updated. The operator's log and the LLMDeployment's events say why.
+        runbook_url: {{ $rb }}#fleetserveoperatorreconcileerrors
+    - alert: FleetserveOperatorDown
+      expr: absent(up{job="{{ $a.operatorJob }}"} == 1)
+      for: {{ $a.targetDown.for }}
+      labels:
+        severity: {{ $a.operatorDown.severity }}
+        # absent() of a comparison has no labels; name the job so routing can tell what is down.
+        job: {{ $a.operatorJob }}
+      annotations:
+        summary: The fleetserve operator is down or not scraped
+        description: >-
+          No target of job {{ $a.operatorJob }} has been up for {{ $a.targetDown.for }}: LLMDeployments
+          are neither reconciled nor autoscaled.
+        runbook_url: {{ $rb }}#fleetserveoperatordown
+{{- end -}}
