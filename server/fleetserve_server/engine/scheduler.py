@@ -64,7 +64,7 @@ class Scheduler:
 
     # ---- scheduling -------------------------------------------------------
 
-    def schedule(self, now: float | None = None) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         budget = self.config.max_batch_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
@@ -120,10 +120,6 @@ class Scheduler:
                 scheduled.append((seq, chunk))
                 budget -= chunk
 
-        if now is not None:
-            for seq, _ in scheduled:
-                if seq.first_scheduled_time is None:
-                    seq.first_scheduled_time = now
         return SchedulerOutput(self._build_batch(scheduled), scheduled, preempted)
 
     def _chunk(self, remaining: int, budget: int) -> int:

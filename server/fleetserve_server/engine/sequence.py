@@ -62,12 +62,6 @@ class Sequence:
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        # incremental detokenization state (owned by the engine's output processor)
-        self.output_text = ""
-        self.num_emitted_chars = 0
-        self.detok_prefix_offset = 0
-        self.detok_read_offset = 0
-        self.detok_context: list[int] = []
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -1,0 +1,295 @@
+"""The synchronous engine: requests in, one batched model step at a time, output deltas out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleetserve_server.engine.block_manager import BlockManager
+from fleetserve_server.engine.config import EngineConfig
+from fleetserve_server.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
+from fleetserve_server.engine.errors import QueueFullError, RequestValidationError
+from fleetserve_server.engine.interfaces import (
+    EngineStats,
+    FinishReason,
+    ModelRunner,
+    RequestOutputDelta,
+)
+from fleetserve_server.engine.sampling_params import SamplingParams
+from fleetserve_server.engine.scheduler import Scheduler
+from fleetserve_server.engine.sequence import Sequence, SequenceStatus
+from fleetserve_server.engine.tokenizer import Tokenizer
+
+
+@dataclass
+class _RequestState:
+    """Output-side state of one request: its detokenizer and streamed text."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    num_emitted_chars: int = 0
+    new_token_ids: list[int] = field(default_factory=list)
+
+
+class LLMEngine:
+    """Owns the scheduler, the block manager and the model runner; ``step()``
+    runs one batch and returns what each request gained.
+
+    Not thread-safe, except ``stats()`` and ``make_sequence()``, which may be
+    called from another thread while ``step()`` runs (``AsyncEngine`` does).
+    Invalid requests raise ``RequestValidationError`` from ``add_request`` and
+    never reach the scheduler, so one bad request cannot affect others.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        vocab_size: int | None = None,
+    ) -> None:
+        if runner.block_size != config.block_size or runner.num_blocks != config.num_blocks:
+            raise ValueError(
+                f"the model runner's KV cache ({runner.num_blocks} blocks of {runner.block_size}) does not match "
+                f"the engine config ({config.num_blocks} blocks of {config.block_size}); build both from one plan"
+            )
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.vocab_size = vocab_size if vocab_size is not None else getattr(runner, "vocab_size", None)
+        self.block_manager = BlockManager(
+            config.num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            cache_ttl_seconds=config.cache_ttl_seconds,
+            clock=clock,
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._requests: dict[str, _RequestState] = {}
+        self._pending: list[RequestOutputDelta] = []  # abort deltas for the next step()
+        self._stats_lock = threading.Lock()
+        self._recent_batch_sizes: list[int] = []
+        self.num_steps = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # ---- requests ----------------------------------------------------------
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Validate and tokenize a request without touching engine state."""
+        if not isinstance(params, SamplingParams):
+            raise RequestValidationError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestValidationError("prompt is empty; send at least one token", param="prompt")
+            token_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
+            text: str | None = prompt
+        else:
+            token_ids = list(prompt)
+            text = None
+            bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+                   or (self.vocab_size is not None and t >= self.vocab_size)]
+            if bad:
+                limit = f" below the vocabulary size {self.vocab_size}" if self.vocab_size else ""
+                raise RequestValidationError(
+                    f"prompt token ids must be integers >= 0{limit}; got {bad[:5]!r}", param="prompt"
+                )
+        if not token_ids:
+            raise RequestValidationError("prompt is empty; send at least one token", param="prompt")
+        n, limit_len = len(token_ids), self.config.max_model_len
+        if n >= limit_len:
+            raise RequestValidationError(
+                f"the prompt has {n} tokens but max_model_len is {limit_len}: at most {limit_len - 1} prompt "
+                "tokens leave room for one output token; shorten the prompt",
+                param="prompt",
+            )
+        if n + params.max_tokens > limit_len:
+            raise RequestValidationError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} exceeds "
+                f"max_model_len {limit_len}; set max_tokens to at most {limit_len - n} or shorten the prompt",
+                param="max_tokens",
+            )
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in params.stop_token_ids):
+            raise RequestValidationError("stop_token_ids must be integers", param="stop_token_ids")
+        return Sequence(request_id, token_ids, params, arrival_time=self.clock(), prompt=text)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence made by ``make_sequence``."""
+        if seq.request_id in self._requests:
+            raise RequestValidationError(f"request id {seq.request_id!r} is already in flight", param="request_id")
+        max_queue = self.config.max_queue_length
+        if max_queue is not None and len(self.scheduler.waiting) >= max_queue:
+            raise QueueFullError(
+                f"the waiting queue is full ({max_queue} requests); retry later",
+                retry_after=self.retry_after_estimate(),
+            )
+        self._requests[seq.request_id] = _RequestState(
+            seq, IncrementalDetokenizer(self.tokenizer, seq.token_ids, skip_special_tokens=True)
+        )
+        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Validate and queue a request; returns its prompt token ids."""
+        seq = self.make_sequence(request_id, prompt, params)
+        self.add_sequence(seq)
+        return list(seq.token_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; the next ``step()`` returns
+        its final delta with ``finish_reason="abort"``. Unknown ids are ignored."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return
+        self._finish(state, "abort")
+        self._pending.append(self._delta(state, finished=True))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished
+
+    def retry_after_estimate(self) -> float:
+        """Seconds a rejected client should wait: a few steps per queued request per batch slot."""
+        return max(1.0, min(60.0, len(self.scheduler.waiting) / self.config.max_num_seqs))
+
+    # ---- the step ----------------------------------------------------------
+
+    def step(self) -> list[RequestOutputDelta]:
+        """Schedule a batch, run it, and turn sampled tokens into output deltas."""
+        self.expire_cache()
+        deltas, self._pending = self._pending, []
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return deltas
+        now = self.clock()
+        for seq, _ in out.scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+                self.prompt_tokens += seq.num_prompt_tokens
+        sampled = self.runner.execute(out.batch)
+        got_token = self.scheduler.update(out, sampled)
+        now = self.clock()
+        self.num_steps += 1
+        with self._stats_lock:
+            self._recent_batch_sizes.append(len(out.scheduled))
+        for seq in got_token:
+            deltas.append(self._process_token(self._requests[seq.request_id], now))
+        return deltas
+
+    def expire_cache(self) -> int:
+        """Free prefix-cache blocks idle past ``cache_ttl_seconds``."""
+        return self.block_manager.expire()
+
+    def _process_token(self, state: _RequestState, now: float) -> RequestOutputDelta:
+        seq, params = state.seq, state.seq.params
+        token = seq.token_ids[-1]
+        self.generation_tokens += 1
+        state.new_token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        reason: FinishReason | None = None
+        stopped_on_string = False
+        if (token in self.runner.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"  # the stop token's text is not part of the output
+        else:
+            new_text = state.detokenizer.add(token)
+            if new_text and self._append_text(state, new_text):
+                reason, stopped_on_string = "stop", True
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= self.config.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if not stopped_on_string:
+                # the end: release text held back for an incomplete character
+                held = state.detokenizer.flush()
+                if held and self._append_text(state, held):
+                    reason = "stop"
+            seq.finish_time = now
+            self._finish(state, reason)
+        return self._delta(state, finished=reason is not None)
+
+    def _append_text(self, state: _RequestState, new_text: str) -> bool:
+        """Add decoded text; on a stop string cut the text before it and return True."""
+        start = len(state.text)
+        state.text += new_text
+        stops = state.seq.params.stop
+        if stops:
+            idx = find_stop(state.text, stops, start)
+            if idx != -1:
+                state.text = state.text[:idx]
+                return True
+        return False
+
+    def _finish(self, state: _RequestState, reason: FinishReason) -> None:
+        seq = state.seq
+        if seq.finish_time is None:
+            seq.finish_time = self.clock()
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq.seq_id)
+        del self._requests[seq.request_id]
+
+    def _delta(self, state: _RequestState, *, finished: bool) -> RequestOutputDelta:
+        seq = state.seq
+        if finished:
+            end = len(state.text)
+        else:
+            end = len(state.text) - partial_stop_len(state.text, seq.params.stop) if seq.params.stop else len(
+                state.text
+            )
+        end = max(end, state.num_emitted_chars)
+        text = state.text[state.num_emitted_chars : end]
+        state.num_emitted_chars = end
+        token_ids, state.new_token_ids = state.new_token_ids, []
+        first = seq.first_token_time is not None and seq.num_output_tokens == 1
+        delta = RequestOutputDelta(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=token_ids,
+            finish_reason=seq.finish_reason if finished else None,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_output_tokens,
+            cached_prompt_tokens=seq.num_cached_tokens or 0,
+        )
+        if finished or first:
+            if seq.first_scheduled_time is not None:
+                delta.queue_time = seq.first_scheduled_time - seq.arrival_time
+            if seq.first_token_time is not None:
+                delta.time_to_first_token = seq.first_token_time - seq.arrival_time
+        if finished and seq.finish_time is not None:
+            delta.e2e_latency = seq.finish_time - seq.arrival_time
+        return delta
+
+    # ---- stats -------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """A snapshot; ``recent_batch_sizes`` holds the steps since the previous call."""
+        bm = self.block_manager
+        with self._stats_lock:
+            batch_sizes, self._recent_batch_sizes = self._recent_batch_sizes, []
+        return EngineStats(
+            requests_waiting=len(self.scheduler.waiting),
+            requests_running=len(self.scheduler.running),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_free=bm.num_free_blocks,
+            kv_cache_usage_ratio=bm.usage_ratio,
+            kv_capacity_tokens=bm.num_blocks * bm.block_size,
+            prefix_cache_queries_tokens=bm.prefix_queries_tokens,
+            prefix_cache_hits_tokens=bm.prefix_hits_tokens,
+            evictions=dict(bm.evictions),
+            preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            steps=self.num_steps,
+            recent_batch_sizes=batch_sizes,
+        )
+
+    def is_running(self, request_id: str) -> bool:
+        state = self._requests.get(request_id)
+        return state is not None and state.seq.status is SequenceStatus.RUNNING
