@@ -130,9 +130,12 @@ class EngineStats:
 class EngineClient(Protocol):
     """What the HTTP layer talks to (the real AsyncEngine or a fake in tests)."""
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutputDelta]:
+        """An async generator (``async def`` with ``yield``): validation errors,
+        ``QueueFullError`` and ``EngineDrainingError`` raise on the first
+        ``anext`` before anything is yielded; the last delta has a finish_reason."""
         ...
 
     async def abort(self, request_id: str) -> None:
