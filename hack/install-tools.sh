@@ -84,10 +84,19 @@ PY
   log "helm $got installed into $out"
 }
 
+need_go() {
+  if ! command -v go >/dev/null; then
+    echo "install-tools: $1 is built from the Go module proxy and needs the Go toolchain (go 1.26+) on PATH;" \
+         "install Go from https://go.dev/dl/ or your package manager, then re-run make install" >&2
+    exit 1
+  fi
+}
+
 # ---------------------------------------------------------------- etcd
 install_etcd() {
   local out="$CACHE/etcd/$ETCD_VERSION/bin"
   if [[ -x "$out/etcd" ]]; then log "etcd $ETCD_VERSION: cached in $out"; return; fi
+  need_go "etcd $ETCD_VERSION"
   log "etcd $ETCD_VERSION: building from the Go module proxy..."
   local work="$CACHE/etcd/$ETCD_VERSION/src"
   rm -rf "$work"; mkdir -p "$work" "$out"
@@ -119,6 +128,11 @@ GO
 
 # ---------------------------------------------------------------- kubernetes
 install_k8s() {
+  local b have=1
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+    [[ -x "$CACHE/k8s/$K8S_VERSION/bin/$b" ]] || have=0
+  done
+  [[ $have == 1 ]] || need_go "kubernetes $K8S_VERSION"
   # Two concurrent builds would share (and wipe) one source dir: serialize them.
   mkdir -p "$CACHE/k8s"
   exec 9>"$CACHE/k8s/.build.lock"
