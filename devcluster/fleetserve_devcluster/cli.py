@@ -57,7 +57,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _state_dir_arg(env)
     env.set_defaults(handler=run_env)
 
+    from . import echo  # light: standard library only
+
+    echo_parser = sub.add_parser("echo", help="a tiny HTTP process (/ready, /health) to run as a dev-cluster pod",
+                                 description=(echo.__doc__ or "").strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    echo.configure(echo_parser)
+    # Hidden: how `up` starts the node agent + service proxy (see agent.py).
+    agent = sub.add_parser("agent")  # no help=: argparse then leaves it out of the listing
+    _state_dir_arg(agent)
+    agent.set_defaults(handler=run_agent)
+
     parser.set_defaults(handler=lambda args: _usage(parser))
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from .agent import run_agent as agent_main
+    from .controlplane import ClusterConfig, DevClusterError, main_error
+
+    state_dir = _state_dir(args)
+    try:
+        config = ClusterConfig.load(state_dir)
+    except DevClusterError as exc:
+        return main_error(exc)
+    return agent_main(state_dir, config.nodes, config.gpus_per_node)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -111,6 +134,10 @@ def run_status(args: argparse.Namespace) -> int:
         health = "-" if r.healthy is None else ("ok" if r.healthy else "failing")
         print(f"{r.name:<24} {r.pid if r.pid is not None else '-':<8} "
               f"{'running' if r.running else 'stopped':<8} {health}")
+    from .proxy import proxy_addresses
+
+    for service, address in sorted(proxy_addresses(cluster.state_dir).items()):
+        print(f"service    {service:<40} {address}")
     return 0 if all(r.running and r.healthy is not False for r in rows) else 1
 
 

@@ -1,0 +1,265 @@
+"""The dev cluster's node agent, in the kubelet's role, for a machine without a container runtime.
+
+It registers `fs-node-0..N-1` as GPU nodes (`nvidia.com/gpu` capacity, GPU
+labels, Ready, Lease heartbeats so the node-lifecycle controller never taints
+them), watches the pods bound to them (polling every half second) and hands
+each pod to a `PodWorker` thread that runs its containers as local processes.
+On a real cluster the kubelet does all of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .kube import Kube, KubeError, ns_path
+from .pods import GPU_RESOURCE, NodeAllocator, default_fleetserve_bin
+from .podworker import AgentContext, PodWorker
+from .proxy import ServiceProxy
+from .status import now_rfc3339
+
+JsonObj = dict[str, Any]
+log = logging.getLogger("fleetserve.devcluster.agent")
+POLL_SECONDS = 0.5
+LEASE_SECONDS = 40
+LEASE_RENEW_SECONDS = 10
+NODE_STATUS_SECONDS = 30
+NODE_PREFIX = "fs-node-"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The pretend hardware of every node the agent registers."""
+
+    gpus: int = 2
+    cpu: str = "32"
+    memory: str = "128Gi"
+    gpu_product: str = "NVIDIA-H100-80GB-HBM3"
+    gpu_memory_mib: int = 81559
+    kubelet_version: str = "v1.36.3"
+
+
+def node_labels(name: str, cfg: NodeConfig) -> dict[str, str]:
+    labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "fleetserve.io/node-agent": "true",
+    }
+    if cfg.gpus:
+        # The labels NVIDIA's GPU feature discovery puts on real GPU nodes.
+        labels.update({
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": cfg.gpu_product,
+            "nvidia.com/gpu.count": str(cfg.gpus),
+            "nvidia.com/gpu.memory": str(cfg.gpu_memory_mib),
+        })
+    return labels
+
+
+def node_status(name: str, host_ip: str, cfg: NodeConfig, old: JsonObj | None = None) -> JsonObj:
+    """The Node status the agent reports: capacity == allocatable, Ready, addresses, nodeInfo."""
+    resources = {"cpu": cfg.cpu, "memory": cfg.memory, "pods": "110", "ephemeral-storage": "100Gi",
+                 GPU_RESOURCE: str(cfg.gpus)}
+    now = now_rfc3339()
+    old_conds = {c["type"]: c for c in (old or {}).get("status", {}).get("conditions") or []}
+
+    def cond(kind: str, status: str, reason: str, message: str) -> JsonObj:
+        prev = old_conds.get(kind, {})
+        since = prev.get("lastTransitionTime") if prev.get("status") == status else now
+        return {"type": kind, "status": status, "reason": reason, "message": message,
+                "lastHeartbeatTime": now, "lastTransitionTime": since}
+
+    return {
+        "capacity": resources,
+        "allocatable": resources,
+        "conditions": [
+            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "node agent has sufficient memory"),
+            cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "node agent has no disk pressure"),
+            cond("PIDPressure", "False", "KubeletHasSufficientPID", "node agent has sufficient PID"),
+            cond("Ready", "True", "KubeletReady", "fleetserve dev-cluster node agent is posting ready status"),
+        ],
+        "addresses": [{"type": "InternalIP", "address": host_ip}, {"type": "Hostname", "address": name}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "nodeInfo": {
+            "machineID": name, "systemUUID": name, "bootID": str(os.getpid()),
+            "kernelVersion": platform.release(), "osImage": "fleetserve dev cluster (local processes)",
+            "containerRuntimeVersion": "fleetserve-local://0.1", "kubeletVersion": cfg.kubelet_version,
+            "kubeProxyVersion": cfg.kubelet_version, "operatingSystem": "linux", "architecture": "amd64",
+        },
+    }
+
+
+def micro_time() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class NodeAgent:
+    """Registers the nodes and keeps one PodWorker per pod bound to them.
+
+    Invariant: at most one live worker per pod uid; a uid whose worker finished is
+    never run again (its pod is being deleted or is done).
+    """
+
+    def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig) -> None:
+        self.ctx, self.cfg = ctx, cfg
+        self.nodes = {f"{NODE_PREFIX}{i}": NodeAllocator(index=i, gpus=cfg.gpus) for i in range(nodes)}
+        self.workers: dict[str, PodWorker] = {}
+        self.finished: set[str] = set()
+        self.next_lease = 0.0
+        self.next_status = 0.0
+
+    @property
+    def kube(self) -> Kube:
+        return self.ctx.kube
+
+    # ------------------------------------------------------------------ nodes
+    def register_nodes(self) -> None:
+        for name, alloc in self.nodes.items():
+            body = {"apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": name, "labels": node_labels(name, self.cfg)}, "spec": {}}
+            node = self.kube.get_or_none(f"/api/v1/nodes/{name}")
+            if node is None:
+                node = self.kube.create("/api/v1/nodes", body)
+                log.info("registered node %s (%s %s, hostIP %s)", name, self.cfg.gpus, GPU_RESOURCE, alloc.host_ip)
+            else:
+                self.kube.patch(f"/api/v1/nodes/{name}", {"metadata": {"labels": node_labels(name, self.cfg)}})
+            self._post_status(name, alloc, node)
+        self._renew_leases()
+
+    def _post_status(self, name: str, alloc: NodeAllocator, node: JsonObj | None) -> None:
+        status = node_status(name, alloc.host_ip, self.cfg, node)
+        self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": status}, strategic=True)
+
+    def _renew_leases(self) -> None:
+        for name in self.nodes:
+            path = ns_path("kube-node-lease", "leases", name, group="coordination.k8s.io/v1")
+            spec = {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": micro_time()}
+            try:
+                self.kube.patch(path, {"spec": spec})
+            except KubeError as exc:
+                if exc.status != 404:
+                    raise
+                node = self.kube.get(f"/api/v1/nodes/{name}")
+                owner = {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node["metadata"]["uid"]}
+                self.kube.create(ns_path("kube-node-lease", "leases", group="coordination.k8s.io/v1"), {
+                    "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": name, "ownerReferences": [owner]}, "spec": spec})
+
+    def heartbeat(self, now: float) -> None:
+        if now >= self.next_lease:
+            self.next_lease = now + LEASE_RENEW_SECONDS
+            self._renew_leases()
+        if now >= self.next_status:
+            self.next_status = now + NODE_STATUS_SECONDS
+            for name, alloc in self.nodes.items():
+                node = self.kube.get_or_none(f"/api/v1/nodes/{name}")
+                if node is None:  # someone deleted it: register again, as a restarted kubelet would
+                    self.register_nodes()
+                    return
+                self._post_status(name, alloc, node)
+
+    # ------------------------------------------------------------------ pods
+    def sync_pods(self) -> None:
+        pods = self.kube.get("/api/v1/pods")["items"]
+        seen: set[str] = set()
+        for pod in pods:
+            node = pod.get("spec", {}).get("nodeName")
+            if node not in self.nodes:
+                continue
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            worker = self.workers.get(uid)
+            if worker is not None:
+                worker.update(pod)
+                continue
+            if uid in self.finished:
+                continue
+            terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+            if terminal and not pod["metadata"].get("deletionTimestamp"):
+                continue  # finished before this agent started: nothing to run
+            worker = PodWorker(self.ctx, node, self.nodes[node], pod)
+            self.workers[uid] = worker
+            worker.start()
+        for uid, worker in list(self.workers.items()):
+            if uid not in seen:
+                worker.gone.set()
+            if not worker.is_alive():
+                del self.workers[uid]
+                self.finished.add(uid)
+        self.finished &= seen
+
+    def run(self, stop: threading.Event, on_pass: Callable[[], None] = lambda: None) -> None:
+        """Register, then heartbeat and sync pods until `stop` is set; API errors are retried."""
+        while not stop.is_set():
+            try:
+                self.register_nodes()
+                break
+            except (KubeError, OSError) as exc:
+                log.warning("registering nodes failed (retrying): %s", exc)
+                stop.wait(1.0)
+        while not stop.is_set():
+            try:
+                self.heartbeat(time.monotonic())
+                self.sync_pods()
+                on_pass()
+            except (KubeError, OSError) as exc:
+                log.warning("sync failed (retrying): %s", exc)
+            stop.wait(POLL_SECONDS)
+
+    def shutdown(self) -> None:
+        """Stop every pod's processes (SIGTERM, a short wait, SIGKILL); nothing is written to the API."""
+        for worker in self.workers.values():
+            worker.stop()
+        for worker in self.workers.values():
+            worker.join(timeout=10)
+
+
+# ---------------------------------------------------------------------- the process
+HEARTBEAT_FILE = "node-agent.heartbeat"
+
+
+def component_argv(cluster: Any) -> list[str]:
+    """How `fleetserve dev-cluster up` starts the agent (a `controlplane.Component`)."""
+    return [default_fleetserve_bin(), "dev-cluster", "agent", "--state-dir", str(cluster.state_dir)]
+
+
+def component_healthy(cluster: Any) -> bool:
+    """Healthy while the agent's loop ran within the last 5 s (it touches a file every pass)."""
+    try:
+        return time.time() - (cluster.state_dir / HEARTBEAT_FILE).stat().st_mtime < 5.0
+    except OSError:
+        return False
+
+
+def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
+    """The node agent and the service proxy in one process, until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
+    ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
+                       api_port=kube.server.port, state_dir=state_dir)
+    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node))
+    proxy = ServiceProxy(kube, state_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    proxy.start()
+    threading.Thread(target=proxy.run, args=(stop,), name="proxy-sync", daemon=True).start()
+    heartbeat = state_dir / HEARTBEAT_FILE
+    log.info("node agent: %d node(s) x %d %s, api %s:%d", nodes, gpus_per_node, GPU_RESOURCE,
+             ctx.api_host, ctx.api_port)
+    agent.run(stop, on_pass=heartbeat.touch)
+    log.info("node agent: stopping %d pod(s)", len(agent.workers))
+    agent.shutdown()
+    proxy.close()
+    heartbeat.unlink(missing_ok=True)
+    return 0

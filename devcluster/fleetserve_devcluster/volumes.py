@@ -1,0 +1,204 @@
+"""Pod volumes as directories on the host, and the bind mounts that put them at their mountPaths.
+
+ConfigMap, Secret, downward-API and projected volumes are written the way the
+kubelet's atomic writer does it: the files live in a timestamped `..<ts>`
+directory, `..data` is a symlink to it, and every visible entry is a symlink
+into `..data`.  An update writes a new timestamped directory and renames a new
+`..data` link over the old one, so a process reading through the bind mount
+sees either the old or the new contents, never a mix.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .pods import ContainerConfigError, PodNetwork, field_value, resource_value
+
+JsonObj = dict[str, Any]
+Files = dict[str, tuple[bytes, int]]  # relative path -> (contents, mode)
+# fetch(kind, namespace, name) -> the ConfigMap/Secret object, or None when it does not exist.
+Fetch = Callable[[str, str, str], "JsonObj | None"]
+# token(audience or None, expirationSeconds) -> a service-account token for the pod.
+TokenSource = Callable[["str | None", int], str]
+
+ATOMIC_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+
+
+class VolumeNotSupported(Exception):
+    """A volume type the dev-cluster node agent cannot provide (the pod is failed with this message)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One bind mount inside the container's mount namespace."""
+
+    source: str
+    target: str
+    read_only: bool
+
+
+def _object_files(obj: JsonObj, kind: str, items: list[JsonObj] | None, default_mode: int,
+                  name: str, optional: bool) -> Files:
+    if kind == "secret":
+        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    else:
+        data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+    if not items:
+        return {k: (v, default_mode) for k, v in data.items()}
+    files: Files = {}
+    for item in items:
+        if item["key"] not in data:
+            if optional:
+                continue
+            raise ContainerConfigError(f'volume: key {item["key"]!r} not found in {kind} "{name}"')
+        files[item["path"]] = (data[item["key"]], int(item.get("mode", default_mode)))
+    return files
+
+
+def _ref_files(source: JsonObj, kind: str, pod: JsonObj, fetch: Fetch, default_mode: int) -> Files:
+    name = source.get("name") or source.get("secretName") or ""
+    obj = fetch(kind, pod["metadata"]["namespace"], name)
+    optional = bool(source.get("optional", False))
+    if obj is None:
+        if optional:
+            return {}
+        raise ContainerConfigError(f'volume: {kind} "{name}" not found')
+    return _object_files(obj, kind, source.get("items"), int(source.get("defaultMode", default_mode)),
+                         name, optional)
+
+
+def _downward_files(source: JsonObj, pod: JsonObj, net: PodNetwork, default_mode: int) -> Files:
+    files: Files = {}
+    container = (pod["spec"].get("containers") or [{}])[0]
+    for item in source.get("items") or []:
+        if "fieldRef" in item:
+            value = field_value(pod, item["fieldRef"].get("fieldPath", ""), net)
+        else:
+            value = resource_value(container, item.get("resourceFieldRef", {}))
+        files[item["path"]] = (value.encode(), int(item.get("mode", default_mode)))
+    return files
+
+
+def volume_files(volume: JsonObj, pod: JsonObj, fetch: Fetch, token: TokenSource, net: PodNetwork) -> Files:
+    """The files of a configMap/secret/downwardAPI/projected volume (ContainerConfigError when missing)."""
+    if "configMap" in volume:
+        return _ref_files(volume["configMap"], "configmap", pod, fetch, 0o644)
+    if "secret" in volume:
+        return _ref_files(volume["secret"], "secret", pod, fetch, 0o644)
+    if "downwardAPI" in volume:
+        return _downward_files(volume["downwardAPI"], pod, net, int(volume["downwardAPI"].get("defaultMode", 0o644)))
+    projected = volume["projected"]
+    mode = int(projected.get("defaultMode", 0o644))
+    files: Files = {}
+    for source in projected.get("sources") or []:
+        if "configMap" in source:
+            files.update(_ref_files(source["configMap"], "configmap", pod, fetch, mode))
+        elif "secret" in source:
+            files.update(_ref_files(source["secret"], "secret", pod, fetch, mode))
+        elif "downwardAPI" in source:
+            files.update(_downward_files(source["downwardAPI"], pod, net, mode))
+        elif "serviceAccountToken" in source:
+            sat = source["serviceAccountToken"]
+            value = token(sat.get("audience"), int(sat.get("expirationSeconds", 3600)))
+            files[sat.get("path", "token")] = (value.encode(), mode)
+        else:
+            raise VolumeNotSupported(f"volume {volume['name']!r}: projected source {sorted(source)} is not supported")
+    return files
+
+
+def write_atomic(target: Path, files: Files) -> bool:
+    """Make `target` show exactly `files`, kubelet-style; return False when nothing changed."""
+    target.mkdir(parents=True, exist_ok=True)
+    data_link = target / "..data"
+    if data_link.is_symlink() and read_atomic(target) == files:
+        return False
+    ts_dir = target / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    for rel, (content, mode) in files.items():
+        path = ts_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        os.chmod(path, mode)
+    ts_dir.mkdir(exist_ok=True)  # an empty volume still gets its directory
+    old = os.readlink(data_link) if data_link.is_symlink() else None
+    tmp_link = target / "..data_tmp"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    os.symlink(ts_dir.name, tmp_link)
+    os.rename(tmp_link, data_link)  # atomic switch
+    top = {rel.split("/", 1)[0] for rel in files}
+    for entry in target.iterdir():
+        if not entry.name.startswith("..") and entry.name not in top:
+            entry.unlink()
+    for name in top:
+        link = target / name
+        if not link.is_symlink():
+            os.symlink(f"..data/{name}", link)
+    if old:
+        shutil.rmtree(target / old, ignore_errors=True)
+    return True
+
+
+def read_atomic(target: Path) -> Files:
+    """What `write_atomic` last wrote into `target`."""
+    root = target / "..data"
+    out: Files = {}
+    if not root.is_symlink():
+        return out
+    real = target / os.readlink(root)
+    for path in real.rglob("*"):
+        if path.is_file():
+            out[str(path.relative_to(real))] = (path.read_bytes(), path.stat().st_mode & 0o777)
+    return out
+
+
+def prepare_volume(volume: JsonObj, pod_dir: Path) -> Path:
+    """The host directory of a volume that needs no API data (emptyDir, hostPath), or of an atomic one."""
+    name = volume["name"]
+    if "emptyDir" in volume or any(k in volume for k in ATOMIC_KINDS):
+        path = pod_dir / "volumes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if "hostPath" in volume:
+        spec = volume["hostPath"]
+        path = Path(spec["path"])
+        kind = spec.get("type", "")
+        if kind in ("", "DirectoryOrCreate") and not path.exists():
+            path.mkdir(parents=True, exist_ok=True)
+        elif kind == "FileOrCreate" and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        elif not path.exists():
+            raise ContainerConfigError(f"volume {name!r}: hostPath {path} does not exist (type {kind})")
+        return path
+    other = sorted(k for k in volume if k != "name")
+    raise VolumeNotSupported(f"volume {name!r} of type {other} is not supported by the dev-cluster node agent "
+                             "(supported: configMap, secret, projected, downwardAPI, emptyDir, hostPath)")
+
+
+def plan_mounts(container: JsonObj, volume_dirs: dict[str, Path], volumes: list[JsonObj]) -> list[Mount]:
+    """The bind mounts of one container, in volumeMounts order.
+
+    ConfigMap/Secret/projected/downward volumes are always read-only, as in Kubernetes;
+    a `subPath` mount binds one entry, resolved now (it does not follow later updates,
+    exactly like the kubelet's subPath mounts).
+    """
+    by_name = {v["name"]: v for v in volumes}
+    mounts: list[Mount] = []
+    for vm in container.get("volumeMounts") or []:
+        name = vm["name"]
+        if name not in volume_dirs:
+            raise ContainerConfigError(f"volumeMounts: volume {name!r} is not in spec.volumes")
+        source = volume_dirs[name]
+        if vm.get("subPath"):
+            source = Path(os.path.realpath(source / vm["subPath"]))
+        read_only = bool(vm.get("readOnly")) or any(k in by_name.get(name, {}) for k in ATOMIC_KINDS)
+        mounts.append(Mount(str(source), vm["mountPath"], read_only))
+    return mounts

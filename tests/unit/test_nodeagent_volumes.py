@@ -1,0 +1,118 @@
+"""Node agent: volume contents, kubelet-style atomic updates, mount plans, and real private bind mounts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fleetserve_devcluster.pods import ContainerConfigError, PodNetwork
+from fleetserve_devcluster.volumes import (
+    VolumeNotSupported,
+    plan_mounts,
+    prepare_volume,
+    read_atomic,
+    volume_files,
+    write_atomic,
+)
+
+NET = PodNetwork(pod_ip="127.0.10.7", host_ip="127.0.10.1", node_name="fs-node-0")
+POD = {"metadata": {"name": "p", "namespace": "ns1", "uid": "u"}, "spec": {"containers": [{"name": "c"}]}}
+OBJS = {
+    ("configmap", "cfg"): {"data": {"server.yaml": "port: 8000\n", "other": "x"},
+                           "binaryData": {"blob": base64.b64encode(b"\x00\x01").decode()}},
+    ("secret", "sec"): {"data": {"token": base64.b64encode(b"s3cret").decode()}},
+    ("configmap", "kube-root-ca.crt"): {"data": {"ca.crt": "CA"}},
+}
+
+
+def fetch(kind: str, ns: str, name: str) -> dict | None:
+    return OBJS.get((kind, name))
+
+
+def token(audience: str | None, expiration: int) -> str:
+    return f"tok-{audience}-{expiration}"
+
+
+def test_configmap_secret_and_items() -> None:
+    files = volume_files({"name": "v", "configMap": {"name": "cfg"}}, POD, fetch, token, NET)
+    assert files == {"server.yaml": (b"port: 8000\n", 0o644), "other": (b"x", 0o644), "blob": (b"\x00\x01", 0o644)}
+    files = volume_files({"name": "v", "configMap": {"name": "cfg", "items": [{"key": "other", "path": "d/o.txt",
+                                                                           "mode": 0o600}]}}, POD, fetch, token, NET)
+    assert files == {"d/o.txt": (b"x", 0o600)}
+    files = volume_files({"name": "v", "secret": {"secretName": "sec", "defaultMode": 0o400}}, POD, fetch, token, NET)
+    assert files == {"token": (b"s3cret", 0o400)}
+
+
+def test_missing_sources_block_unless_optional() -> None:
+    with pytest.raises(ContainerConfigError, match='configmap "gone" not found'):
+        volume_files({"name": "v", "configMap": {"name": "gone"}}, POD, fetch, token, NET)
+    assert volume_files({"name": "v", "secret": {"secretName": "gone", "optional": True}}, POD, fetch, token, NET) == {}
+
+
+def test_projected_service_account_volume() -> None:
+    volume = {"name": "kube-api-access-x", "projected": {"defaultMode": 0o644, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]}}
+    files = volume_files(volume, POD, fetch, token, NET)
+    assert files == {"token": (b"tok-None-3607", 0o644), "ca.crt": (b"CA", 0o644), "namespace": (b"ns1", 0o644)}
+
+
+def test_atomic_writer_swaps_contents(tmp_path: Path) -> None:
+    target = tmp_path / "vol"
+    assert write_atomic(target, {"a.yaml": (b"one", 0o644), "d/b": (b"two", 0o600)})
+    assert (target / "a.yaml").read_bytes() == b"one" and (target / "d" / "b").read_bytes() == b"two"
+    assert (target / "a.yaml").is_symlink() and (target / "..data").is_symlink()
+    assert not write_atomic(target, {"a.yaml": (b"one", 0o644), "d/b": (b"two", 0o600)})  # no change, no write
+    assert write_atomic(target, {"a.yaml": (b"new", 0o644)})
+    assert (target / "a.yaml").read_bytes() == b"new" and not (target / "d").exists()
+    assert read_atomic(target) == {"a.yaml": (b"new", 0o644)}
+    assert len([p for p in target.iterdir() if p.name.startswith("..2")]) == 1  # old generation removed
+
+
+def test_prepare_and_plan_mounts(tmp_path: Path) -> None:
+    volumes = [{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]
+    dirs = {v["name"]: prepare_volume(v, tmp_path) for v in volumes}
+    write_atomic(dirs["cfg"], {"server.yaml": (b"port: 1\n", 0o644)})
+    container = {"volumeMounts": [
+        {"name": "cfg", "mountPath": "/etc/fleetserve"},
+        {"name": "scratch", "mountPath": "/scratch"},
+        {"name": "scratch", "mountPath": "/ro", "readOnly": True},
+        {"name": "cfg", "mountPath": "/etc/one.yaml", "subPath": "server.yaml"},
+    ]}
+    mounts = plan_mounts(container, dirs, volumes)
+    assert [(m.target, m.read_only) for m in mounts] == [("/etc/fleetserve", True), ("/scratch", False),
+                                                         ("/ro", True), ("/etc/one.yaml", True)]
+    assert Path(mounts[3].source).read_bytes() == b"port: 1\n" and not Path(mounts[3].source).is_symlink()
+    with pytest.raises(ContainerConfigError, match="'nope' is not in spec.volumes"):
+        plan_mounts({"volumeMounts": [{"name": "nope", "mountPath": "/x"}]}, dirs, volumes)
+    with pytest.raises(VolumeNotSupported, match="persistentVolumeClaim"):
+        prepare_volume({"name": "data", "persistentVolumeClaim": {"claimName": "c"}}, tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_launcher_mounts_are_private_to_the_process(tmp_path: Path) -> None:
+    """The real launcher: a file appears at its mountPath for the container only, read-only when asked."""
+    vol = tmp_path / "vol"
+    write_atomic(vol, {"server.yaml": (b"port: 8000\n", 0o644)})
+    target = tmp_path / "mnt" / "etc-fleetserve"
+    probe = ("import pathlib,sys; p=pathlib.Path(sys.argv[1]); print(p.joinpath('server.yaml').read_text(), end='');"
+             "\ntry:\n  p.joinpath('new').write_text('x'); print('writable')\nexcept OSError: print('read-only')")
+    spec = {"argv": [sys.executable, "-c", probe, str(target)], "env": {"PATH": os.environ["PATH"]},
+            "workingDir": str(tmp_path), "mounts": [{"source": str(vol), "target": str(target), "read_only": True}]}
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+                          "fleetserve_devcluster.launch", str(spec_file)], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "port: 8000\nread-only\n"
+    assert target.is_dir() and not any(target.iterdir())  # on the host: only the empty mount point
