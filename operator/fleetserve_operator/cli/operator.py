@@ -1,0 +1,41 @@
+"""`fleetserve operator`: run the kopf operator for LLMDeployment resources."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_METRICS_PORT = 8080  # same as fleetserve_operator.metrics.DEFAULT_METRICS_PORT (kept light here)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                       help="watch only this namespace (repeatable; glob patterns allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       help="watch every namespace (the default when no --namespace is given)")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                        help="port of /healthz and /metrics (default %(default)s; 0 disables them)")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of /healthz and /metrics")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every handler run")
+    parser.add_argument("--debug", action="store_true", help="log kopf's internals too")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.metrics_port <= 65535:
+        raise SystemExit(f"fleetserve operator: --metrics-port must be 0..65535, got {args.metrics_port}")
+    import kopf
+
+    from fleetserve_operator import handlers
+
+    handlers.OPTIONS.metrics_port = args.metrics_port
+    handlers.OPTIONS.metrics_host = args.metrics_host
+    kopf.configure(debug=args.debug, verbose=args.verbose or args.debug)
+    namespaces = list(args.namespace)
+    kopf.run(
+        registry=handlers.registry,
+        standalone=True,  # one operator replica; the Helm chart runs exactly one
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+    )
+    return 0

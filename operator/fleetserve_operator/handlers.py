@@ -1,0 +1,194 @@
+"""All kopf handlers of the operator, thin and with explicit ids.
+
+Every handler calls :func:`fleetserve_operator.reconcile.execute.reconcile`,
+which is level-triggered (observe → plan → execute, writes only differences),
+so it does not matter which event woke it: the spec changed (create, update,
+resume), a child changed or vanished, or the periodic resync fired. Handlers
+register on :data:`registry` (not kopf's global one), which
+``fleetserve operator`` and ``KopfRunner(..., registry=registry)`` run. The
+autoscaler's ``@kopf.timer(..., registry=registry, id="autoscale")`` belongs
+here too, calling into :mod:`fleetserve_operator.autoscaler`; it may hold
+:func:`fleetserve_operator.reconcile.locks.cr_lock` while it writes status and
+reuse :func:`fleetserve_operator.status.conditions.set_condition`.
+
+Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
+
+* ``fleetserve.io`` ``llmdeployments``: get, list, watch, patch
+  (kopf's annotations and ``kubectl``-style metadata); ``llmdeployments/status``: get, patch
+* ``apps`` ``deployments``: get, list, watch, patch (server-side apply), delete
+* core ``configmaps``, ``services``: get, list, watch, patch, delete
+* ``policy`` ``poddisruptionbudgets``: get, patch, delete
+* core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs)
+* core ``events``: create (and ``events.k8s.io`` ``events``: create, which kopf uses)
+* ``monitoring.coreos.com`` ``servicemonitors``, ``prometheusrules``: get, patch, delete
+  (only used when those CRDs exist; discovery of ``/apis/monitoring.coreos.com/v1`` needs no grant)
+* ``apiextensions.k8s.io`` ``customresourcedefinitions``: list, watch (kopf's resource discovery)
+* core ``namespaces``: list, watch (kopf, only with ``--all-namespaces`` patterns)
+
+The operator serves ``/healthz`` and ``/metrics`` on port 8080 (``--metrics-port``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .api.spec import GROUP, PLURAL, VERSION
+from .kube import Kube, KubeError
+from .reconcile import locks
+from .reconcile.execute import reconcile
+from .resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
+from .status.conditions import set_condition
+
+registry = kopf.OperatorRegistry()
+
+RETRY_DELAY_SECONDS = 5
+RESYNC_INTERVAL_SECONDS = 60.0
+CHILD_LABELS = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+@dataclass
+class Options:
+    """Process-wide settings the CLI (or a test) sets before the operator starts."""
+
+    metrics_port: int = metrics.DEFAULT_METRICS_PORT  # 0 disables /metrics and /healthz
+    metrics_host: str = "0.0.0.0"
+
+
+OPTIONS = Options()
+_kube: Kube | None = None
+_managed: set[tuple[str, str]] = set()
+
+
+def kube() -> Kube:
+    """The process's API client, created on first use from the environment."""
+    global _kube
+    if _kube is None:
+        _kube = Kube.from_environment()
+    return _kube
+
+
+def _report_failure(namespace: str, name: str, reason: str, message: str) -> None:
+    """Put a failure that the plan could not foresee into the Ready condition (best effort)."""
+    client = kube()
+    with locks.cr_lock(namespace, name):
+        cr = client.get("LLMDeployment", namespace, name)
+        if cr is None:
+            return
+        generation = int(cr["metadata"].get("generation") or 0)
+        old = (cr.get("status") or {}).get("conditions") or []
+        new = set_condition(old, "Ready", "False", reason, message, generation, datetime.now(UTC))
+        if new != old:
+            client.patch_status("LLMDeployment", namespace, name, {"conditions": new})
+            client.post_event(cr, "Warning", reason, message)
+
+
+def run_reconcile(namespace: str, name: str, trigger: str) -> None:
+    """Reconcile with metrics, turning API failures into kopf's retry semantics."""
+    started = time.perf_counter()
+    try:
+        result = reconcile(kube(), namespace, name)
+    except KubeError as exc:
+        metrics.ERRORS.labels("api_retriable" if exc.retriable else "api_rejected").inc()
+        if exc.retriable:
+            metrics.RECONCILES.labels(trigger, "retry").inc()
+            raise kopf.TemporaryError(f"API server: {exc}; retrying", delay=RETRY_DELAY_SECONDS) from exc
+        metrics.RECONCILES.labels(trigger, "rejected").inc()
+        # The API server refused an object built from this spec: retrying the same spec cannot help.
+        _report_failure(namespace, name, "ApplyRejected", f"the API server rejected a child object: {exc}")
+        raise kopf.PermanentError(f"API server rejected a child: {exc}") from exc
+    finally:
+        metrics.DURATION.observe(time.perf_counter() - started)
+    if result is not None:
+        for obj in result.apply:
+            metrics.APPLIES.labels(obj["kind"]).inc()
+        if result.invalid:
+            metrics.RECONCILES.labels(trigger, "invalid").inc()
+            raise kopf.PermanentError(f"invalid spec: {result.invalid}")
+    metrics.RECONCILES.labels(trigger, "success").inc()
+
+
+@kopf.on.startup(registry=registry, id="configure")
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Kopf's bookkeeping goes into annotations: the status schema is strict and owned by us.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fleetserve.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="fleetserve.io", key="last-handled-configuration"
+    )
+    # Our own events say what happened; kopf's per-handler "succeeded" events would be noise.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    if OPTIONS.metrics_port:
+        memo.metrics_runner = await metrics.start_http_server(OPTIONS.metrics_port, OPTIONS.metrics_host)
+
+
+@kopf.on.cleanup(registry=registry, id="stop-metrics")
+async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    runner = getattr(memo, "metrics_runner", None)
+    if runner is not None:
+        await runner.cleanup()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-resume")
+@kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-create")
+@kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-spec", field="spec")
+def reconcile_llmdeployment(name: str, namespace: str, reason: Any, **_: Any) -> None:
+    """The spec is new, changed, or the operator restarted: converge."""
+    run_reconcile(namespace, name, str(reason))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync",
+            interval=RESYNC_INTERVAL_SECONDS, initial_delay=RESYNC_INTERVAL_SECONDS)
+def resync(name: str, namespace: str, **_: Any) -> None:
+    """Level-triggered safety net: whatever event was missed, converge once a minute."""
+    run_reconcile(namespace, name, "resync")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="track-llmdeployments")
+def track(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+    """Keep the managed-deployments gauge and the lock table in step with the cluster."""
+    if event.get("type") == "DELETED":
+        _managed.discard((namespace, name))
+        locks.forget(namespace, name)
+    else:
+        _managed.add((namespace, name))
+    metrics.MANAGED.set(len(_managed))
+
+
+def _child_event(body: Any, event: dict[str, Any], namespace: str, trigger: str, logger: Any) -> None:
+    owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_INSTANCE)
+    if not owner:
+        return
+    try:
+        run_reconcile(namespace, owner, trigger)
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        # Event handlers are not retried; the owner's own handlers and the resync are.
+        logger.warning("reconcile of %s/%s after a %s event: %s", namespace, owner, trigger, exc)
+
+
+@kopf.on.event("apps", "v1", "deployments", registry=registry, id="child-deployment", labels=CHILD_LABELS)
+def deployment_changed(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+    """Roll-out progress and readiness come from the Deployment's status."""
+    _child_event(body, event, namespace, "deployment", logger)
+
+
+@kopf.on.event("", "v1", "pods", registry=registry, id="child-pod", labels=CHILD_LABELS)
+def pod_changed(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+    """Crash loops and unschedulable pods become the Degraded condition."""
+    _child_event(body, event, namespace, "pod", logger)
+
+
+@kopf.on.event("", "v1", "services", registry=registry, id="child-service", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "configmaps", registry=registry, id="child-configmap", labels=CHILD_LABELS)
+def child_deleted(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+    """Someone deleted a child: put it back."""
+    if event.get("type") == "DELETED":
+        _child_event(body, event, namespace, "child-deleted", logger)
+

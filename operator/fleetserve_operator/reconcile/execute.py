@@ -1,0 +1,98 @@
+"""Observe the cluster for one LLMDeployment, plan, and carry the plan out.
+
+:func:`reconcile` is the one entry point the handlers call. It is idempotent:
+the plan applies only children whose applied-hash differs and patches only
+status keys that changed, so calling it on every event costs reads, not writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..kube import Kube, KubeError
+from ..resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, config_map_name
+from .locks import cr_lock
+from .plan import CHILD_KINDS, MONITORING_KINDS, Observed, Plan, plan
+
+log = logging.getLogger(__name__)
+
+MONITORING_GROUP = "monitoring.coreos.com/v1"
+MONITORING_CACHE_SECONDS = 60.0
+
+
+@dataclass
+class _MonitoringCache:
+    """Whether the Prometheus Operator CRDs exist, re-checked at most once a minute."""
+
+    kinds: frozenset[str] = frozenset()
+    checked_at: float = -1e9
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, kube: Kube) -> frozenset[str]:
+        with self.lock:
+            if time.monotonic() - self.checked_at > MONITORING_CACHE_SECONDS:
+                self.kinds = kube.served_kinds(MONITORING_GROUP) & MONITORING_KINDS
+                self.checked_at = time.monotonic()
+            return self.kinds
+
+
+monitoring_cache = _MonitoringCache()
+
+
+def child_name(kind: str, instance: str) -> str:
+    return config_map_name(instance) if kind == "ConfigMap" else instance
+
+
+def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
+    """Read every child by name, the pods by label, and which monitoring kinds exist."""
+    meta = cr["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    kinds = monitoring_cache.get(kube)
+    children: dict[str, dict[str, Any] | None] = {}
+    for kind in CHILD_KINDS:
+        if kind in MONITORING_KINDS and kind not in kinds:
+            children[kind] = None
+            continue
+        children[kind] = kube.get(kind, namespace, child_name(kind, name))
+    pods = kube.list("Pod", namespace, f"{LABEL_INSTANCE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}")
+    return Observed(children=children, pods=pods, monitoring_kinds=kinds)
+
+
+def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
+    """Apply, delete, patch status, post events — in that order, so status describes what exists."""
+    meta = cr["metadata"]
+    for obj in result.apply:
+        kube.apply(obj)
+        log.info("applied %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
+    for obj in result.delete:
+        kube.delete(obj)
+        log.info("deleted %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
+    if result.status is not None:
+        kube.patch_status("LLMDeployment", meta["namespace"], meta["name"], result.status)
+    for event in result.events:
+        try:
+            kube.post_event(cr, event.type, event.reason, event.message)
+        except KubeError as exc:  # an event lost is not worth a failed reconcile
+            log.warning("could not post event %s: %s", event.reason, exc)
+
+
+def reconcile(kube: Kube, namespace: str, name: str, now: datetime | None = None) -> Plan | None:
+    """Bring one LLMDeployment's children and status in line with its spec.
+
+    Returns the plan that was executed, or None when the object is gone or
+    being deleted (garbage collection removes the children). Raises
+    :class:`KubeError` for API failures; the caller decides about retries.
+    """
+    with cr_lock(namespace, name):
+        cr = kube.get("LLMDeployment", namespace, name)
+        if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        observed = observe(kube, cr)
+        result = plan(cr, observed, now or datetime.now(UTC))
+        execute(kube, cr, result)
+        return result

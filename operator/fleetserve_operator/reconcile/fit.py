@@ -1,0 +1,113 @@
+"""The memory-fit proof: does one replica hold the model and one full-length sequence?
+
+Computed before any pod exists, from the spec alone, with the server's own
+planner (``fleetserve_server.memory``), so the KV-cache size written into the
+server's config is the number the proof was made with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fleetserve_server.memory import GiB, MemoryPlan, known_architecture, parse_quantity, plan_memory
+
+from ..api.spec import LLMDeploymentSpec
+
+# With gpus: 0 the whole process lives in resources.memory: Python, torch and
+# transformers take this much before the first weight is loaded.
+CPU_RUNTIME_RESERVE_BYTES = 1 * GiB
+
+FitStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """Outcome of the proof. ``plan`` is set whenever the planner ran.
+
+    ``status`` is the MemoryFits condition: True (fits), False (never fits —
+    no pod is created) or Unknown (the model's config is not known offline;
+    the pods are created and the server checks at load time).
+    """
+
+    status: FitStatus
+    reason: str
+    message: str
+    device: str
+    available_bytes: int | None
+    plan: MemoryPlan | None = None
+
+    @property
+    def fits(self) -> bool | None:
+        return {"True": True, "False": False}.get(self.status)
+
+    def to_status(self) -> dict[str, Any]:
+        """``status.memory`` (camelCase)."""
+        out: dict[str, Any] = {"device": self.device, "message": self.message}
+        if self.fits is not None:
+            out["fits"] = self.fits
+        if self.available_bytes is not None:
+            out["availableBytes"] = self.available_bytes
+        if self.plan is not None:
+            out.update(
+                weightsBytes=self.plan.weights_bytes,
+                kvBytesPerToken=self.plan.kv_bytes_per_token,
+                kvCapacityTokens=self.plan.kv_capacity_tokens,
+                maxConcurrentSequences=self.plan.max_concurrent_sequences,
+            )
+        return out
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
+    """Run the planner for one replica of ``spec``; never raises for a valid spec."""
+    res = spec.resources
+    if res.gpus > 0:
+        device = "cuda"
+        assert res.gpu_memory is not None  # guaranteed by the Resources rule
+        per_gpu = parse_quantity(res.gpu_memory)
+        available = per_gpu * res.gpus
+        where = f"{res.gpus} x {res.gpu_memory} GPU memory"
+    else:
+        device = "cpu"
+        assert res.memory is not None  # guaranteed by the Resources rule
+        available = parse_quantity(res.memory) - CPU_RUNTIME_RESERVE_BYTES
+        where = f"resources.memory {res.memory} minus {_gib(CPU_RUNTIME_RESERVE_BYTES)} for the Python runtime"
+        if available <= 0:
+            return MemoryFit(
+                "False", "InsufficientMemory",
+                f"resources.memory {res.memory} leaves nothing for the model after the "
+                f"{_gib(CPU_RUNTIME_RESERVE_BYTES)} the server's runtime needs; set resources.memory "
+                f"to at least 2Gi", device, 0,
+            )
+    arch = known_architecture(spec.model.source)
+    if arch is None:
+        return MemoryFit(
+            "Unknown", "ModelConfigUnknown",
+            f"the memory planner has no config for {spec.model.source!r} offline (it knows the builtin "
+            f"model, a catalog of common models and local directories with a config.json); pods are "
+            f"created and the server sizes its KV cache when it loads the model",
+            device, available,
+        )
+    try:
+        plan = plan_memory(
+            arch,
+            quantization=spec.quantization,
+            dtype=spec.dtype,
+            device=device,
+            device_memory_bytes=available,
+            kv_cache_memory_fraction=spec.engine.kv_cache_memory_fraction,
+            max_model_len=spec.engine.max_model_len,
+            max_num_seqs=spec.engine.max_num_seqs,
+            block_size=spec.engine.block_size,
+            max_batch_tokens=spec.engine.effective_max_batch_tokens,
+        )
+    except ValueError as exc:
+        return MemoryFit("Unknown", "PlannerError", f"the memory planner rejected the spec: {exc}",
+                         device, available)
+    if plan.fits:
+        return MemoryFit("True", "Fits", f"{arch.name} on {where}: {plan.message}", device, available, plan)
+    return MemoryFit("False", "DoesNotFit", f"{arch.name} on {where}: {plan.message}", device, available, plan)

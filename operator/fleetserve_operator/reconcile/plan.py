@@ -1,0 +1,185 @@
+"""Plan: a pure function from an LLMDeployment and what exists to what must change.
+
+``plan(cr, observed, now)`` reads nothing and writes nothing: it builds the
+desired children, compares each with the live one by its applied-hash
+annotation, and returns the objects to server-side apply, the ones to delete,
+the status patch and the events. :mod:`.execute` carries it out. Running it
+twice on the same inputs gives the same plan, and on the state its own
+execution produced it gives an empty one — that is what makes the reconcile
+level-triggered and safe to restart at any point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from ..api.spec import LLMDeploymentSpec, spec_from_body
+from ..events import Event
+from ..resources.hashing import applied_hash, stamp
+from ..resources.monitoring import build_prometheus_rule, build_service_monitor
+from ..resources.network import build_pdb, build_service, wants_pdb
+from ..resources.server import build_config_map, build_deployment, template_hash
+from ..status.compute import compute_status, invalid_spec_status, status_events, status_patch
+from .fit import MemoryFit, check_memory_fit
+
+# Child kinds in the order they are applied (the ConfigMap before the pods that mount it).
+CHILD_KINDS = ("ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule")
+MONITORING_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+
+
+@dataclass
+class Observed:
+    """What the operator read from the cluster for one LLMDeployment.
+
+    ``children`` maps each kind of :data:`CHILD_KINDS` to the live object of
+    the child's name, or None; ``monitoring_kinds`` holds the Prometheus
+    Operator kinds whose CRDs exist.
+    """
+
+    children: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    monitoring_kinds: frozenset[str] = frozenset()
+
+
+@dataclass
+class Plan:
+    """What to do. Empty ``apply``/``delete``, no ``status`` and no events: converged."""
+
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    status: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    replicas: int = 0
+    fit: MemoryFit | None = None
+    invalid: str | None = None
+
+    @property
+    def converged(self) -> bool:
+        return not self.apply and not self.delete and self.status is None
+
+
+def plan_replicas(spec: LLMDeploymentSpec, status: dict[str, Any] | None) -> int:
+    """Replicas the Deployment should have.
+
+    Autoscaling off: ``spec.replicas`` (which an HPA/KEDA may drive through the
+    scale subresource). On: the autoscaler's ``status.desiredReplicas``, or
+    ``minReplicas`` until it has decided, always within [min, max].
+    """
+    auto = spec.autoscaling
+    if not auto.enabled:
+        return spec.replicas
+    desired = (status or {}).get("desiredReplicas")
+    wanted = desired if isinstance(desired, int) else auto.min_replicas
+    return max(auto.min_replicas, min(auto.max_replicas, wanted))
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def desired_children(
+    cr: dict[str, Any], spec: LLMDeploymentSpec, fit: MemoryFit, replicas: int, observed: Observed
+) -> dict[str, dict[str, Any] | None]:
+    """Every child kind -> its desired manifest (adopted by ``cr``), or None when it must not exist."""
+    meta = cr["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    out: dict[str, dict[str, Any] | None] = dict.fromkeys(CHILD_KINDS)
+    out["ConfigMap"] = build_config_map(name, namespace, spec, fit)
+    out["Service"] = build_service(name, namespace)
+    if fit.status != "False":
+        out["Deployment"] = build_deployment(name, namespace, spec, fit, replicas)
+        if wants_pdb(replicas):
+            out["PodDisruptionBudget"] = build_pdb(name, namespace)
+    elif observed.children.get("Deployment") is not None:
+        # It cannot fit (any more): keep the object, run no pod.
+        out["Deployment"] = build_deployment(name, namespace, spec, fit, 0)
+    if "ServiceMonitor" in observed.monitoring_kinds and spec.monitoring.service_monitor:
+        out["ServiceMonitor"] = build_service_monitor(name, namespace, spec.autoscaling.scrape_interval_seconds)
+    if "PrometheusRule" in observed.monitoring_kinds and spec.monitoring.prometheus_rule:
+        out["PrometheusRule"] = build_prometheus_rule(name, namespace, spec.engine.max_queue_length)
+    for obj in out.values():
+        if obj is not None:
+            kopf.adopt(obj, owner=cr, nested="spec.template")  # type: ignore[arg-type]
+    return out
+
+
+def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
+    """The whole reconcile decision for one LLMDeployment."""
+    meta = cr["metadata"]
+    generation = int(meta.get("generation") or 0)
+    current_status: dict[str, Any] = dict(cr.get("status") or {})
+    try:
+        spec = spec_from_body(cr)
+    except ValidationError as exc:
+        message = _describe_validation_error(exc)
+        new = invalid_spec_status(current_status, message, generation, now)
+        patch = status_patch(current_status, new)
+        return Plan(status=patch, events=status_events(current_status, new), invalid=message)
+
+    fit = check_memory_fit(spec)
+    replicas = plan_replicas(spec, current_status)
+    result = Plan(replicas=replicas, fit=fit)
+    conflicts: list[str] = []
+    created: list[str] = []
+    updated: list[str] = []
+    desired = desired_children(cr, spec, fit, replicas, observed)
+    for kind in CHILD_KINDS:
+        want, live = desired[kind], observed.children.get(kind)
+        if live is not None and not _owned_by(live, meta["uid"]):
+            if want is not None:
+                conflicts.append(f"{kind} {live['metadata']['name']} exists and is not owned by this LLMDeployment")
+            continue
+        if want is None:
+            if live is not None and (kind not in MONITORING_KINDS or kind in observed.monitoring_kinds):
+                result.delete.append(live)
+            continue
+        stamped = stamp(want)
+        if applied_hash(live) != applied_hash(stamped):
+            result.apply.append(stamped)
+            if live is None:
+                created.append(kind)
+            else:
+                updated.append(_describe_update(kind, live, stamped))
+    if created:
+        result.events.append(Event("Normal", "Created", "created " + ", ".join(created)))
+    if updated:
+        result.events.append(Event("Normal", "Updated", "updated " + "; ".join(updated)))
+
+    new = compute_status(
+        cr, spec, fit, replicas,
+        deployment=observed.children.get("Deployment"),
+        pods=observed.pods,
+        conflicts=conflicts,
+        rolling=bool(updated or created),
+        now=now,
+    )
+    result.status = status_patch(current_status, new)
+    result.events.extend(status_events(current_status, new))
+    return result
+
+
+def _describe_update(kind: str, live: dict[str, Any], desired: dict[str, Any]) -> str:
+    if kind == "Deployment":
+        old_hash, new_hash = template_hash(live), template_hash(desired)
+        old_replicas = (live.get("spec") or {}).get("replicas")
+        parts = []
+        if old_hash != new_hash:
+            parts.append(f"pod template {old_hash} -> {new_hash} (rolling the pods)")
+        if old_replicas != desired["spec"]["replicas"]:
+            parts.append(f"replicas {old_replicas} -> {desired['spec']['replicas']}")
+        return "Deployment: " + (", ".join(parts) or "metadata")
+    return kind
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"spec.{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)

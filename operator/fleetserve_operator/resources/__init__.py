@@ -1,0 +1,1 @@
+"""Builders of the child objects: pure functions from spec (+ memory fit) to manifests."""

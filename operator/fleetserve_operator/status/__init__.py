@@ -1,0 +1,1 @@
+"""Conditions and the status the operator computes from what it observed."""

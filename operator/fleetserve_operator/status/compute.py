@@ -1,0 +1,192 @@
+"""The status the operator owns, computed from the spec, the fit and the live children.
+
+Pure functions. The operator owns every status key except ``autoscaler``,
+the ``ScalingActive`` condition and — while autoscaling is on —
+``desiredReplicas``, which the autoscaler writes; :func:`status_patch` only
+ever names the keys that changed, so a status that did not change is never
+written and concurrent writers do not erase each other's keys.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ..api.spec import LLMDeploymentSpec
+from ..events import Event
+from ..reconcile.fit import MemoryFit
+from ..resources.labels import endpoint, selector_string
+from .conditions import Conditions, get_condition, set_condition, sort_conditions
+
+# Container waiting reasons that will not resolve by themselves.
+BAD_WAITING_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+MAX_PODS_IN_MESSAGE = 3
+
+
+def _pod_problems(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(reason, message) for each pod that is crash-looping, unschedulable or failed."""
+    problems: list[tuple[str, str]] = []
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        name = meta.get("name", "?")
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                problems.append((cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}"))
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in BAD_WAITING_REASONS:
+                restarts = cs.get("restartCount", 0)
+                problems.append((waiting["reason"], f"pod {name} container {cs.get('name')} "
+                                 f"(restarts: {restarts}): {waiting.get('message', '')}".rstrip(": ")))
+        if status.get("phase") == "Failed":
+            problems.append((status.get("reason") or "PodFailed", f"pod {name}: {status.get('message', 'failed')}"))
+    return problems
+
+
+def _deployment_problems(deployment: dict[str, Any] | None) -> list[tuple[str, str]]:
+    problems = []
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            problems.append(("ProgressDeadlineExceeded", cond.get("message", "")))
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            problems.append((cond.get("reason") or "ReplicaFailure", cond.get("message", "")))
+    return problems
+
+
+def compute_status(
+    cr: dict[str, Any],
+    spec: LLMDeploymentSpec,
+    fit: MemoryFit,
+    replicas: int,
+    *,
+    deployment: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    conflicts: list[str],
+    rolling: bool,
+    now: datetime,
+) -> dict[str, Any]:
+    """The operator's part of the status after this reconcile.
+
+    ``rolling`` says the plan is about to change children, so what was
+    observed is already out of date and the roll-out is not finished.
+    """
+    meta = cr["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    generation = int(meta.get("generation") or 0)
+    current = cr.get("status") or {}
+    dep_status = (deployment or {}).get("status") or {}
+    dep_generation = ((deployment or {}).get("metadata") or {}).get("generation") or 0
+    pods_now = int(dep_status.get("replicas") or 0)
+    ready = int(dep_status.get("readyReplicas") or 0)
+    updated = int(dep_status.get("updatedReplicas") or 0)
+    desired = replicas if fit.status != "False" else 0
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "replicas": pods_now,
+        "readyReplicas": ready,
+        "readySummary": f"{ready}/{desired}",
+        "selector": selector_string(name),
+        "endpoint": endpoint(name, namespace),
+        "memory": fit.to_status(),
+    }
+    if not spec.autoscaling.enabled:
+        status["desiredReplicas"] = spec.replicas
+
+    conditions: Conditions = [dict(c) for c in current.get("conditions") or []]
+
+    def put(type_: str, value: str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, value, reason, message, generation, now)
+
+    put("MemoryFits", fit.status, fit.reason, fit.message)
+
+    settled = (
+        deployment is not None and not rolling
+        and int(dep_status.get("observedGeneration") or 0) >= int(dep_generation)
+        and updated >= desired and ready >= desired and pods_now == desired
+    )
+    if fit.status == "False":
+        put("Ready", "False", "MemoryDoesNotFit", "no replica can run: " + fit.message)
+        put("Progressing", "False", "MemoryDoesNotFit", "no Deployment is rolled out until the model fits")
+    elif desired == 0:
+        put("Ready", "False", "ScaledToZero", "desired replicas is 0; no pod serves " + endpoint(name, namespace))
+        put("Progressing", "False" if settled else "True",
+            "ScaledToZero" if settled else "ScalingDown", f"{pods_now} pods left")
+    else:
+        if ready >= desired and deployment is not None:
+            put("Ready", "True", "ReplicasReady", f"{ready}/{desired} replicas ready at {endpoint(name, namespace)}")
+        else:
+            put("Ready", "False", "ReplicasNotReady" if deployment is not None else "Creating",
+                f"{ready}/{desired} replicas ready")
+        if settled:
+            put("Progressing", "False", "RolloutComplete", f"{ready}/{desired} replicas up to date and ready")
+        else:
+            put("Progressing", "True", "RollingOut",
+                f"{updated}/{desired} pods updated, {ready} ready, {pods_now} in total")
+
+    problems = [("ChildConflict", c) for c in conflicts] + _deployment_problems(deployment) + _pod_problems(pods)
+    if problems:
+        reason = problems[0][0]
+        message = "; ".join(m for _, m in problems[:MAX_PODS_IN_MESSAGE])
+        if len(problems) > MAX_PODS_IN_MESSAGE:
+            message += f"; and {len(problems) - MAX_PODS_IN_MESSAGE} more"
+        put("Degraded", "True", reason, message)
+    else:
+        put("Degraded", "False", "AsExpected", "no pod is crash-looping, unschedulable or failed")
+    status["conditions"] = sort_conditions(conditions)
+    return status
+
+
+def invalid_spec_status(current: dict[str, Any], message: str, generation: int, now: datetime) -> dict[str, Any]:
+    """Status for a spec the operator cannot use (only possible when the CRD is older than the operator)."""
+    conditions: Conditions = [dict(c) for c in current.get("conditions") or []]
+    conditions = set_condition(conditions, "Ready", "False", "InvalidSpec", message, generation, now)
+    conditions = set_condition(conditions, "Progressing", "False", "InvalidSpec",
+                               "fix the spec; nothing is rolled out", generation, now)
+    return {"observedGeneration": generation, "conditions": conditions}
+
+
+def status_patch(current: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """The keys of ``new`` whose values differ from ``current`` (a merge patch), or None."""
+    patch = {k: v for k, v in new.items() if current.get(k) != v}
+    if "memory" in patch and isinstance(current.get("memory"), dict):
+        # Merge-patch semantics: a key that disappeared must be nulled explicitly.
+        for key in current["memory"]:
+            patch["memory"].setdefault(key, None)
+    return patch or None
+
+
+def status_events(current: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """Events for the condition transitions between two statuses."""
+    old_c, new_c = current.get("conditions") or [], new.get("conditions") or []
+    events: list[Event] = []
+
+    def changed(type_: str) -> dict[str, Any] | None:
+        before, after = get_condition(old_c, type_), get_condition(new_c, type_)
+        if after is None:
+            return None
+        if before is None or (before.get("status"), before.get("reason")) != (after["status"], after["reason"]):
+            return after
+        return None
+
+    fits = changed("MemoryFits")
+    if fits is not None and fits["status"] == "False":
+        events.append(Event("Warning", "MemoryDoesNotFit", fits["message"]))
+    elif fits is not None and fits["status"] == "Unknown":
+        events.append(Event("Normal", "MemoryFitUnknown", fits["message"]))
+    ready = changed("Ready")
+    if ready is not None and ready["reason"] == "InvalidSpec":
+        events.append(Event("Warning", "InvalidSpec", ready["message"]))
+    progressing = changed("Progressing")
+    if progressing is not None and progressing["reason"] == "RolloutComplete":
+        events.append(Event("Normal", "RolloutComplete", progressing["message"]))
+    degraded = changed("Degraded")
+    if degraded is not None and degraded["status"] == "True":
+        events.append(Event("Warning", degraded["reason"], degraded["message"]))
+    return events
