@@ -53,7 +53,7 @@ def _render_prometheusrule(tmp_path: Path, *set_values: str) -> dict:
         "--show-only", "templates/prometheusrule.yaml",
     ]
     for value in set_values:
-        cmd += ["--set", value]
+        cmd += ["--set-json", value] if re.search(r"=[0-9.]+$", value) else ["--set", value]
     result = _run(cmd)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
@@ -144,7 +144,7 @@ def test_plain_file_is_the_chart_rules_with_default_values(tmp_path: Path) -> No
 def test_thresholds_and_jobs_come_from_values(tmp_path: Path) -> None:
     obj = _render_prometheusrule(
         tmp_path,
-        "alerts.kvCacheNearlyFull.threshold=0.8",
+        "alerts.kvCacheNearlyFull.threshold=0.8",  # sent with --set-json: --set makes floats strings
         "alerts.kvCacheNearlyFull.for=2m",
         "alerts.queueBacklog.threshold=25",
         "alerts.ttftP99.thresholdSeconds=1.5",
@@ -172,3 +172,17 @@ def test_every_alert_has_a_runbook_section() -> None:
         assert rule["labels"]["severity"] in {"warning", "critical"}
         # The description must name what is affected, with the label values Prometheus fills in.
         assert "$labels." in rule["annotations"]["description"] or name == "FleetserveOperatorDown", name
+
+
+def test_alerts_read_exported_metrics() -> None:
+    from metrics_contract import PROMETHEUS_BUILTINS, exported_metric_names, unknown_metric_names
+
+    exported = exported_metric_names()
+    problems = {}
+    for rule in _rules():
+        unknown = unknown_metric_names(rule["expr"], exported)
+        if unknown:
+            problems[rule["alert"]] = sorted(unknown)
+        # Every alert reads at least one fleetserve series or a Prometheus target series.
+        assert "fleetserve_" in rule["expr"] or any(b in rule["expr"] for b in PROMETHEUS_BUILTINS), rule["alert"]
+    assert not problems, f"alerts read metrics that no fleetserve code exports: {problems}"

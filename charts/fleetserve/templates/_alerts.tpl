@@ -142,16 +142,17 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           {{ $a.scrapeErrors.for }}: autoscaling decisions hold the current size while it lasts.
         runbook_url: {{ $rb }}#fleetserveoperatorscrapeerrors
     - alert: FleetserveOperatorReconcileErrors
-      expr: sum by (namespace, name) (rate(fleetserve_operator_reconcile_errors_total[5m])) > {{ $a.reconcileErrors.ratePerSecond }}
+      # The operator counts failed reconciles by error class (fleetserve_operator.metrics).
+      expr: sum by (error) (rate(fleetserve_operator_reconcile_errors_total[5m])) > {{ $a.reconcileErrors.ratePerSecond }}
       for: {{ $a.reconcileErrors.for }}
       labels:
         severity: {{ $a.reconcileErrors.severity }}
       annotations:
-        summary: The operator fails to reconcile {{`{{ $labels.namespace }}/{{ $labels.name }}`}}
+        summary: The fleetserve operator keeps failing to reconcile LLMDeployments ({{`{{ $labels.error }}`}})
         description: >-
-          Reconciles of LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}}
-          fail at {{`{{ printf "%.2f" $value }}`}}/s for {{ $a.reconcileErrors.for }}: its children are not
-          updated. The operator's log and the LLMDeployment's events say why.
+          Reconciles of LLMDeployments fail with error class {{`{{ $labels.error }}`}} at
+          {{`{{ printf "%.2f" $value }}`}}/s for {{ $a.reconcileErrors.for }}: their children are not
+          updated. The operator's log and the LLMDeployments' Warning events say which one and why.
         runbook_url: {{ $rb }}#fleetserveoperatorreconcileerrors
     - alert: FleetserveOperatorDown
       expr: absent(up{job="{{ $a.operatorJob }}"} == 1)
