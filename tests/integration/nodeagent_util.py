@@ -1,0 +1,91 @@
+"""Helpers for the node-agent integration tests: manifests of the echo helper, polling, HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fleetserve_devcluster.testing import DevClusterHandle
+
+T = TypeVar("T")
+ECHO = ["fleetserve", "dev-cluster", "echo", "--port", "8000"]
+
+
+def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll `fn` until it returns something truthy; fail with `what` and the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+def get_json(cluster: DevClusterHandle, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def apply(cluster: DevClusterHandle, namespace: str, manifest: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def echo_container(args: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": "echo", "image": "fleetserve/echo", "command": ECHO + (args or []),
+            "ports": [{"name": "http", "containerPort": 8000}], **extra}
+
+
+READY_PROBE = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1}
+
+
+def echo_deployment(name: str, replicas: int, **pod_spec: Any) -> dict[str, Any]:
+    labels = {"app": name}
+    containers = pod_spec.pop("containers", None) or [echo_container(readinessProbe=READY_PROBE)]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": containers, "terminationGracePeriodSeconds": 5, **pod_spec}}},
+    }
+
+
+def echo_pod(name: str, args: list[str] | None = None, **pod_spec: Any) -> dict[str, Any]:
+    container = pod_spec.pop("container", None) or echo_container(args)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"containers": [container], **pod_spec}}
+
+
+def ready_pods(cluster: DevClusterHandle, namespace: str, selector: str) -> list[dict[str, Any]]:
+    pods = get_json(cluster, "pods", "-n", namespace, *(["-l", selector] if selector else []))["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))]
+
+
+def pod(cluster: DevClusterHandle, namespace: str, name: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", "pod", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def http(method: str, url: str, timeout: float = 5) -> tuple[int, str]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError) as exc:  # not listening (yet/any more)
+        return 0, str(exc)
+
+
+def records(path: Any) -> list[tuple[str, float]]:
+    """The echo helper's `--record` file as (event, unix time) pairs."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])) for line in lines]

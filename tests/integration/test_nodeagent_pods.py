@@ -1,0 +1,107 @@
+"""Node agent on a real control plane: replicas on their own IPs, env, volumes, service-account tokens."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from fleetserve_devcluster.testing import DevClusterHandle
+from nodeagent_util import (
+    READY_PROBE,
+    apply,
+    echo_container,
+    echo_deployment,
+    echo_pod,
+    http,
+    pod,
+    ready_pods,
+    wait_until,
+)
+
+
+def test_two_replicas_ready_on_distinct_ips(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    apply(dev_cluster, namespace, echo_deployment("web", 2))
+    pods = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(dev_cluster, namespace, "app=web")),
+                      90, "2/2 web pods Ready")
+    ips = {p["status"]["podIP"] for p in pods}
+    assert len(ips) == 2
+    for p in pods:
+        status, body = http("GET", f"http://{p['status']['podIP']}:8000/")
+        assert status == 200 and json.loads(body)["pod"] == p["metadata"]["name"]
+        cs = p["status"]["containerStatuses"][0]
+        assert cs["ready"] and "running" in cs["state"] and cs["restartCount"] == 0
+        assert p["status"]["hostIP"].startswith("127.0.")
+    out = dev_cluster.kubectl("get", "deployment", "web", "-n", namespace).stdout
+    assert "2/2" in out
+
+
+def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    assert not Path("/etc/fleetserve-nodeagent-test").exists()
+    dev_cluster.kubectl("create", "configmap", "cfg", "-n", namespace, "--from-literal=server.yaml=port: 8000\n",
+                        "--from-literal=MODE=fast")
+    dev_cluster.kubectl("create", "secret", "generic", "sec", "-n", namespace, "--from-literal=apikey=s3cret")
+    container = echo_container(
+        readinessProbe=READY_PROBE,
+        env=[{"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+             {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+             {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "apikey"}}},
+             {"name": "DERIVED", "value": "mode-$(MODE)"}],
+        envFrom=[{"configMapRef": {"name": "cfg"}}],
+        volumeMounts=[{"name": "cfg", "mountPath": "/etc/fleetserve-nodeagent-test"},
+                      {"name": "scratch", "mountPath": "/scratch-nodeagent-test"}])
+    apply(dev_cluster, namespace, echo_pod("env", container=container, volumes=[
+        {"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]))
+    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod env Ready")[0]
+    base = f"http://{p['status']['podIP']}:8000"
+    env = {k: http("GET", f"{base}/env?name={k}")[1] for k in ("MY_POD", "MY_IP", "API_KEY", "DERIVED", "MODE")}
+    assert env == {"MY_POD": "env", "MY_IP": p["status"]["podIP"], "API_KEY": "s3cret", "DERIVED": "mode-fast",
+                   "MODE": "fast"}
+    assert http("GET", f"{base}/file?path=/etc/fleetserve-nodeagent-test/server.yaml") == (200, "port: 8000\n")
+    # ConfigMap volumes are read-only; emptyDir is writable; neither is visible outside the pod.
+    assert http("POST", f"{base}/write?path=/etc/fleetserve-nodeagent-test/x")[0] == 500
+    assert http("POST", f"{base}/write?path=/scratch-nodeagent-test/x&data=hi")[0] == 200
+    assert not Path("/etc/fleetserve-nodeagent-test/server.yaml").exists()
+    assert not Path("/scratch-nodeagent-test/x").exists()
+    # An update of the ConfigMap reaches the running pod's file.
+    dev_cluster.kubectl("patch", "configmap", "cfg", "-n", namespace, "-p", '{"data":{"server.yaml":"port: 9000\\n"}}')
+    wait_until(lambda: http("GET", f"{base}/file?path=/etc/fleetserve-nodeagent-test/server.yaml")[1] == "port: 9000\n",
+               30, "the ConfigMap update in the pod's volume")
+
+
+def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    apply(dev_cluster, namespace, echo_pod("sa", container=echo_container(readinessProbe=READY_PROBE)))
+    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod sa Ready")[0]
+    base = f"http://{p['status']['podIP']}:8000"
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    token = http("GET", f"{base}/file?path={sa_dir}/token")[1]
+    ca = http("GET", f"{base}/file?path={sa_dir}/ca.crt")[1]
+    assert http("GET", f"{base}/file?path={sa_dir}/namespace")[1] == namespace
+    host, port = http("GET", f"{base}/env?name=KUBERNETES_SERVICE_HOST")[1], http(
+        "GET", f"{base}/env?name=KUBERNETES_SERVICE_PORT")[1]
+    ctx = ssl.create_default_context(cadata=ca)
+
+    def list_pods() -> int:
+        req = urllib.request.Request(f"https://{host}:{port}/api/v1/namespaces/{namespace}/pods",
+                                     headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert list_pods() == 403  # authenticated as system:serviceaccount:<ns>:default, which may not list pods
+    dev_cluster.kubectl("create", "rolebinding", "view", "-n", namespace, "--clusterrole=view",
+                        f"--serviceaccount={namespace}:default")
+    wait_until(lambda: list_pods() == 200, 30, "the RoleBinding to apply to the pod's token")
+
+
+def test_other_images_fail_with_a_clear_reason(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    apply(dev_cluster, namespace, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "nginx"},
+                                   "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}})
+    p = wait_until(lambda: (lambda x: x if x and x.get("status", {}).get("phase") == "Failed" else None)(
+        pod(dev_cluster, namespace, "nginx")), 60, "pod nginx Failed")
+    assert p["status"]["reason"] == "ImageNotRunnableLocally"
+    assert "fleetserve" in p["status"]["message"]
