@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("fleetserve_server.cli.bench", "benchmarks: `bench offline` and `bench serve`"),
     "crds": ("fleetserve_operator.cli.crds", "print the generated CRD YAML (the same bytes as crds/)"),
     "dev-cluster": ("fleetserve_devcluster.cli", "the local real Kubernetes control plane for tests and the demo"),
+    "healthcheck": ("fleetserve_cli.healthcheck", "check that a Service's ready endpoints (or a URL) answer /healthz"),
 }
 
 
