@@ -44,6 +44,35 @@ MANAGED = Gauge(
     registry=REGISTRY,
 )
 
+# The built-in autoscaler's series (fed by fleetserve_operator.autoscaler.controller);
+# `namespace`/`name` name the LLMDeployment, one series per fleet.
+AUTOSCALER_DESIRED_REPLICAS = Gauge(
+    "fleetserve_operator_desired_replicas",
+    "Replicas the autoscaler last decided on",
+    ["namespace", "name"], registry=REGISTRY,
+)
+AUTOSCALER_QUEUE_LENGTH = Gauge(
+    "fleetserve_operator_observed_queue_length",
+    "Waiting + running requests over the fleet's ready pods at the last scrape",
+    ["namespace", "name"], registry=REGISTRY,
+)
+AUTOSCALER_KV_CACHE_USAGE = Gauge(
+    "fleetserve_operator_observed_kv_cache_usage",
+    "Mean KV-cache usage (0..1) of the fleet's ready pods at the last scrape",
+    ["namespace", "name"], registry=REGISTRY,
+)
+AUTOSCALER_SCALE_EVENTS = Counter(
+    "fleetserve_operator_scale_events_total",
+    "Fleet size changes made by the autoscaler, by direction (up, down)",
+    ["namespace", "name", "direction"], registry=REGISTRY,
+)
+AUTOSCALER_SCRAPE_ERRORS = Counter(
+    "fleetserve_operator_scrape_errors_total",
+    "Pod /metrics scrapes that gave no usable numbers, by reason "
+    "(timeout, connection, http_status, parse, missing_metric)",
+    ["namespace", "name", "reason"], registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)
