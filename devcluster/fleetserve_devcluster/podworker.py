@@ -122,13 +122,17 @@ class PodWorker(threading.Thread):
                     if self.pod["metadata"].get("deletionTimestamp"):
                         self._terminate(graceful=True)
                         break
-                    self._tick()
-                    self._report()
+                    try:
+                        self._tick()
+                        self._report()
+                    except (KubeError, OSError) as exc:  # the API server or a file hiccup: retry next tick
+                        log.warning("pod %s/%s: %s", self.ns, self.pod_name, exc)
                     time.sleep(TICK)
             else:
                 # A failed pod has nothing running: confirm a deletion right away.
                 while not (self.gone.is_set() or self.halt.is_set()):
                     if self.pod["metadata"].get("deletionTimestamp"):
+                        self._release()
                         self._confirm_deletion()
                         break
                     time.sleep(TICK)
@@ -136,9 +140,13 @@ class PodWorker(threading.Thread):
             log.exception("pod %s/%s: worker failed", self.ns, self.pod_name)
         finally:
             self._terminate(graceful=False)
-            with self.ctx.lock:
-                self.alloc.free(self.uid)
+            self._release()
             shutil.rmtree(self.dir / "volumes", ignore_errors=True)
+
+    def _release(self) -> None:
+        """Give the pod's IP and GPUs back (idempotent); only once its processes are gone."""
+        with self.ctx.lock:
+            self.alloc.free(self.uid)
 
     def _admit(self) -> bool:
         """Allocate the pod's IP and GPUs, check its containers; False = the pod was failed."""
@@ -426,6 +434,8 @@ class PodWorker(threading.Thread):
             c.done = True
         if graceful:
             self._report()
+            # Free the GPUs before the API object goes: the scheduler may bind a new pod at once.
+            self._release()
             self._confirm_deletion()
 
     def _stop_container(self, c: Container, deadline: float) -> None:
@@ -462,8 +472,10 @@ class PodWorker(threading.Thread):
         if same_status(self.last_status, status):
             return
         try:
-            self.ctx.kube.patch(self.path + "/status", {"status": status}, strategic=True)
+            # metadata.uid is a precondition: never write onto a new pod that reuses the name.
+            self.ctx.kube.patch(self.path + "/status", {"metadata": {"uid": self.uid}, "status": status},
+                                strategic=True)
             self.last_status = status
         except KubeError as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409):
                 log.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, exc)

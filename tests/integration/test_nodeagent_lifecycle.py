@@ -62,7 +62,7 @@ def test_crashing_container_restarts_with_backoff(dev_cluster: DevClusterHandle,
 
 def test_liveness_failure_restarts_the_container(dev_cluster: DevClusterHandle, namespace: str) -> None:
     container = echo_container(livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
-                                              "failureThreshold": 2})
+                                              "failureThreshold": 2, "initialDelaySeconds": 5})
     apply(dev_cluster, namespace, echo_pod("live", container=container, terminationGracePeriodSeconds=2))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod live Ready")[0]
     base = f"http://{p['status']['podIP']}:8000"
