@@ -110,9 +110,9 @@ class NodeAgent:
     never run again (its pod is being deleted or is done).
     """
 
-    def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig) -> None:
+    def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig, net: int = 0) -> None:
         self.ctx, self.cfg = ctx, cfg
-        self.nodes = {f"{NODE_PREFIX}{i}": NodeAllocator(index=i, gpus=cfg.gpus) for i in range(nodes)}
+        self.nodes = {f"{NODE_PREFIX}{i}": NodeAllocator(index=i, gpus=cfg.gpus, net=net) for i in range(nodes)}
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.next_lease = 0.0
@@ -241,13 +241,18 @@ def component_healthy(cluster: Any) -> bool:
         return False
 
 
-def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
+def pod_network_octet(port_base: int) -> int:
+    """The second octet of a dev cluster's pod IPs: 127.16.x.y for the default port base 16000."""
+    return (port_base // 1000) % 256
+
+
+def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, port_base: int = 16000) -> int:
     """The node agent and the service proxy in one process, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
                        api_port=kube.server.port, state_dir=state_dir)
-    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node))
+    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=pod_network_octet(port_base))
     proxy = ServiceProxy(kube, state_dir)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -211,25 +211,32 @@ class NodeAllocator:
     """Pod IPs and GPU ids of one node.
 
     Invariant: an IP or GPU id is held by at most one pod uid; it is released only
-    once that pod's processes have exited.  Node `index` owns 127.0.(10+index).0/24:
-    `.1` is the node's own address (hostIP), `.2`-`.254` are pod IPs.
+    once that pod's processes have exited.  Node `index` owns 127.`net`.(10+index).0/24:
+    `.1` is the node's own address (hostIP), `.2`-`.254` are pod IPs.  `net` differs
+    between dev clusters on one machine (it is derived from the port base), so their
+    pods never collide.
     """
 
     index: int
     gpus: int
+    net: int = 0
     ips: dict[str, str] = field(default_factory=dict)        # uid -> IP
     gpu_ids: dict[str, list[int]] = field(default_factory=dict)  # uid -> GPU indices
 
     @property
     def host_ip(self) -> str:
-        return f"127.0.{10 + self.index}.1"
+        return f"{self.prefix}1"
+
+    @property
+    def prefix(self) -> str:
+        return f"127.{self.net}.{10 + self.index}."
 
     def allocate_ip(self, uid: str, wanted: str | None = None) -> str:
         """The pod's IP: its current one if it has one, `wanted` if free, else the lowest free."""
         if uid in self.ips:
             return self.ips[uid]
         used = set(self.ips.values())
-        prefix = f"127.0.{10 + self.index}."
+        prefix = self.prefix
         if wanted and wanted.startswith(prefix) and wanted not in used and wanted != self.host_ip:
             self.ips[uid] = wanted
             return wanted

@@ -33,7 +33,7 @@ def test_two_replicas_ready_on_distinct_ips(dev_cluster: DevClusterHandle, names
         assert status == 200 and json.loads(body)["pod"] == p["metadata"]["name"]
         cs = p["status"]["containerStatuses"][0]
         assert cs["ready"] and "running" in cs["state"] and cs["restartCount"] == 0
-        assert p["status"]["hostIP"].startswith("127.0.")
+        assert p["status"]["hostIP"].startswith("127.")
     out = dev_cluster.kubectl("get", "deployment", "web", "-n", namespace).stdout
     assert "2/2" in out
 

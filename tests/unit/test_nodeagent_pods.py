@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+from fleetserve_devcluster.agent import pod_network_octet
 from fleetserve_devcluster.pods import (
     ContainerConfigError,
     NodeAllocator,
@@ -113,6 +114,9 @@ def test_allocator_gives_distinct_ips_per_node_and_reuses_freed_ones() -> None:
     assert n0.allocate_ip("a") == a  # idempotent per pod
     assert n1.allocate_ip("a") == "127.0.11.2"
     assert n0.host_ip == "127.0.10.1" and n1.host_ip == "127.0.11.1"
+    other_cluster = NodeAllocator(index=0, gpus=2, net=pod_network_octet(27000))
+    assert other_cluster.allocate_ip("a") == "127.27.10.2"
+    assert pod_network_octet(16000) == 16
     assert n0.allocate_ip("c", wanted="127.0.10.3") == "127.0.10.4"  # wanted but taken
     assert n0.allocate_ip("d", wanted="127.0.10.9") == "127.0.10.9"  # an existing pod keeps its IP
     n0.free("a")
