@@ -95,6 +95,7 @@ def test_defaults_render_the_operator_and_nothing_optional() -> None:
 def test_operator_command_image_and_ports() -> None:
     objs = render()
     container = operator_container(objs)
+    assert operator_container(render("--set", "operator.logLevel=debug"))["command"][-1] == "--debug"
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert container["image"] == f"ghcr.io/fleetserve/fleetserve-operator:{chart['appVersion']}"
     # The dev cluster's node agent runs containers whose command starts with `fleetserve`.
@@ -155,7 +156,6 @@ def test_scheduling_values_reach_the_pod() -> None:
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "dedicated"
-    assert one(objs, "Deployment")["spec"]["replicas"] == 2
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}]}}}
     objs = render("--set-json", f"affinity={json.dumps(affinity)}")
@@ -214,9 +214,28 @@ def test_rbac_is_least_privilege() -> None:
                 if resource in ("pods", "endpointslices", "customresourcedefinitions", "namespaces"):
                     assert verb in ("get", "list", "watch"), f"{resource} must be read-only, got {verb}"
         granted = _granted(_rules_of(objs, "ClusterRole") + _rules_of(objs, "Role"))
-        assert ("fleetserve.io", "llmdeployments/status", "patch") in granted
-        assert ("apps", "deployments", "patch") in granted
-        assert ("", "events", "create") in granted
+        # Exactly the verbs operator/fleetserve_operator/handlers.py lists.
+        expected = {
+            ("fleetserve.io", "llmdeployments"): {"get", "list", "watch", "patch"},
+            ("fleetserve.io", "llmdeployments/status"): {"get", "patch"},
+            ("apps", "deployments"): {"get", "list", "watch", "patch", "delete"},
+            ("", "configmaps"): {"get", "list", "watch", "patch", "delete"},
+            ("", "services"): {"get", "list", "watch", "patch", "delete"},
+            ("policy", "poddisruptionbudgets"): {"get", "patch", "delete"},
+            ("", "pods"): {"get", "list", "watch"},
+            ("", "events"): {"create"},
+            ("events.k8s.io", "events"): {"create"},
+            ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+        }
+        if not by_kind(objs, "Role"):
+            expected[("", "namespaces")] = {"list", "watch"}
+        if by_kind(objs, "PrometheusRule") or by_kind(objs, "ServiceMonitor"):
+            expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "patch", "delete"}
+            expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "patch", "delete"}
+        actual: dict[tuple[str, str], set[str]] = {}
+        for group, resource, verb in granted:
+            actual.setdefault((group, resource), set()).add(verb)
+        assert actual == expected
 
 
 def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
@@ -225,7 +244,7 @@ def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-batch", "ml-serving"]
     cluster = _granted(_rules_of(objs, "ClusterRole"))
     # Cluster-wide the operator may only read CRDs and namespaces; everything namespaced is in the Roles.
-    assert {(g, r) for g, r, _ in cluster} == {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
     command = operator_container(objs)["command"]
     assert "--namespace=ml-serving" in command and "--namespace=ml-batch" in command
     assert "--all-namespaces" not in command
@@ -244,6 +263,7 @@ def test_rbac_monitoring_rights_only_when_enabled() -> None:
     ("args", "message"),
     [
         (["--set", "replicaCount=two"], "at '/replicaCount': got string, want integer"),
+        (["--set", "replicaCount=2"], "at '/replicaCount': maximum"),
         (["--set", "replicasCount=2"], "additional properties 'replicasCount' not allowed"),
         (["--set", "image.tga=1.0"], "at '/image': additional properties 'tga' not allowed"),
         (["--set", "alerts.kvCacheNearlyFull.threshold=1.5"], "/alerts/kvCacheNearlyFull/threshold"),
