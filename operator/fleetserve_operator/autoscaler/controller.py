@@ -1,0 +1,331 @@
+"""One autoscaler tick for one LLMDeployment: observe, scrape, decide, act, explain.
+
+``run_autoscaler`` is the loop the operator's ``autoscale`` daemon runs per
+LLMDeployment (one tick every ``autoscaling.scrapeIntervalSeconds``, the spec
+re-read each time). A tick:
+
+1. reads the CR (through the pydantic spec), its Deployment and its pods;
+2. scrapes every ready pod's /metrics concurrently (``scraper``);
+3. decides with the pure ``plan_replicas`` against the recommendation history;
+4. writes ``status.desiredReplicas``, ``status.autoscaler`` and the
+   ``ScalingActive`` condition (only what changed, under the CR's lock and
+   the object's resourceVersion), then sets the Deployment's replicas and
+   runs the operator's reconcile so every child (the PDB too) follows;
+5. explains: an Event per size change, operator metrics every tick.
+
+Replicas: with ``autoscaling.enabled`` the autoscaler owns them. A
+``kubectl scale llmd/x`` (or an HPA writing the scale subresource) changes
+``spec.replicas``, which the reconcile ignores while autoscaling is on; the
+autoscaler says so with a ``ReplicasOverridden`` Warning event rather than
+rewriting the user's spec (GitOps tools would see that as drift and fight it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from fleetserve_operator import metrics
+from fleetserve_operator.api.spec import Autoscaling, spec_from_body
+from fleetserve_operator.kube import Kube, KubeError, resource_path
+from fleetserve_operator.reconcile.locks import cr_lock
+from fleetserve_operator.resources.labels import selector_string
+
+from .decision import plan_replicas
+from .history import History
+from .pods import PodCensus, take_census
+from .scraper import ScrapeResult, scrape_pods
+from .status import (
+    REASON_DISABLED,
+    REASON_NO_DEPLOYMENT,
+    condition_event,
+    decision_status,
+    inactive_status,
+    scaling_event,
+)
+from .types import AutoscalingPolicy, Decision, FleetObservation, ScrapeError
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "fleetserve-autoscaler"
+# While autoscaling is off the daemon only watches for it being switched on.
+DISABLED_POLL_SECONDS = 10.0
+RETRY_SECONDS = 5.0
+MAX_SCRAPE_TIMEOUT_SECONDS = 5.0
+
+
+class Stopped(Protocol):
+    """kopf's DaemonStopped as far as the loop needs it."""
+
+    def __bool__(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
+
+
+@dataclass
+class FleetState:
+    """What the autoscaler remembers about one LLMDeployment between ticks.
+
+    ``history`` is None until the first tick, which seeds it from the status
+    (so an operator restart does not shorten a scale-down window).
+    """
+
+    history: History | None = None
+    seen_spec_replicas: int | None = None
+    clock: Callable[[], float] = field(default=time.monotonic)
+
+
+@dataclass(frozen=True)
+class TickResult:
+    """What one tick did; ``next_tick_s`` is how long the loop sleeps."""
+
+    next_tick_s: float
+    decision: Decision | None = None
+    observation: FleetObservation | None = None
+    scaled: bool = False
+    status_patch: dict[str, Any] | None = None
+
+
+def policy_from_spec(autoscaling: Autoscaling) -> AutoscalingPolicy:
+    """The CR's validated ``spec.autoscaling`` as the decision's value type."""
+    return AutoscalingPolicy(
+        min_replicas=autoscaling.min_replicas,
+        max_replicas=autoscaling.max_replicas,
+        target_queue_length=autoscaling.target_queue_length,
+        target_kv_cache_usage=autoscaling.target_kv_cache_usage,
+        scale_up_stabilization_s=float(autoscaling.scale_up_stabilization_seconds),
+        scale_down_stabilization_s=float(autoscaling.scale_down_stabilization_seconds),
+        scrape_interval_s=float(autoscaling.scrape_interval_seconds),
+    )
+
+
+def scrape_timeout(policy: AutoscalingPolicy) -> float:
+    """Half the interval, at most 5 s: a slow pod never delays the next decision."""
+    return max(0.5, min(MAX_SCRAPE_TIMEOUT_SECONDS, policy.scrape_interval_s / 2))
+
+
+async def run_autoscaler(kube: Kube, namespace: str, name: str, stopped: Stopped,
+                         reconcile: Callable[[], None]) -> None:
+    """Tick until ``stopped``; API trouble is logged and retried, never fatal."""
+    state = FleetState()
+    try:
+        while not stopped:
+            try:
+                result = await autoscale_tick(kube, namespace, name, state, reconcile=reconcile)
+                delay = result.next_tick_s
+            except KubeError as exc:
+                log.warning("autoscaler %s/%s: API server: %s; retrying in %.0f s", namespace, name, exc, RETRY_SECONDS)
+                delay = RETRY_SECONDS
+            except Exception:  # a bug must not kill the daemon of every later tick
+                log.exception("autoscaler %s/%s: tick failed; retrying in %.0f s", namespace, name, RETRY_SECONDS)
+                delay = RETRY_SECONDS
+            await stopped.wait(max(delay, 0.05))
+    finally:
+        forget_metrics(namespace, name)
+
+
+async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetState, *,
+                         reconcile: Callable[[], None] | None = None,
+                         now: datetime | None = None) -> TickResult:
+    """One observe → scrape → decide → act → explain round (see the module docstring)."""
+    started = state.clock()
+    cr = await asyncio.to_thread(kube.get, "LLMDeployment", namespace, name)
+    if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
+        return TickResult(next_tick_s=DISABLED_POLL_SECONDS)
+    try:
+        spec = spec_from_body(cr)
+    except ValidationError:
+        return TickResult(next_tick_s=DISABLED_POLL_SECONDS)  # the reconcile reports InvalidSpec
+    wall = now or datetime.now(UTC)
+
+    if not spec.autoscaling.enabled:
+        state.history, state.seen_spec_replicas = None, None
+        forget_metrics(namespace, name)
+        message = (f"autoscaling.enabled is false: spec.replicas ({spec.replicas}) sizes the fleet, "
+                   "and an HPA or KEDA may drive it through the scale subresource")
+        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_DISABLED, message, wall)
+        return TickResult(next_tick_s=DISABLED_POLL_SECONDS, status_patch=patch)
+
+    policy = policy_from_spec(spec.autoscaling)
+    await asyncio.to_thread(_warn_if_scaled_by_hand, kube, cr, spec.replicas, state)
+    deployment = await asyncio.to_thread(kube.get, "Deployment", namespace, name)
+    if deployment is None:
+        message = (f"no Deployment {name} to scale yet; see the MemoryFits and Ready conditions")
+        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_NO_DEPLOYMENT, message, wall)
+        return TickResult(next_tick_s=policy.scrape_interval_s, status_patch=patch)
+
+    pods = await asyncio.to_thread(kube.list, "Pod", namespace, selector_string(name))
+    census = take_census(pods)
+    scrape = await scrape_pods(census.ready, scrape_timeout(policy))
+    current = int((deployment.get("spec") or {}).get("replicas", 1))
+    observation = observe(current, census, scrape)
+
+    mono = state.clock()
+    if state.history is None:
+        state.history = seed_history(cr.get("status") or {}, policy, mono, wall)
+    decision = plan_replicas(observation, policy, state.history, mono)
+    if decision.recommendation is not None:
+        state.history = state.history.record(mono, decision.recommendation, policy.longest_window_s)
+
+    summary = scrape_summary(census, scrape)
+    patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall)
+    scaled = decision.desired != current
+    if scaled:
+        await asyncio.to_thread(_scale_deployment, kube, namespace, name, decision.desired)
+        event_type, reason, message = scaling_event(decision)
+        await asyncio.to_thread(_post_event, kube, cr, event_type, reason, message)
+        metrics.AUTOSCALER_SCALE_EVENTS.labels(namespace, name, decision.direction).inc()
+        log.info("autoscaler %s/%s: %s", namespace, name, message)
+        if reconcile is not None:
+            # The PDB and the Deployment's applied-hash follow the new size.
+            await asyncio.to_thread(reconcile)
+    export_metrics(namespace, name, observation, decision)
+    return TickResult(next_tick_s=max(0.0, policy.scrape_interval_s - (state.clock() - started)),
+                      decision=decision, observation=observation, scaled=scaled, status_patch=patch)
+
+
+def observe(current: int, census: PodCensus, scrape: ScrapeResult) -> FleetObservation:
+    return FleetObservation(current_replicas=current, ready=len(census.ready), starting=census.starting,
+                            unschedulable=census.unschedulable, metrics=scrape.metrics,
+                            scrape_errors=scrape.errors_by_reason)
+
+
+def seed_history(status: dict[str, Any], policy: AutoscalingPolicy, mono_now: float, wall_now: datetime) -> History:
+    """Remember the last scale decision written to the status if it is still inside a window."""
+    auto = status.get("autoscaler") or {}
+    last = auto.get("lastDecision") or {}
+    when = auto.get("lastScaleTime")
+    if not when or not isinstance(last.get("to"), int):
+        return History()
+    try:
+        at = datetime.fromisoformat(str(when).replace("Z", "+00:00"))
+    except ValueError:
+        return History()
+    age = (wall_now - at).total_seconds()
+    if age < 0 or age >= policy.longest_window_s:
+        return History()
+    return History.seeded(mono_now - age, int(last["to"]))
+
+
+def scrape_summary(census: PodCensus, scrape: ScrapeResult) -> str:
+    """E.g. ``"2 of 3 ready pods answered (timeout 1: pod x: no answer ...); 1 starting"``."""
+    parts = []
+    if scrape.failures:
+        first = scrape.failures[0].message
+        counts = ", ".join(f"{r.value} {n}" for r, n in sorted(scrape.errors_by_reason.items()))
+        parts.append(f"{len(scrape.metrics)} of {len(census.ready)} ready pods answered /metrics ({counts}: {first})")
+    if census.starting:
+        parts.append(f"{census.starting} starting")
+    if census.unschedulable:
+        parts.append(f"{census.unschedulable} unschedulable since {census.unschedulable_since}")
+    return "; ".join(parts)
+
+
+def export_metrics(namespace: str, name: str, observation: FleetObservation, decision: Decision) -> None:
+    metrics.AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(decision.desired)
+    if observation.queue_length is not None:
+        metrics.AUTOSCALER_QUEUE_LENGTH.labels(namespace, name).set(observation.queue_length)
+    if observation.kv_cache_usage is not None:
+        metrics.AUTOSCALER_KV_CACHE_USAGE.labels(namespace, name).set(observation.kv_cache_usage)
+    for reason in ScrapeError:
+        # inc(0) creates the series, so rate() over it reads 0 rather than nothing.
+        metrics.AUTOSCALER_SCRAPE_ERRORS.labels(namespace, name, reason.value).inc(
+            observation.scrape_errors.get(reason, 0))
+
+
+def forget_metrics(namespace: str, name: str) -> None:
+    """Drop a fleet's series when it is deleted or stops autoscaling."""
+    removals: list[tuple[Any, tuple[str, ...]]] = [
+        (metrics.AUTOSCALER_DESIRED_REPLICAS, (namespace, name)),
+        (metrics.AUTOSCALER_QUEUE_LENGTH, (namespace, name)),
+        (metrics.AUTOSCALER_KV_CACHE_USAGE, (namespace, name)),
+        *((metrics.AUTOSCALER_SCALE_EVENTS, (namespace, name, d)) for d in ("up", "down")),
+        *((metrics.AUTOSCALER_SCRAPE_ERRORS, (namespace, name, r.value)) for r in ScrapeError),
+    ]
+    for metric, labels in removals:
+        try:
+            metric.remove(*labels)
+        except KeyError:
+            pass
+
+
+# --- writes (sync; run in a worker thread) --------------------------------------------
+
+
+def _patch_status_locked(kube: Kube, namespace: str, name: str,
+                         build: Callable[[dict[str, Any], int | None], dict[str, Any] | None],
+                         ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Read-compute-write the status under the CR's lock and its resourceVersion (one retry on 409).
+
+    Returns the status it read and the patch it wrote (None: nothing changed).
+    """
+    for attempt in range(2):
+        with cr_lock(namespace, name):
+            cr = kube.get("LLMDeployment", namespace, name)
+            if cr is None:
+                return {}, None
+            meta = cr.get("metadata") or {}
+            status = cr.get("status") or {}
+            patch = build(status, meta.get("generation"))
+            if patch is None:
+                return status, None
+            try:
+                kube.patch_status("LLMDeployment", namespace, name, patch, resource_version=meta.get("resourceVersion"))
+                return status, patch
+            except KubeError as exc:
+                # A writer outside this process (kubectl, another tool) moved the object on.
+                if exc.status != 409 or attempt == 1:
+                    raise
+    return {}, None
+
+
+def _write_decision(kube: Kube, cr: dict[str, Any], observation: FleetObservation, decision: Decision,
+                    summary: str, now: datetime) -> dict[str, Any] | None:
+    meta = cr["metadata"]
+    before, patch = _patch_status_locked(
+        kube, meta["namespace"], meta["name"],
+        lambda status, generation: decision_status(status, observation, decision, generation, now, summary))
+    event = condition_event(before, patch)
+    if event is not None:
+        _post_event(kube, cr, *event)
+    return patch
+
+
+def _write_inactive(kube: Kube, namespace: str, name: str, reason: str, message: str,
+                    now: datetime) -> dict[str, Any] | None:
+    _, patch = _patch_status_locked(
+        kube, namespace, name, lambda status, generation: inactive_status(status, reason, message, generation, now))
+    return patch
+
+
+def _scale_deployment(kube: Kube, namespace: str, name: str, replicas: int) -> None:
+    """Set the Deployment's replicas at once; the reconcile that follows re-applies it as ``fleetserve``."""
+    kube.request("PATCH", resource_path("apps/v1", "deployments", namespace, name),
+                 query=[("fieldManager", FIELD_MANAGER)], body={"spec": {"replicas": replicas}},
+                 content_type="application/merge-patch+json")
+
+
+def _warn_if_scaled_by_hand(kube: Kube, cr: dict[str, Any], spec_replicas: int, state: FleetState) -> None:
+    """Tell whoever changed spec.replicas (kubectl scale, an HPA) that the autoscaler overrides it."""
+    seen, state.seen_spec_replicas = state.seen_spec_replicas, spec_replicas
+    if seen is None or seen == spec_replicas:
+        return
+    desired = (cr.get("status") or {}).get("desiredReplicas")
+    _post_event(kube, cr, "Warning", "ReplicasOverridden",
+                f"spec.replicas changed {seen} → {spec_replicas} (kubectl scale, or an HPA/KEDA on the scale "
+                f"subresource) but autoscaling.enabled is true: the autoscaler keeps deciding the size "
+                f"(now {desired}). Set autoscaling.enabled: false to size the fleet by hand.")
+
+
+def _post_event(kube: Kube, cr: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    try:
+        kube.post_event(cr, type_, reason, message, component="fleetserve-autoscaler")
+    except KubeError as exc:  # a lost event is not worth a failed tick
+        log.warning("could not post event %s: %s", reason, exc)
