@@ -139,56 +139,63 @@ async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-resume")
 @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-create")
 @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-spec", field="spec")
-def reconcile_llmdeployment(name: str, namespace: str, reason: Any, **_: Any) -> None:
+def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: Any) -> None:
     """The spec is new, changed, or the operator restarted: converge."""
-    run_reconcile(namespace, name, str(reason))
+    run_reconcile(_ns(namespace), name, str(reason))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync",
             interval=RESYNC_INTERVAL_SECONDS, initial_delay=RESYNC_INTERVAL_SECONDS)
-def resync(name: str, namespace: str, **_: Any) -> None:
+def resync(name: str, namespace: str | None, **_: Any) -> None:
     """Level-triggered safety net: whatever event was missed, converge once a minute."""
-    run_reconcile(namespace, name, "resync")
+    run_reconcile(_ns(namespace), name, "resync")
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="track-llmdeployments")
-def track(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+def track(type: str, name: str, namespace: str | None, **_: Any) -> None:  # noqa: A002 - kopf's kwarg
     """Keep the managed-deployments gauge and the lock table in step with the cluster."""
-    if event.get("type") == "DELETED":
-        _managed.discard((namespace, name))
-        locks.forget(namespace, name)
+    key = (_ns(namespace), name)
+    if type == "DELETED":
+        _managed.discard(key)
+        locks.forget(*key)
     else:
-        _managed.add((namespace, name))
+        _managed.add(key)
     metrics.MANAGED.set(len(_managed))
 
 
-def _child_event(body: Any, event: dict[str, Any], namespace: str, trigger: str, logger: Any) -> None:
+def _ns(namespace: str | None) -> str:
+    if not namespace:  # LLMDeployments and their children are namespaced
+        raise kopf.PermanentError("a namespaced object arrived without a namespace")
+    return namespace
+
+
+def _child_event(body: kopf.Body, namespace: str | None, trigger: str, logger: Any) -> None:
     owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_INSTANCE)
     if not owner:
         return
     try:
-        run_reconcile(namespace, owner, trigger)
+        run_reconcile(_ns(namespace), owner, trigger)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         # Event handlers are not retried; the owner's own handlers and the resync are.
         logger.warning("reconcile of %s/%s after a %s event: %s", namespace, owner, trigger, exc)
 
 
 @kopf.on.event("apps", "v1", "deployments", registry=registry, id="child-deployment", labels=CHILD_LABELS)
-def deployment_changed(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+def deployment_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:
     """Roll-out progress and readiness come from the Deployment's status."""
-    _child_event(body, event, namespace, "deployment", logger)
+    _child_event(body, namespace, "deployment", logger)
 
 
 @kopf.on.event("", "v1", "pods", registry=registry, id="child-pod", labels=CHILD_LABELS)
-def pod_changed(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+def pod_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:
     """Crash loops and unschedulable pods become the Degraded condition."""
-    _child_event(body, event, namespace, "pod", logger)
+    _child_event(body, namespace, "pod", logger)
 
 
 @kopf.on.event("", "v1", "services", registry=registry, id="child-service", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "configmaps", registry=registry, id="child-configmap", labels=CHILD_LABELS)
-def child_deleted(body: Any, event: dict[str, Any], namespace: str, logger: Any, **_: Any) -> None:
+def child_deleted(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
     """Someone deleted a child: put it back."""
-    if event.get("type") == "DELETED":
-        _child_event(body, event, namespace, "child-deleted", logger)
+    if type == "DELETED":
+        _child_event(body, namespace, "child-deleted", logger)
 

@@ -188,18 +188,18 @@ class LLMDeploymentSpec(ApiModel):
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="server container image")
     quantization: Quantization = Field("none", description="bitsandbytes weight quantization")
     dtype: Dtype = Field("auto", description="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    resources: Resources = Field(default_factory=Resources, description="per-replica resources")
-    engine: Engine = Field(default_factory=Engine, description="inference engine limits")
+    resources: Resources = Field(default_factory=lambda: Resources.model_validate({}), description="per-replica resources")
+    engine: Engine = Field(default_factory=lambda: Engine.model_validate({}), description="inference engine limits")
     replicas: int = Field(
         1, ge=0, le=1000,
         description="replicas when autoscaling is off; HPA/KEDA may set it through the scale subresource",
     )
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="built-in autoscaler")
-    scheduling: Scheduling = Field(default_factory=Scheduling, description="pod placement")
+    autoscaling: Autoscaling = Field(default_factory=lambda: Autoscaling.model_validate({}), description="built-in autoscaler")
+    scheduling: Scheduling = Field(default_factory=lambda: Scheduling.model_validate({}), description="pod placement")
     api_key_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding the API key clients must send as a Bearer token"
     )
-    monitoring: Monitoring = Field(default_factory=Monitoring, description="Prometheus Operator integration")
+    monitoring: Monitoring = Field(default_factory=lambda: Monitoring.model_validate({}), description="Prometheus Operator integration")
 
 
 def spec_from_body(body: dict[str, Any] | Any) -> LLMDeploymentSpec:

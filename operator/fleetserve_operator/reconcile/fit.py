@@ -62,19 +62,39 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def _bytes(field: str, quantity: str, device: str) -> int | MemoryFit:
+    """Bytes of a memory quantity, or the MemoryFit that explains why it is not one."""
+    try:
+        value = parse_quantity(quantity)
+    except ValueError as exc:
+        value, problem = -1, str(exc)
+    else:
+        problem = "" if value > 0 else "it is not a positive amount"
+    if problem:
+        return MemoryFit("False", "InvalidMemoryQuantity",
+                         f"{field} {quantity!r} is not a usable amount of memory ({problem}); "
+                         f"write bytes with a binary suffix, e.g. 24Gi or 512Mi", device, None)
+    return value
+
+
 def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
     """Run the planner for one replica of ``spec``; never raises for a valid spec."""
     res = spec.resources
     if res.gpus > 0:
         device = "cuda"
         assert res.gpu_memory is not None  # guaranteed by the Resources rule
-        per_gpu = parse_quantity(res.gpu_memory)
+        per_gpu = _bytes("resources.gpuMemory", res.gpu_memory, device)
+        if isinstance(per_gpu, MemoryFit):
+            return per_gpu
         available = per_gpu * res.gpus
         where = f"{res.gpus} x {res.gpu_memory} GPU memory"
     else:
         device = "cpu"
         assert res.memory is not None  # guaranteed by the Resources rule
-        available = parse_quantity(res.memory) - CPU_RUNTIME_RESERVE_BYTES
+        memory = _bytes("resources.memory", res.memory, device)
+        if isinstance(memory, MemoryFit):
+            return memory
+        available = memory - CPU_RUNTIME_RESERVE_BYTES
         where = f"resources.memory {res.memory} minus {_gib(CPU_RUNTIME_RESERVE_BYTES)} for the Python runtime"
         if available <= 0:
             return MemoryFit(
