@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from fleetserve_operator.status.conditions import get_condition, set_condition
 from fleetserve_operator.status.compute import status_patch
+from fleetserve_operator.status.conditions import get_condition, set_condition
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)

@@ -14,7 +14,6 @@ from fleetserve_operator.reconcile.plan import Observed, Plan, plan
 from fleetserve_operator.resources.labels import APPLIED_HASH, TEMPLATE_HASH
 from fleetserve_operator.resources.server import template_hash
 from fleetserve_operator.status.conditions import get_condition
-
 from operator_fixtures import UID, cpu_body, example
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
