@@ -40,6 +40,7 @@ import kopf
 
 from . import metrics
 from .api.spec import GROUP, PLURAL, VERSION
+from .autoscaler.controller import run_autoscaler
 from .kube import Kube, KubeError
 from .reconcile import locks
 from .reconcile.execute import reconcile
@@ -149,6 +150,18 @@ def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: 
 def resync(name: str, namespace: str | None, **_: Any) -> None:
     """Level-triggered safety net: whatever event was missed, converge once a minute."""
     run_reconcile(_ns(namespace), name, "resync")
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="autoscale", cancellation_timeout=10.0)
+async def autoscale(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """The built-in autoscaler: one scrape-decide-act loop per LLMDeployment, every
+    autoscaling.scrapeIntervalSeconds (idle while autoscaling is off); see
+    :mod:`fleetserve_operator.autoscaler.controller`. A size change is applied through the
+    same reconcile as everything else, so the Deployment and the PDB follow it at once."""
+    if not namespace:
+        raise kopf.PermanentError("a namespaced object arrived without a namespace")
+    ns: str = namespace
+    await run_autoscaler(kube(), ns, name, stopped, reconcile=lambda: run_reconcile(ns, name, "autoscale"))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="track-llmdeployments")
