@@ -1,0 +1,230 @@
+"""The Helm chart on the dev cluster's real API server: server-side validation, schema errors at
+install time, least-privilege RBAC by impersonation, and a full install → model Ready → `helm test`
+→ uninstall.
+
+Every release is namespaced to the test's throwaway namespace (`watchNamespaces: [ns]`), so its
+operator never touches another test's objects. The node agent runs the operator and server pods
+as local `fleetserve ...` processes with their ServiceAccount's real token.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from fleetserve_devcluster.testing import DevClusterHandle
+from fleetserve_devcluster.tools import ToolMissingError, tool_path
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fleetserve"
+T = TypeVar("T")
+
+
+def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:
+    """Poll `fn` until it returns something truthy; fail naming `what` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,
+         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    try:
+        binary = tool_path("helm")
+    except ToolMissingError as exc:
+        pytest.fail(str(exc))
+    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
+                          env=cluster.env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def get_json(cluster: DevClusterHandle, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def can_i(cluster: DevClusterHandle, subject: str, verb: str, resource: str, namespace: str | None) -> bool:
+    ns = ["-n", namespace] if namespace else ["--all-namespaces"]
+    proc = cluster.kubectl("auth", "can-i", verb, resource, *ns, f"--as={subject}", check=False)
+    answer = proc.stdout.strip()
+    assert answer in ("yes", "no"), f"kubectl auth can-i {verb} {resource}: {proc.stdout} {proc.stderr}"
+    return answer == "yes"
+
+
+@pytest.fixture
+def crds(dev_cluster: DevClusterHandle) -> None:
+    """The repo's CRDs, as `helm install` would create them from the chart's crds/."""
+    dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    dev_cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.fleetserve.io", "--timeout=60s")
+
+
+@pytest.fixture
+def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
+    """A unique release name; whatever is installed under it is uninstalled afterwards."""
+    name = f"fs-{uuid.uuid4().hex[:8]}"
+    yield name
+    helm(dev_cluster, "uninstall", name, "-n", namespace, "--ignore-not-found", "--wait", "--timeout", "120s",
+         check=False)
+
+
+@pytest.mark.parametrize(
+    "values", [None, "smollm2-values.yaml", "namespaced-values.yaml"], ids=["defaults", "smollm2", "namespaced"]
+)
+def test_rendered_chart_passes_server_side_dry_run(
+    dev_cluster: DevClusterHandle, namespace: str, crds: None, values: str | None
+) -> None:
+    args: list[str | Path] = ["template", "fs-dry", CHART, "--namespace", namespace]
+    if values:
+        args += ["-f", CHART / "ci" / values]
+    if values == "namespaced-values.yaml":
+        # Its watched namespaces must exist; the Prometheus operator's CRDs are not in the dev
+        # cluster, so its monitoring objects are validated by the unit tests and promtool instead.
+        args += ["--set", f"watchNamespaces={{{namespace}}}", "--set", "priorityClassName=",
+                 "--set", "monitoring.serviceMonitor.enabled=false", "--set", "monitoring.podMonitor.enabled=false",
+                 "--set", "monitoring.prometheusRule.enabled=false"]
+    rendered = helm(dev_cluster, *args).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    assert docs
+    proc = dev_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered, check=False)
+    assert proc.returncode == 0, proc.stderr
+    # One line per object, each validated (and defaulted) by the API server.
+    assert proc.stdout.count("(server dry run)") == len(docs), proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("replicaCount=two", "at '/replicaCount': got string, want integer"),
+        ("replicasCount=1", "additional properties 'replicasCount' not allowed"),
+    ],
+)
+def test_helm_install_rejects_bad_values_with_the_schema_message(
+    dev_cluster: DevClusterHandle, namespace: str, release: str, value: str, message: str
+) -> None:
+    proc = helm(dev_cluster, "install", release, CHART, "-n", namespace, "--set", value, check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr and message in proc.stderr
+    assert not get_json(dev_cluster, "deployments", "-n", namespace)["items"], "nothing may be installed"
+
+
+def test_operator_service_account_has_least_privilege(
+    dev_cluster: DevClusterHandle, namespace: str, crds: None, release: str
+) -> None:
+    # replicaCount 0: only the RBAC objects matter here, no operator needs to run.
+    helm(dev_cluster, "install", release, CHART, "-n", namespace, "--set", f"watchNamespaces={{{namespace}}}",
+         "--set", "replicaCount=0", "--wait", "--timeout", "120s")
+    sa = f"system:serviceaccount:{namespace}:{release}-fleetserve-operator"
+    allowed = [
+        ("watch", "llmdeployments.fleetserve.io"), ("patch", "llmdeployments.fleetserve.io"),
+        ("patch", "llmdeployments.fleetserve.io/status"),
+        ("patch", "deployments.apps"), ("delete", "deployments.apps"), ("watch", "deployments.apps"),
+        ("patch", "services"), ("patch", "configmaps"), ("patch", "poddisruptionbudgets.policy"),
+        ("list", "pods"), ("watch", "pods"), ("create", "events"), ("create", "events.events.k8s.io"),
+    ]
+    for verb, resource in allowed:
+        assert can_i(dev_cluster, sa, verb, resource, namespace), f"the operator must be able to {verb} {resource}"
+    denied = [
+        ("get", "secrets", namespace), ("list", "secrets", namespace),
+        ("delete", "pods", namespace), ("create", "pods/exec", namespace),
+        ("delete", "llmdeployments.fleetserve.io", namespace), ("update", "llmdeployments.fleetserve.io/scale", namespace),
+        ("patch", "servicemonitors.monitoring.coreos.com", namespace),
+        ("create", "roles.rbac.authorization.k8s.io", namespace),
+        # Namespaced mode: nothing in other namespaces.
+        ("list", "llmdeployments.fleetserve.io", "default"), ("patch", "deployments.apps", "default"),
+        ("list", "pods", "kube-system"),
+        # Cluster-scoped: no CRD writes, no node access, no namespaces watch in namespaced mode.
+        ("create", "customresourcedefinitions.apiextensions.k8s.io", None), ("list", "nodes", None),
+        ("list", "namespaces", None),
+    ]
+    for verb, resource, ns in denied:
+        assert not can_i(dev_cluster, sa, verb, resource, ns), f"the operator must not {verb} {resource} in {ns}"
+    assert can_i(dev_cluster, sa, "watch", "customresourcedefinitions.apiextensions.k8s.io", None)
+
+
+def _llmd(cluster: DevClusterHandle, namespace: str, name: str) -> dict | None:
+    proc = cluster.kubectl("get", "llmd", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def _condition(obj: dict | None, kind: str) -> dict | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == kind:
+            return cond
+    return None
+
+
+def test_helm_install_brings_up_a_model_then_test_and_uninstall(
+    dev_cluster: DevClusterHandle, namespace: str, crds: None, release: str
+) -> None:
+    values = {
+        "watchNamespaces": [namespace],
+        "image": {"repository": "fleetserve/operator", "tag": "dev"},
+        "llmDeployments": [{
+            "name": "smollm2",
+            "model": {"source": "builtin:smollm2-135m-instruct"},
+            "resources": {"gpus": 0, "cpu": "2", "memory": "2Gi"},
+            "engine": {"maxModelLen": 1024, "maxNumSeqs": 8, "maxBatchTokens": 512},
+            "replicas": 1,
+        }],
+    }
+    values_file = Path(dev_cluster.state_dir) / f"{release}-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    try:
+        installed = helm(dev_cluster, "install", release, CHART, "-n", namespace, "-f", values_file,
+                         "--wait", "--timeout", "300s", timeout=330)
+    finally:
+        values_file.unlink(missing_ok=True)
+    assert "kubectl get llmd" in installed.stdout, "NOTES.txt must say what to run next"
+
+    operator = f"{release}-fleetserve-operator"
+    deployment = get_json(dev_cluster, "deployment", operator, "-n", namespace)
+    assert deployment["status"].get("readyReplicas") == 1
+    pod = get_json(dev_cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release},"
+                   "app.kubernetes.io/component=operator")["items"][0]
+    assert pod["spec"]["serviceAccountName"] == operator
+
+    # The operator (as its ServiceAccount) reconciles the chart's LLMDeployment into Ready server pods.
+    ready = wait_until(
+        lambda: (lambda c: c if c and c["status"] == "True" else None)(
+            _condition(_llmd(dev_cluster, namespace, "smollm2"), "Ready")),
+        600, "LLMDeployment smollm2 Ready=True")
+    assert ready["status"] == "True"
+    llmd = _llmd(dev_cluster, namespace, "smollm2")
+    assert llmd and llmd["status"]["readyReplicas"] == 1
+    assert _condition(llmd, "MemoryFits")["status"] == "True"
+    servers = get_json(dev_cluster, "pods", "-n", namespace, "-l",
+                       "app.kubernetes.io/name=fleetserve-server,app.kubernetes.io/instance=smollm2")["items"]
+    assert servers and all(
+        any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        for p in servers if not p["metadata"].get("deletionTimestamp"))
+
+    tested = helm(dev_cluster, "test", release, "-n", namespace, "--timeout", "180s", timeout=200)
+    assert "Phase:          Succeeded" in tested.stdout, tested.stdout
+
+    helm(dev_cluster, "uninstall", release, "-n", namespace, "--wait", "--timeout", "180s", timeout=200)
+    # Everything the release created is gone (children of the LLMDeployment by garbage collection) ...
+    wait_until(lambda: not get_json(dev_cluster, "llmdeployments", "-n", namespace)["items"], 60,
+               "the LLMDeployment deleted")
+    wait_until(lambda: not get_json(dev_cluster, "deployments", "-n", namespace)["items"], 120,
+               "the operator and server Deployments deleted")
+    for kind in ("serviceaccount", "service", "configmap", "role", "rolebinding"):
+        leftover = [o["metadata"]["name"] for o in get_json(dev_cluster, kind, "-n", namespace)["items"]
+                    if release in o["metadata"]["name"] or o["metadata"]["name"] == "smollm2"]
+        assert not leftover, f"{kind} left behind: {leftover}"
+    cluster_roles = [o["metadata"]["name"] for o in get_json(dev_cluster, "clusterroles")["items"]]
+    assert not [n for n in cluster_roles if n.startswith(release)]
+    # ... but the CRD stays: Helm never deletes CRDs it installed from crds/.
+    assert dev_cluster.kubectl("get", "crd", "llmdeployments.fleetserve.io", check=False).returncode == 0
