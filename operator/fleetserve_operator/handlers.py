@@ -142,7 +142,7 @@ async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-spec", field="spec")
 def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: Any) -> None:
     """The spec is new, changed, or the operator restarted: converge."""
-    run_reconcile(_ns(namespace), name, str(reason))
+    run_reconcile(_ns(namespace), name, str(getattr(reason, "value", reason)))  # create, update, resume
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync",

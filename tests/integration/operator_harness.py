@@ -1,0 +1,112 @@
+"""Helpers for the operator's integration tests: the CRD, a KopfRunner, polling, reading objects."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from fleetserve_devcluster.testing import DevClusterHandle
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT / "crds"
+EXAMPLES = ROOT / "examples"
+T = TypeVar("T")
+
+# Pods of these specs never get a node, so no test accidentally starts model servers.
+NOWHERE = {"nodeSelector": {"fleetserve.io/test-no-such-node": "true"}}
+
+
+def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+def install_crds(cluster: DevClusterHandle) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/llmdeployments.fleetserve.io")
+
+
+def example(name: str, **spec_overrides: Any) -> dict[str, Any]:
+    body = yaml.safe_load((EXAMPLES / name).read_text())
+    body["spec"].update(copy.deepcopy(spec_overrides))
+    return body
+
+
+def cheap(name: str, **spec_overrides: Any) -> dict[str, Any]:
+    """The CPU example, renamed, with pods that are never scheduled (no server process starts)."""
+    body = example("smollm2-cpu.yaml", scheduling=NOWHERE, **spec_overrides)
+    body["metadata"]["name"] = name
+    return body
+
+
+def apply(cluster: DevClusterHandle, namespace: str, manifest: dict[str, Any], check: bool = True) -> Any:
+    return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=check)
+
+
+def get(cluster: DevClusterHandle, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", "-n", namespace, kind, name, "-o", "json", "--ignore-not-found", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def list_kind(cluster: DevClusterHandle, namespace: str, kind: str, selector: str) -> list[dict[str, Any]]:
+    proc = cluster.kubectl("get", "-n", namespace, kind, "-l", selector, "-o", "json")
+    return list(json.loads(proc.stdout)["items"])
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return dict(c)
+    return None
+
+
+def events_for(cluster: DevClusterHandle, namespace: str, name: str) -> list[dict[str, Any]]:
+    proc = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                           f"involvedObject.name={name},involvedObject.kind=LLMDeployment", "-o", "json")
+    return list(json.loads(proc.stdout)["items"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0) -> Iterator[Any]:
+    """Run the real operator (kopf's KopfRunner, our registry) watching ``namespace``."""
+    from fleetserve_operator import handlers
+    from fleetserve_operator.kube import Kube
+    from kopf.testing import KopfRunner
+
+    saved_env = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # kopf's own login reads it
+    handlers._kube = Kube(cluster.api_client())
+    handlers.OPTIONS.metrics_port = metrics_port
+    handlers.OPTIONS.metrics_host = "127.0.0.1"
+    try:
+        with KopfRunner(["run", "--standalone", "--verbose", "--namespace", namespace],
+                        registry=handlers.registry, timeout=60) as runner:
+            yield runner
+    finally:
+        handlers._kube = None
+        if saved_env is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = saved_env
