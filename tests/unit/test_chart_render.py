@@ -100,7 +100,7 @@ def test_operator_command_image_and_ports() -> None:
     assert container["image"] == f"ghcr.io/fleetserve/fleetserve-operator:{chart['appVersion']}"
     # The dev cluster's node agent runs containers whose command starts with `fleetserve`.
     assert container["command"][:3] == ["fleetserve", "operator", "--all-namespaces"]
-    assert "--metrics-port=8080" in container["command"]
+    assert "--metrics-port=8080" in container["command"] and "--metrics-host=$(POD_IP)" in container["command"]
     assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
