@@ -130,6 +130,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.metrics_runner = await metrics.start_http_server(OPTIONS.metrics_port, OPTIONS.metrics_host)
 
 
+@kopf.on.login(registry=registry, id="login")
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account or $KUBECONFIG, the same sources as :meth:`Kube.from_environment`.
+
+    (A registry of our own does not get kopf's fallback logins, so say it explicitly.)
+    """
+    return kopf.login_via_client(**kwargs)
+
+
 @kopf.on.cleanup(registry=registry, id="stop-metrics")
 async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
     runner = getattr(memo, "metrics_runner", None)

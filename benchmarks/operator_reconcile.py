@@ -1,0 +1,155 @@
+"""Operator benchmark: apply-to-children latency, a burst of 50 CRs, and the operator's RSS.
+
+Runs against the dev cluster (`fleetserve dev-cluster up`) with the operator as
+its own process (`fleetserve operator -n NS`), as a user runs it. Pods are
+pinned to a node that does not exist, so only the control plane and the
+operator are measured, not model loading.
+
+    .venv/bin/python benchmarks/operator_reconcile.py [--sequential 20] [--burst 50]
+
+Baseline measured in the same run: the time the API server itself needs to
+create the same four objects through kubectl-less server-side apply from this
+client (one request per object), i.e. the floor any operator pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fleetserve_devcluster.testing import acquire
+from fleetserve_operator.kube import Kube
+
+ROOT = Path(__file__).resolve().parents[1]
+NOWHERE = {"nodeSelector": {"fleetserve.io/test-no-such-node": "true"}}
+KINDS = ("ConfigMap", "Service", "Deployment")
+
+
+def body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "fleetserve.io/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": name},
+        "spec": {"model": {"source": "builtin:smollm2-135m-instruct"},
+                 "resources": {"gpus": 0, "memory": "2Gi"}, "scheduling": NOWHERE},
+    }
+
+
+def create(kube: Kube, ns: str, obj: dict[str, Any]) -> None:
+    kube.request("POST", f"/apis/fleetserve.io/v1alpha1/namespaces/{ns}/llmdeployments", body=obj,
+                 content_type="application/json")
+
+
+def children_ready(kube: Kube, ns: str, name: str) -> bool:
+    names = {"ConfigMap": f"{name}-config"}
+    return all(kube.get(kind, ns, names.get(kind, name)) is not None for kind in KINDS)
+
+
+def reconciled(kube: Kube, ns: str, name: str) -> bool:
+    cr = kube.get("LLMDeployment", ns, name) or {}
+    status = cr.get("status") or {}
+    return bool(status.get("conditions")) and status.get("observedGeneration") == cr["metadata"]["generation"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def baseline(kube: Kube, ns: str, n: int) -> list[float]:
+    """Four server-side applies straight from this client: what creating the children costs at least."""
+    from fleetserve_operator.api.spec import spec_from_body
+    from fleetserve_operator.reconcile.fit import check_memory_fit
+    from fleetserve_operator.resources.network import build_service
+    from fleetserve_operator.resources.server import build_config_map, build_deployment
+
+    times = []
+    for i in range(n):
+        name = f"base-{i}"
+        spec = spec_from_body(body(name))
+        fit = check_memory_fit(spec)
+        objs = [build_config_map(name, ns, spec, fit), build_service(name, ns), build_deployment(name, ns, spec, fit, 1)]
+        start = time.perf_counter()
+        for obj in objs:
+            kube.apply(obj)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequential", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=50)
+    args = parser.parse_args()
+
+    cluster = acquire()
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.fleetserve.io")
+    kube = Kube(cluster.api_client())
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", ns)
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+    log = open(f"/tmp/{ns}-operator.log", "w")
+    op = subprocess.Popen([str(ROOT / ".venv" / "bin" / "fleetserve"), "operator", "-n", ns, "--metrics-port", "0"],
+                          env=env, stdout=log, stderr=subprocess.STDOUT)
+    results: dict[str, Any] = {}
+    try:
+        # a warm-up CR: the measured latencies include none of the operator's startup
+        create(kube, ns, body("warmup"))
+        deadline = time.monotonic() + 60
+        while not reconciled(kube, ns, "warmup"):
+            if time.monotonic() > deadline:
+                raise SystemExit("operator did not reconcile the warm-up CR in 60 s; see " + log.name)
+            time.sleep(0.05)
+        results["rss_idle_mb"] = round(rss_mb(op.pid), 1)
+
+        latencies = []
+        for i in range(args.sequential):
+            name = f"seq-{i}"
+            start = time.perf_counter()
+            create(kube, ns, body(name))
+            while not children_ready(kube, ns, name):
+                time.sleep(0.02)
+            latencies.append(time.perf_counter() - start)
+        results["apply_to_children_p50_s"] = round(statistics.median(latencies), 3)
+        results["apply_to_children_p95_s"] = round(pct(latencies, 0.95), 3)
+        base = baseline(kube, ns, args.sequential)
+        results["baseline_direct_apply_p50_s"] = round(statistics.median(base), 3)
+        results["baseline_direct_apply_p95_s"] = round(pct(base, 0.95), 3)
+
+        names = [f"burst-{i}" for i in range(args.burst)]
+        start = time.perf_counter()
+        for name in names:
+            create(kube, ns, body(name))
+        pending = set(names)
+        while pending:
+            pending = {n for n in pending if not (children_ready(kube, ns, n) and reconciled(kube, ns, n))}
+            if time.perf_counter() - start > 600:
+                raise SystemExit(f"{len(pending)} CRs not reconciled after 600 s")
+            time.sleep(0.1)
+        results[f"burst_{args.burst}_all_reconciled_s"] = round(time.perf_counter() - start, 2)
+        results[f"rss_with_{args.sequential + args.burst + 1}_crs_mb"] = round(rss_mb(op.pid), 1)
+    finally:
+        op.terminate()
+        op.wait(timeout=30)
+        log.close()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    results["cpu_count"] = os.cpu_count()
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
