@@ -10,52 +10,17 @@ as local `fleetserve ...` processes with their ServiceAccount's real token.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 import yaml
 from fleetserve_devcluster.testing import DevClusterHandle
-from fleetserve_devcluster.tools import ToolMissingError, tool_path
+from helm_util import get_json, helm, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "fleetserve"
-T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:
-    """Poll `fn` until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
-
-
-def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    try:
-        binary = tool_path("helm")
-    except ToolMissingError as exc:
-        pytest.fail(str(exc))
-    proc = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True,
-                          env=cluster.env, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def get_json(cluster: DevClusterHandle, *args: str) -> Any:
-    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
-
-
 def can_i(cluster: DevClusterHandle, subject: str, verb: str, resource: str, namespace: str | None) -> bool:
     ns = ["-n", namespace] if namespace else ["--all-namespaces"]
     proc = cluster.kubectl("auth", "can-i", verb, resource, *ns, f"--as={subject}", check=False)
