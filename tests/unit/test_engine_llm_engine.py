@@ -293,15 +293,26 @@ def test_bad_request_never_affects_others():
     assert ids == toy_generate(TOK.encode("hello"), SamplingParams(max_tokens=8, temperature=0.0))
 
 
-def test_queue_full():
-    engine, _ = make(max_queue_length=2, max_num_seqs=1)
-    engine.add_request("a", "one", GREEDY)
-    engine.add_request("b", "two", GREEDY)
-    with pytest.raises(QueueFullError) as e:
-        engine.add_request("c", "three", GREEDY)
-    assert e.value.retry_after > 0
+def test_queue_full_with_retry_after_from_recent_latency():
+    clock = Clock()
+    config = EngineConfig(max_model_len=64, num_blocks=32, block_size=4, max_num_seqs=1, max_queue_length=2)
+    engine = LLMEngine(config, ClockedRunner(clock, 32, 4), TOK, clock=clock)
+    four = SamplingParams(max_tokens=4, temperature=0.0)
+    engine.add_request("a", "one", four)
+    engine.add_request("b", "two", four)
+    with pytest.raises(QueueFullError, match="queue is full") as e:
+        engine.add_request("c", "three", four)
+    assert e.value.retry_after == 1.0  # no latency measured yet
     engine.step()  # "a" is admitted: the queue has room again
-    engine.add_request("c", "three", GREEDY)
+    engine.add_request("c", "three", four)
+    while engine.is_running("a"):
+        engine.step()  # one clock second per step: "a" takes 4 s
+    engine.step()  # "b" admitted
+    engine.add_request("d", "four", four)
+    with pytest.raises(QueueFullError) as e:
+        engine.add_request("e", "five", four)
+    # two waiting + the rejected one, one at a time, 4 s each
+    assert e.value.retry_after == pytest.approx(12.0)
 
 
 def test_abort_frees_blocks_at_once_and_reports():

@@ -21,7 +21,7 @@ from fleetserve_server.engine.errors import (
     QueueFullError,
     RequestValidationError,
 )
-from fleetserve_server.engine.interfaces import EngineStats, RequestOutputDelta
+from fleetserve_server.engine.interfaces import EngineClient, EngineStats, RequestOutputDelta
 from fleetserve_server.engine.llm_engine import LLMEngine
 from fleetserve_server.engine.sampling_params import SamplingParams
 from fleetserve_server.engine.sequence import Sequence
@@ -263,3 +263,8 @@ class AsyncEngine:
             self._pending_adds = 0
         for _, stream in streams:
             self._call_in_loop(stream.loop, [(stream.queue, EngineDeadError(message))])
+
+
+def _conforms(engine: AsyncEngine) -> EngineClient:
+    """Never called: makes mypy prove that AsyncEngine implements EngineClient."""
+    return engine

@@ -78,6 +78,7 @@ class LLMEngine:
         self.num_steps = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self._mean_e2e: float | None = None  # moving average of finished requests' latency
 
     # ---- requests ----------------------------------------------------------
 
@@ -157,8 +158,12 @@ class LLMEngine:
         return self.scheduler.num_unfinished
 
     def retry_after_estimate(self) -> float:
-        """Seconds a rejected client should wait: a few steps per queued request per batch slot."""
-        return max(1.0, min(60.0, len(self.scheduler.waiting) / self.config.max_num_seqs))
+        """Seconds a rejected client should wait: how long the queue ahead of it takes to
+        drain, from the recent mean request latency; between 1 and 60 s."""
+        if self._mean_e2e is None:
+            return 1.0
+        batches_ahead = (len(self.scheduler.waiting) + 1) / self.config.max_num_seqs
+        return max(1.0, min(60.0, batches_ahead * self._mean_e2e))
 
     # ---- the step ----------------------------------------------------------
 
@@ -231,6 +236,9 @@ class LLMEngine:
         seq = state.seq
         if seq.finish_time is None:
             seq.finish_time = self.clock()
+        if reason != "abort":
+            e2e = seq.finish_time - seq.arrival_time
+            self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
         self.scheduler.finish(seq, reason)
         self.runner.release(seq.seq_id)
         del self._requests[seq.request_id]
