@@ -41,7 +41,7 @@ import kopf
 from . import metrics
 from .api.spec import GROUP, PLURAL, VERSION
 from .autoscaler.controller import run_autoscaler
-from .kube import Kube, KubeError
+from .kube import Kube, KubeError, load_configuration
 from .reconcile import locks
 from .reconcile.execute import reconcile
 from .resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
@@ -131,12 +131,26 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 
 @kopf.on.login(registry=registry, id="login")
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account or $KUBECONFIG, the same sources as :meth:`Kube.from_environment`.
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """In-cluster service account or $KUBECONFIG: the same credentials as :func:`kube`.
 
     (A registry of our own does not get kopf's fallback logins, so say it explicitly.)
     """
-    return kopf.login_via_client(**kwargs)
+    cfg = load_configuration()
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
 
 
 @kopf.on.cleanup(registry=registry, id="stop-metrics")

@@ -45,6 +45,25 @@ class KubeError(Exception):
         return self.status in (409, 429) or self.status >= 500 or self.status == 0
 
 
+def load_configuration() -> Any:
+    """A ``kubernetes.client.Configuration`` from the service account or ``$KUBECONFIG`` *as it is now*.
+
+    (The client library reads ``$KUBECONFIG`` once, at import; tests and the
+    CLI set it later, so the path is passed explicitly.)
+    """
+    import os
+
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        config.load_kube_config(config_file=path, client_configuration=configuration)
+    return configuration
+
+
 def resource_path(api_version: str, plural: str, namespace: str | None, name: str | None = None,
                   subresource: str | None = None) -> str:
     base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
@@ -66,16 +85,9 @@ class Kube:
     @classmethod
     def from_environment(cls) -> Kube:
         """In-cluster credentials when running in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``."""
-        import os
+        from kubernetes import client
 
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(client_configuration=configuration)
-        return cls(client.ApiClient(configuration))
+        return cls(client.ApiClient(load_configuration()))
 
     def request(
         self,
