@@ -245,12 +245,9 @@ class LLMEngine:
 
     def _delta(self, state: _RequestState, *, finished: bool) -> RequestOutputDelta:
         seq = state.seq
-        if finished:
-            end = len(state.text)
-        else:
-            end = len(state.text) - partial_stop_len(state.text, seq.params.stop) if seq.params.stop else len(
-                state.text
-            )
+        end = len(state.text)
+        if not finished and seq.params.stop:
+            end -= partial_stop_len(state.text, seq.params.stop)  # may still become a stop string
         end = max(end, state.num_emitted_chars)
         text = state.text[state.num_emitted_chars : end]
         state.num_emitted_chars = end
