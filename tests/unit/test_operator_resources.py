@@ -33,8 +33,9 @@ def test_gpu_pod_template() -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model loading may take minutes
-    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] > 0
-    assert pod["terminationGracePeriodSeconds"] > 30 + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    pre_stop_seconds = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] > 30 + pre_stop_seconds  # preStop + drain + exit
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"]

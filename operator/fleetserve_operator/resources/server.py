@@ -124,8 +124,10 @@ def _container(name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
         "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
         "livenessProbe": _probe("/health", 10, 3),
         "readinessProbe": _probe("/ready", 2, 2),
-        # The sleep runs before SIGTERM, so endpoints are gone before the drain starts.
-        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        # The sleep runs before SIGTERM, so endpoints are gone before the drain starts. An exec
+        # (the image has coreutils) rather than the newer `sleep` action: every runtime, the dev
+        # cluster's node agent included, runs exec hooks.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
