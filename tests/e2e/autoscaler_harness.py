@@ -193,6 +193,8 @@ class LoadResult:
 
     ok: int = 0
     failures: list[str] = field(default_factory=list)
+    # (unix start time, seconds, succeeded) of every request
+    requests: list[tuple[float, float, bool]] = field(default_factory=list)
     # (unix time, requests in flight, requests completed so far)
     timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
@@ -244,20 +246,30 @@ class Load:
             prompt = self.prompt() if callable(self.prompt) else self.prompt
             body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.8}
             self._in_flight += 1
-            try:
-                response = await client.post(self.url, json=body)
-                if response.status_code != 200:
-                    self.result.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                    continue
-                choice = (response.json().get("choices") or [{}])[0]
-                if choice.get("finish_reason") not in ("stop", "length"):
-                    self.result.failures.append(f"incomplete answer: {response.text[:200]}")
-                    continue
+            started, wall = time.monotonic(), time.time()
+            error = await self._one(client, body)
+            self._in_flight -= 1
+            self.result.requests.append((wall, time.monotonic() - started, error is None))
+            if error is None:
                 self.result.ok += 1
-            except (httpx.HTTPError, ValueError) as exc:
-                self.result.failures.append(f"{type(exc).__name__}: {exc}")
-            finally:
-                self._in_flight -= 1
+            else:
+                self.result.failures.append(error)
+
+    async def _one(self, client: httpx.AsyncClient, body: dict[str, Any]) -> str | None:
+        """None when the request got a 200 and a complete answer, else what went wrong."""
+        try:
+            response = await client.post(self.url, json=body)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}: {response.text[:200]}"
+        try:
+            choice = (response.json().get("choices") or [{}])[0]
+        except ValueError:
+            return f"not JSON: {response.text[:200]}"
+        if choice.get("finish_reason") not in ("stop", "length"):
+            return f"incomplete answer: {response.text[:200]}"
+        return None
 
 
 @dataclass
