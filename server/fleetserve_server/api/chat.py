@@ -1,0 +1,118 @@
+"""POST /v1/chat/completions: the prompt is the tokenizer's chat template over ``messages``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from fleetserve_server.api.context import APIContext, get_context, request_id_of
+from fleetserve_server.api.errors import APIError, invalid
+from fleetserve_server.api.generation import (
+    GenerationRun,
+    build_sampling_params,
+    check_unsupported,
+    require_serving,
+)
+from fleetserve_server.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+)
+from fleetserve_server.api.sse import DONE, ERROR_RESPONSES, STREAM_200, sse_error, sse_event
+
+router = APIRouter()
+
+
+def _message_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise invalid(f"messages[{index}].content: only text parts are supported "
+                          f"(got type {part.get('type')!r})", param=f"messages.{index}.content")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def render_chat_prompt(ctx: APIContext, req: ChatCompletionRequest) -> list[int]:
+    """Token ids of the chat template applied to the messages, ending with the assistant's turn."""
+    serving = require_serving(ctx.state, req.model)
+    messages = [{"role": m.role, "content": _message_text(m.content, i)} for i, m in enumerate(req.messages)]
+    try:
+        text = serving.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja templates raise on roles they do not support
+        raise invalid(f"messages: the model's chat template rejected them ({exc})", param="messages") from None
+    # The template already holds the special tokens (BOS, role markers).
+    return list(serving.tokenizer.encode(text, add_special_tokens=False))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**STREAM_200, **ERROR_RESPONSES})
+async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Any:
+    ctx = get_context(request)
+    serving = require_serving(ctx.state, req.model)
+    offending = [name for name, on in (
+        ("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
+        ("tools", bool(req.tools)),
+        ("response_format", req.response_format is not None and req.response_format.get("type") != "text"),
+    ) if on]
+    check_unsupported(req, offending)
+    prompt_ids = render_chat_prompt(ctx, req)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
+                                   max_model_len=serving.model.max_model_len, prompt_param="messages")
+    run = GenerationRun(
+        serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
+        http_request=request, client_request_id=request_id_of(request), endpoint="chat",
+        prompt_ids=prompt_ids, params=params,
+        log_prompt=[m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None,
+    )
+    await run.start()
+    response_id = f"chatcmpl-{run.engine_id}"
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(run, response_id, serving.model.served_name,
+                                         serving.model.fingerprint, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async for _ in run.deltas():
+        pass
+    return ChatCompletionResponse(
+        id=response_id, created=run.created, model=serving.model.served_name,
+        system_fingerprint=serving.model.fingerprint,
+        choices=[ChatChoice(message=ChatResponseMessage(content="".join(run.text)),
+                            finish_reason=run.finish_reason)],  # type: ignore[arg-type]
+        usage=run.usage,
+    )
+
+
+async def _stream(run: GenerationRun, response_id: str, model: str, fingerprint: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: Any = None,
+              choices: bool = True) -> str:
+        body = ChatCompletionChunk(
+            id=response_id, created=run.created, model=model, system_fingerprint=fingerprint,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)] if choices else [],  # type: ignore[arg-type]
+            usage=usage,
+        )
+        return sse_event(body.model_dump_json())
+
+    yield chunk(DeltaMessage(role="assistant", content=""))
+    try:
+        async for delta in run.deltas():
+            if delta.text or delta.finish_reason is not None:
+                yield chunk(DeltaMessage(content=delta.text), delta.finish_reason)
+    except APIError as exc:
+        yield sse_error(exc)
+        yield DONE
+        return
+    if include_usage:
+        yield chunk(DeltaMessage(), usage=run.usage, choices=False)
+    yield DONE

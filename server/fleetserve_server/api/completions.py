@@ -1,0 +1,99 @@
+"""POST /v1/completions: a raw text (or token id) prompt, no chat template."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from fleetserve_server.api.context import get_context, request_id_of
+from fleetserve_server.api.errors import APIError, invalid
+from fleetserve_server.api.generation import (
+    GenerationRun,
+    build_sampling_params,
+    check_unsupported,
+    require_serving,
+)
+from fleetserve_server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from fleetserve_server.api.sse import DONE, ERROR_RESPONSES, STREAM_200, sse_error, sse_event
+from fleetserve_server.api.state import Serving
+
+router = APIRouter()
+
+
+def prompt_token_ids(serving: Serving, prompt: Any) -> list[int]:
+    """Token ids of a single prompt (text or ids); a batch of prompts is a 400 (n = 1 per request)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # the SDK wraps single prompts sometimes: ["text"] or [[ids]]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise invalid("prompt is empty; send at least one character", param="prompt")
+        return list(serving.tokenizer.encode(prompt, add_special_tokens=True))
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not prompt:
+            raise invalid("prompt is an empty token list; send at least one token id", param="prompt")
+        vocab = getattr(serving.tokenizer, "vocab_size", None)
+        limit = len(serving.tokenizer) if hasattr(serving.tokenizer, "__len__") else vocab
+        bad = [t for t in prompt if t < 0 or (limit is not None and t >= limit)]
+        if bad:
+            raise invalid(f"prompt: token id {bad[0]} is outside the vocabulary [0, {limit})", param="prompt")
+        return list(prompt)
+    raise invalid("prompt: batched prompts are not supported; send one prompt (a string or a list of "
+                  "token ids) per request", param="prompt")
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={**STREAM_200, **ERROR_RESPONSES})
+async def create_completion(req: CompletionRequest, request: Request) -> Any:
+    ctx = get_context(request)
+    serving = require_serving(ctx.state, req.model)
+    offending = [name for name, on in (
+        ("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
+        ("best_of", req.best_of not in (None, 1)), ("suffix", bool(req.suffix)),
+    ) if on]
+    check_unsupported(req, offending)
+    prompt_ids = prompt_token_ids(serving, req.prompt)
+    params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
+                                   max_model_len=serving.model.max_model_len, prompt_param="prompt")
+    run = GenerationRun(
+        serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
+        http_request=request, client_request_id=request_id_of(request), endpoint="completions",
+        prompt_ids=prompt_ids, params=params,
+        log_prompt=req.prompt if ctx.request_log.log_prompts else None,
+    )
+    await run.start()
+    response_id = f"cmpl-{run.engine_id}"
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(run, response_id, serving, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async for _ in run.deltas():
+        pass
+    return CompletionResponse(
+        id=response_id, created=run.created, model=serving.model.served_name,
+        system_fingerprint=serving.model.fingerprint,
+        choices=[CompletionChoice(text="".join(run.text), finish_reason=run.finish_reason)],  # type: ignore[arg-type]
+        usage=run.usage,
+    )
+
+
+async def _stream(run: GenerationRun, response_id: str, serving: Serving,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
+        body = CompletionResponse(id=response_id, created=run.created, model=serving.model.served_name,
+                                  system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage)
+        return sse_event(body.model_dump_json())
+
+    try:
+        async for delta in run.deltas():
+            if delta.text or delta.finish_reason is not None:
+                yield chunk([CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)])
+    except APIError as exc:
+        yield sse_error(exc)
+        yield DONE
+        return
+    if include_usage:
+        yield chunk([], usage=run.usage)
+    yield DONE

@@ -1,0 +1,265 @@
+"""What chat and text completions share: parameter checks, the engine call, cancellation, accounting.
+
+One request's path: ``build_sampling_params`` (400s before the engine sees
+anything) -> ``GenerationRun.start`` (admission: 429 / 503 / 400 from the
+engine surface here, before any response header is sent) -> iterate deltas ->
+on the last one, observe metrics and write the request log line.
+
+A disconnecting client is noticed by a task that waits on the ASGI
+``http.disconnect`` message and aborts the request in the engine at once, so
+its KV blocks are freed within one engine step, whether or not it streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from fleetserve_server.api.errors import APIError, from_engine_error, invalid
+from fleetserve_server.api.logs import RequestLogger
+from fleetserve_server.api.protocol import UsageInfo, _SamplingFields
+from fleetserve_server.api.state import Phase, ServerState, Serving
+from fleetserve_server.engine.interfaces import RequestOutputDelta
+from fleetserve_server.engine.sampling_params import SamplingParams
+from fleetserve_server.metrics import ServerMetrics
+
+log = logging.getLogger("fleetserve.server")
+
+# Strong references to fire-and-forget abort tasks (the loop keeps only weak ones).
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+_PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def require_serving(state: ServerState, model_name: str | None = None) -> Serving:
+    """The loaded model, or a 503 (loading / draining) or 400 (wrong model name)."""
+    if state.phase is Phase.DRAINING or state.phase is Phase.STOPPED:
+        raise APIError(503, "the server is draining and admits no new requests; retry on another replica",
+                       code="draining", headers={"Retry-After": "1"}, reject_reason="draining")
+    if state.phase is Phase.LOADING or state.serving is None:
+        raise APIError(503, "the model is still loading; retry when GET /ready returns 200",
+                       code="loading", headers={"Retry-After": "5"})
+    serving = state.serving
+    if model_name is not None and model_name != serving.model.served_name:
+        raise invalid(f"model '{model_name}' is not served here; this server serves "
+                      f"'{serving.model.served_name}' (see GET /v1/models)", param="model",
+                      code="model_not_found")
+    return serving
+
+
+def check_unsupported(req: _SamplingFields, offending: list[str]) -> None:
+    """Reject parameters fleetserve would otherwise silently ignore.
+
+    ``offending`` names endpoint-specific fields the caller found set to a
+    value other than "off" (e.g. ``logprobs``, ``echo``).
+    """
+    if req.n is not None and req.n != 1:
+        raise invalid(f"n={req.n} is not supported: fleetserve returns exactly one choice; "
+                      "send n=1 (or omit it) and issue several requests instead", param="n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value not in (None, 0, 0.0):
+            raise invalid(f"{name}={value} is not supported; omit it or send 0", param=name)
+    if req.logit_bias:
+        offending = ["logit_bias", *offending]
+    if offending:
+        raise invalid(f"{offending[0]} is not supported by fleetserve; omit it", param=offending[0])
+
+
+def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, prompt_len: int,
+                          max_model_len: int, prompt_param: str) -> SamplingParams:
+    """Validate sampling fields against the model's context limit; 400s name the field."""
+    if prompt_len >= max_model_len:
+        raise invalid(f"This model's maximum context length is {max_model_len} tokens, but the prompt "
+                      f"has {prompt_len} tokens, leaving no room for a completion; shorten the prompt",
+                      param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+    elif isinstance(max_tokens, int) and max_tokens >= 1 and prompt_len + max_tokens > max_model_len:
+        raise invalid(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                      f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+                      f"completion); reduce the prompt or max_tokens to at most {max_model_len - prompt_len}",
+                      param="max_tokens", code="context_length_exceeded")
+    stop: tuple[str, ...] = ()
+    if req.stop is not None:
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+    top_k = req.top_k if req.top_k is not None else 0
+    if top_k == -1:  # vLLM's spelling of "disabled"
+        top_k = 0
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            seed=req.seed,
+            stop=stop,
+            ignore_eos=bool(req.ignore_eos),
+        )
+    except ValueError as exc:
+        message = str(exc)
+        param = next((p for p in _PARAM_NAMES if message.startswith(p)), None)
+        if param is None and "stop" in message:
+            param = "stop"
+        raise invalid(message, param=param) from None
+
+
+@dataclass
+class GenerationRun:
+    """One request's trip through the engine, with its bookkeeping.
+
+    Invariants: the request is in ``state.inflight`` from ``start()`` until
+    its iteration ends (normally, by error or by cancellation); when it ends
+    without a final delta it is aborted in the engine; metrics and the request
+    log are written exactly once.
+    """
+
+    serving: Serving
+    state: ServerState
+    metrics: ServerMetrics
+    request_log: RequestLogger
+    http_request: Request
+    client_request_id: str
+    endpoint: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    log_prompt: Any = None
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    final: RequestOutputDelta | None = None
+    finish_reason: str | None = None
+    _iterator: AsyncIterator[RequestOutputDelta] | None = None
+    _watcher: asyncio.Task[None] | None = None
+    _first: RequestOutputDelta | None = None
+    _done: bool = False
+
+    async def start(self) -> None:
+        """Admit the request and wait for its first output (errors raise APIError, nothing sent yet)."""
+        self.state.admit(self.engine_id)
+        self._watcher = asyncio.create_task(self._watch_disconnect())
+        try:
+            result: Any = self.serving.engine.generate(self.engine_id, list(self.prompt_ids), self.params)
+            if inspect.isawaitable(result):
+                result = await result
+            self._iterator = result
+            self._first = await anext(result)
+        except StopAsyncIteration:
+            self._first = None
+        except Exception as exc:
+            # Refused at admission (queue full, invalid, draining, dead): the error
+            # handler counts the rejection; this is not a finished request.
+            self._end(aborted=True, record=False)
+            raise from_engine_error(exc) from exc
+        except BaseException:
+            self._end(aborted=True)
+            raise
+
+    async def deltas(self) -> AsyncIterator[RequestOutputDelta]:
+        """The request's deltas, starting with the one ``start()`` received.
+
+        An engine error after the first token ends the run with ``finish_reason: error``
+        and re-raises as APIError; cancellation (client gone) aborts the request.
+        """
+        ended = False
+        try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                self._accept(first)
+                yield first
+            if self._iterator is not None and self.finish_reason is None:
+                # Run the engine's iterator to its end (not just to the final delta) so that
+                # its own cleanup runs now rather than whenever it is garbage-collected.
+                async for delta in self._iterator:
+                    if self.finish_reason is not None:
+                        continue
+                    self._accept(delta)
+                    yield delta
+            if self.finish_reason is None:
+                # The iterator ended without a final delta: the engine dropped it (an abort).
+                self.finish_reason = "abort"
+            ended = True
+        except Exception as exc:
+            self.finish_reason = "error"
+            error = from_engine_error(exc)
+            raise error from exc
+        finally:
+            self._end(aborted=not ended)
+
+    def _accept(self, delta: RequestOutputDelta) -> None:
+        if delta.text:
+            self.text.append(delta.text)
+        self.completion_tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            self.final = delta
+            self.finish_reason = delta.finish_reason
+
+    @property
+    def usage(self) -> UsageInfo:
+        prompt = self.final.prompt_tokens if self.final and self.final.prompt_tokens else len(self.prompt_ids)
+        completion = self.final.completion_tokens if self.final and self.final.completion_tokens \
+            else self.completion_tokens
+        cached = self.final.cached_prompt_tokens if self.final else 0
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                         prompt_tokens_details={"cached_tokens": cached})
+
+    async def _abort_in_engine(self) -> None:
+        try:
+            await self.serving.engine.abort(self.engine_id)
+            if self._iterator is not None and hasattr(self._iterator, "aclose"):
+                await self._iterator.aclose()
+        except Exception:
+            log.exception("aborting request %s failed", self.engine_id)
+
+    async def _watch_disconnect(self) -> None:
+        while True:
+            message = await self.http_request.receive()
+            if message["type"] == "http.disconnect":
+                if not self._done:
+                    log.info("client disconnected; aborting request %s", self.engine_id)
+                    await self.serving.engine.abort(self.engine_id)
+                return
+
+    def _end(self, *, aborted: bool, record: bool = True) -> None:
+        """Release the request and record it; synchronous on purpose.
+
+        It runs in ``finally`` blocks of code that may be being cancelled (a
+        client disconnect cancels the response task); an ``await`` there could
+        be cancelled again before the request is released, so the engine abort
+        runs as its own task instead.
+        """
+        if self._done:
+            return
+        self._done = True
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        if aborted or self.finish_reason is None:
+            task = asyncio.get_running_loop().create_task(self._abort_in_engine())
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+        self.state.release(self.engine_id)
+        if not record:
+            return
+        reason = self.finish_reason or "abort"
+        final = self.final or RequestOutputDelta(request_id=self.engine_id, text="", token_ids=[],
+                                                 finish_reason=reason,  # type: ignore[arg-type]
+                                                 prompt_tokens=len(self.prompt_ids),
+                                                 completion_tokens=self.completion_tokens)
+        self.metrics.observe_finished(final, reason)
+        usage = self.usage
+        self.request_log.finished(
+            request_id=self.client_request_id, engine_request_id=self.engine_id, endpoint=self.endpoint,
+            params=self.params, final=self.final, finish_reason=reason,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            arrival=self.arrival, prompt=self.log_prompt, completion="".join(self.text),
+        )

@@ -1,0 +1,189 @@
+"""`fleetserve bench serve`: load-test OpenAI-compatible servers and compare them in one run.
+
+Targets, measured one after another with the same workload (the same seed,
+so the same prompts and arrival times):
+
+* fleetserve: ``--base-url`` of a running server, or (default) a
+  ``fleetserve serve`` the bench starts itself on a free loopback port;
+* ``--baseline naive``: a one-request-at-a-time HF ``generate`` server;
+* ``--baseline transformers-serve``: ``transformers serve --continuous-batching``
+  on the same model directory, when the installed transformers has it.
+
+Prints a table (throughput, req/s, TTFT / TPOT / e2e p50/p90/p99, failures)
+and writes everything to ``--output-json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BASELINES = ("naive", "transformers-serve")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    parser.add_argument("--base-url", default=None,
+                        help="OpenAI base URL of a running fleetserve (e.g. http://127.0.0.1:8000/v1); "
+                             "default: start `fleetserve serve` here")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                        help="model spec the bench starts servers with (default: the builtin model)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model name sent in requests (default: asked from GET /v1/models)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for the fleetserve server the bench starts (repeatable), "
+                             "e.g. --server-arg=--max-num-seqs=64")
+    parser.add_argument("--baseline", action="append", choices=BASELINES, default=[],
+                        help="also measure this baseline in the same run (repeatable)")
+    parser.add_argument("--no-fleetserve", action="store_true", help="measure only the baselines")
+    parser.add_argument("--dataset", choices=("random", "multiturn"), default="random")
+    parser.add_argument("--num-prompts", type=int, default=32,
+                        help="requests (random) or conversations (multiturn)")
+    parser.add_argument("--turns", type=int, default=2, help="user turns per conversation (multiturn)")
+    parser.add_argument("--input-len", type=int, default=128, help="approximate prompt tokens")
+    parser.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--request-rate", type=float, default=math.inf,
+                        help="Poisson arrival rate in requests/s, or inf (default) to send all at once")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at most")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default=None, help="API key for --base-url")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
+    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to be ready")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the naive baseline")
+    parser.add_argument("--output-json", type=Path, default=None)
+    parser.add_argument("--log-dir", type=Path, default=None, help="where server logs go (default: a temp dir)")
+    parser.set_defaults(handler=run)
+
+
+def _workload(args: argparse.Namespace) -> list[Any]:
+    from fleetserve_server.bench.loadgen import multiturn_dataset, random_dataset
+
+    if args.dataset == "multiturn":
+        return multiturn_dataset(args.num_prompts, args.turns, args.input_len, args.output_len, args.seed)
+    return random_dataset(args.num_prompts, args.input_len, args.output_len, args.seed)
+
+
+def _served_name(base_url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["data"][0]["id"])
+
+
+def _scrape_prefix_cache(root_url: str) -> tuple[float, float] | None:
+    """(queries, hits) token counters from /metrics, or None if the server has none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(root_url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    values = {f.name: sum(s.value for s in f.samples) for f in text_string_to_metric_families(text)}
+    if "fleetserve_prefix_cache_queries" not in values:
+        return None
+    return values["fleetserve_prefix_cache_queries"], values.get("fleetserve_prefix_cache_hits", 0.0)
+
+
+def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str | None) -> Any:
+    import asyncio
+
+    from fleetserve_server.bench.loadgen import run_workload, summarize
+
+    model = model_name or _served_name(base_url, args.api_key)
+    root = base_url.rstrip("/").removesuffix("/v1")
+    before = _scrape_prefix_cache(root)
+    print(f"[bench] {name}: {args.num_prompts} x {args.dataset} at rate {args.request_rate}, "
+          f"concurrency {args.concurrency} ...", flush=True)
+    results, duration = asyncio.run(run_workload(
+        base_url=base_url, model=model, conversations=_workload(args), request_rate=args.request_rate,
+        concurrency=args.concurrency, api_key=args.api_key, seed=args.seed, timeout=args.timeout))
+    after = _scrape_prefix_cache(root)
+    hit_rate = None
+    if before is not None and after is not None and after[0] > before[0]:
+        hit_rate = (after[1] - before[1]) / (after[0] - before[0])
+    return summarize(name, results, duration, hit_rate)
+
+
+def _transformers_serve_argv(model_dir: Path, port: int) -> list[str] | None:
+    exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+    if not Path(exe).exists():
+        return None
+    import subprocess
+
+    probe = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0 or "continuous" not in probe.stdout:
+        return None
+    return [exe, "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+            "--force-model", str(model_dir)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleetserve_server.bench import launch
+    from fleetserve_server.bench.loadgen import format_table
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-bench-"))
+    summaries = []
+    notes: list[str] = []
+    if not args.no_fleetserve:
+        if args.base_url:
+            summaries.append(_measure("fleetserve", args.base_url, args, args.served_model_name))
+        else:
+            port = launch.free_port()
+            server = launch.start_server(
+                "fleetserve", launch.fleetserve_argv(args.model, port, args.server_arg), port=port,
+                ready_path="/ready", log_dir=log_dir, timeout=args.startup_timeout)
+            try:
+                summaries.append(_measure("fleetserve", server.base_url + "/v1", args, args.served_model_name))
+            finally:
+                server.stop()
+    for baseline in args.baseline:
+        port = launch.free_port()
+        if baseline == "naive":
+            argv = [sys.executable, "-m", "fleetserve_server.bench.naive_server", "--model", args.model,
+                    "--port", str(port)] + (["--threads", str(args.threads)] if args.threads else [])
+        else:
+            from fleetserve_server.runner.builtin import resolve_model
+
+            maybe = _transformers_serve_argv(resolve_model(args.model).path, port)
+            if maybe is None:
+                notes.append("transformers-serve: skipped (the installed transformers has no "
+                             "`transformers serve --continuous-batching`, or its [serving] extra is missing)")
+                print(f"[bench] {notes[-1]}", flush=True)
+                continue
+            argv = maybe
+        server = launch.start_server(baseline, argv, port=port, ready_path="/v1/models", log_dir=log_dir,
+                                     timeout=args.startup_timeout, env={"HF_HUB_OFFLINE": "1"})
+        try:
+            summaries.append(_measure(baseline, server.base_url + "/v1", args, None))
+        finally:
+            server.stop()
+    print(format_table(summaries))
+    for note in notes:
+        print(note)
+    if len(summaries) > 1 and summaries[0].name == "fleetserve":
+        for other in summaries[1:]:
+            if other.output_throughput > 0:
+                print(f"fleetserve / {other.name}: {summaries[0].output_throughput / other.output_throughput:.2f}x "
+                      "output tokens/s")
+    if args.output_json:
+        report = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("handler", "api_key")},
+            "results": [s.to_dict() for s in summaries],
+            "notes": notes,
+        }
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"[bench] wrote {args.output_json}")
+    return 0 if all(s.failures == 0 for s in summaries) else 1
