@@ -138,4 +138,4 @@ def test_policy_comes_from_the_crs_pydantic_spec() -> None:
     assert policy == AutoscalingPolicy(min_replicas=1, max_replicas=3, target_queue_length=2,
                                        target_kv_cache_usage=0.5, scale_up_stabilization_s=0,
                                        scale_down_stabilization_s=20, scrape_interval_s=2)
-    assert scrape_timeout(policy) == 1.0
+    assert scrape_timeout(policy) == 2.0

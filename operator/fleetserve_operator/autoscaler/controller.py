@@ -58,6 +58,7 @@ FIELD_MANAGER = "fleetserve-autoscaler"
 # While autoscaling is off the daemon only watches for it being switched on.
 DISABLED_POLL_SECONDS = 10.0
 RETRY_SECONDS = 5.0
+MIN_SCRAPE_TIMEOUT_SECONDS = 2.0
 MAX_SCRAPE_TIMEOUT_SECONDS = 5.0
 
 
@@ -107,8 +108,12 @@ def policy_from_spec(autoscaling: Autoscaling) -> AutoscalingPolicy:
 
 
 def scrape_timeout(policy: AutoscalingPolicy) -> float:
-    """Half the interval, at most 5 s: a slow pod never delays the next decision."""
-    return max(0.5, min(MAX_SCRAPE_TIMEOUT_SECONDS, policy.scrape_interval_s / 2))
+    """One interval, between 2 and 5 s.
+
+    Generous on purpose: an overloaded server answers /metrics slowly, and an
+    autoscaler that gives up on slow pods would hold exactly when it must grow.
+    """
+    return max(MIN_SCRAPE_TIMEOUT_SECONDS, min(MAX_SCRAPE_TIMEOUT_SECONDS, policy.scrape_interval_s))
 
 
 async def run_autoscaler(kube: Kube, namespace: str, name: str, stopped: Stopped,
