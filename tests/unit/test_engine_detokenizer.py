@@ -55,8 +55,14 @@ def test_hf_fast_tokenizer_satisfies_the_protocol_and_streams_exactly():
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
     ids = tok.encode(TEXT, add_special_tokens=True)
     assert len(ids) < len(TEXT.encode())  # merges applied
-    pieces = stream(IncrementalDetokenizer(tok, tok.encode("say: ")), [*ids, tok.eos_token_id])
+    detok = IncrementalDetokenizer(tok, tok.encode("say: "))
+    assert detok.uses_backend  # the fast path: the Rust decoder, without the Python wrapper
+    pieces = stream(detok, [*ids, tok.eos_token_id])
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == TEXT
+    # the wrapper path gives the same pieces
+    slow = IncrementalDetokenizer(tok, tok.encode("say: "))
+    slow._backend_decode = None
+    assert stream(slow, [*ids, tok.eos_token_id]) == pieces
 
 
 def test_find_stop_only_reports_stops_completed_by_new_text():

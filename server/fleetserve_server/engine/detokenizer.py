@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from fleetserve_server.engine.tokenizer import Tokenizer
 
 # prompt tokens decoded in front of the output so the first output token gets
@@ -23,8 +26,16 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self._backend_decode = _backend_decoder(tokenizer)
+
+    @property
+    def uses_backend(self) -> bool:
+        """Whether decoding bypasses the Python tokenizer wrapper (same text, ~3x less time)."""
+        return self._backend_decode is not None
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:
@@ -44,6 +55,25 @@ class IncrementalDetokenizer:
         full_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+
+
+def _backend_decoder(tokenizer: Any) -> Callable[[list[int], bool], str] | None:
+    """The Rust ``tokenizers.Tokenizer.decode`` behind a Hugging Face fast tokenizer,
+    when the wrapper would return its text unchanged (no space clean-up, which
+    transformers applies only to non-BPE models that ask for it)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not callable(getattr(backend, "decode", None)):
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        is_bpe = type(getattr(backend, "model", None)).__name__ == "BPE"
+        forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+        if not is_bpe or forced:
+            return None
+
+    def decode(ids: list[int], skip_special_tokens: bool) -> str:
+        return str(backend.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    return decode
 
 
 def find_stop(text: str, stops: tuple[str, ...], new_from: int) -> int:
