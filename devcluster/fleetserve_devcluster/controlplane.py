@@ -217,6 +217,10 @@ def apiserver_argv(c: Cluster) -> list[str]:
         f"--kubelet-client-certificate={p.crt('apiserver-kubelet-client')}",
         f"--kubelet-client-key={p.key('apiserver-kubelet-client')}",
         "--enable-admission-plugins=NodeRestriction",
+        # Endpoints may not point at loopback, so the `kubernetes` Service cannot get
+        # 127.0.0.1 as its endpoint; processes in "pods" reach the API server through
+        # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>).
+        "--endpoint-reconciler-type=none",
         "--profiling=false", "--v=1",
     ]
 
@@ -387,12 +391,18 @@ def _down(state_dir: Path, log: Callable[[str], None]) -> None:
         return
     order = {c.name: i for i, c in enumerate(COMPONENTS)}
     entries = processes.tracked(state_dir)
-    # Reverse start order; processes of unknown components (pods, helpers) go first.
-    entries.sort(key=lambda t: -order.get(t.name, len(order)))
-    live = [t for t in entries if t.alive()]
-    killed = processes.stop(entries)
-    for t in live:
-        log(f"stopped {t.name} (pid {t.pid}){' with SIGKILL' if t.name in killed else ''}")
+    # Stage by stage in reverse start order, processes of unknown components
+    # (pods, helpers) first: the API server exits promptly only while etcd is up.
+    stages: dict[int, list[processes.Tracked]] = {}
+    for t in entries:
+        stages.setdefault(order.get(t.name, len(order)), []).append(t)
+    for rank in sorted(stages, reverse=True):
+        live = [t for t in stages[rank] if t.alive()]
+        t0 = time.monotonic()
+        killed = processes.stop(stages[rank])
+        for t in live:
+            how = "with SIGKILL" if t.name in killed else f"in {time.monotonic() - t0:.1f}s"
+            log(f"stopped {t.name} (pid {t.pid}) {how}")
     shutil.rmtree(state_dir)
     log(f"removed {state_dir}")
 
