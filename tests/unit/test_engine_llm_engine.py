@@ -373,6 +373,18 @@ def test_ttl_expiry_through_the_engine_when_idle():
     assert stats.kv_blocks_free == stats.kv_blocks_total
 
 
+def test_reset_prefix_cache_makes_the_next_run_cold():
+    engine, runner = make()
+    engine.add_request("a", "a shared history of some length", GREEDY)
+    run_all(engine)
+    assert engine.block_manager.num_cached_blocks > 0
+    dropped = engine.reset_prefix_cache()
+    assert dropped > 0 and engine.block_manager.num_cached_blocks == 0
+    assert engine.stats().evictions == {"expired": 0, "pressure": 0}
+    engine.add_request("b", "a shared history of some length", GREEDY)
+    assert run_all(engine)["b"]["deltas"][-1].cached_prompt_tokens == 0
+
+
 def test_stats_snapshot_and_batch_sizes_drained():
     engine, _ = make(max_batch_tokens=128)
     for rid, prompt in PROMPTS[:3]:

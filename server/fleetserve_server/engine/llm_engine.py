@@ -193,6 +193,11 @@ class LLMEngine:
         """Free prefix-cache blocks idle past ``cache_ttl_seconds``."""
         return self.block_manager.expire()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block nobody references (e.g. to measure a cold start);
+        returns how many. Not counted as evictions."""
+        return self.block_manager.reset_prefix_cache()
+
     def _process_token(self, state: _RequestState, now: float) -> RequestOutputDelta:
         seq, params = state.seq, state.seq.params
         token = seq.token_ids[-1]
