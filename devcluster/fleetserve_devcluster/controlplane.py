@@ -253,6 +253,12 @@ def scheduler_argv(c: Cluster) -> list[str]:
     return [str(tools.tool_path("kube-scheduler")), *_component_common(c, "scheduler", "scheduler")]
 
 
+def _agent():  # type: ignore[no-untyped-def]
+    from . import agent  # lazy: the agent pulls in the pod runtime, which `env`/`status` never need
+
+    return agent
+
+
 # The order is the start order; `down` stops in reverse.  The node agent and the
 # service proxy append their Component here (or via `register()`).
 COMPONENTS: list[Component] = [
@@ -261,6 +267,9 @@ COMPONENTS: list[Component] = [
     Component("kube-controller-manager", controller_manager_argv, _healthz("controller-manager"),
               timeout_s=60, port="controller-manager"),
     Component("kube-scheduler", scheduler_argv, _healthz("scheduler"), timeout_s=60, port="scheduler"),
+    # The node agent + service proxy (agent.py), in the kubelet's and kube-proxy's roles: one process.
+    Component("node-agent", lambda c: _agent().component_argv(c), lambda c: _agent().component_healthy(c),
+              timeout_s=60),
 ]
 
 
