@@ -51,7 +51,7 @@ class ServerConfig(BaseModel):
         "auto", description="activation dtype (auto: bfloat16 on CUDA, float32 on CPU)"
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available, else CPU")
-    max_model_len: int | None = Field(None, ge=1, description="context limit in tokens (default: the model's)")
+    max_model_len: int = Field(2048, ge=1, description="context limit in tokens: prompt + completion")
     max_num_seqs: int = Field(32, ge=1, description="sequences scheduled together in one step")
     max_batch_tokens: int = Field(2048, ge=1, description="tokens computed in one engine step")
     kv_cache_memory_fraction: float = Field(

@@ -47,7 +47,7 @@ def load_engine(config: ServerConfig) -> Any:
     """Load the model and build the engine (blocking; run in a thread). Returns ``LoadedEngine``."""
     from fleetserve_server.llm import create_engine
 
-    return create_engine(
+    loaded = create_engine(
         config.model,
         quantization=config.quantization,
         dtype=config.dtype,
@@ -61,7 +61,11 @@ def load_engine(config: ServerConfig) -> Any:
         enable_prefix_caching=config.prefix_caching,
         cache_ttl_seconds=config.cache_ttl_seconds,
         max_queue_length=config.max_queue_length,
+        served_model_name=config.resolved_served_name(),
     )
+    if hasattr(loaded, "warmup"):
+        loaded.warmup()  # one forward on this thread: workspaces allocated, weight pages faulted in
+    return loaded
 
 
 def print_memory_plan(loaded: Any, config: ServerConfig) -> None:
