@@ -33,6 +33,7 @@ def test_defaults_and_camel_case_round_trip() -> None:
         ({"engine": {"maxNumSeqs": 64, "maxBatchTokens": 32}}, "maxBatchTokens"),
         ({"resources": {"gpus": 1}}, "gpuMemory"),
         ({"resources": {"gpus": 0}}, "memory"),
+        ({"resources": None}, "resources"),
     ],
 )
 def test_cross_field_rules_name_the_field(patch: dict[str, object], field: str) -> None:

@@ -86,7 +86,9 @@ def test_enums_defaults_patterns_and_cel() -> None:
     props = spec["properties"]
     assert props["quantization"]["enum"] == ["none", "int8", "nf4", "fp4"]
     assert props["dtype"]["enum"] == ["auto", "float32", "bfloat16", "float16"]
-    assert props["engine"]["default"] == {} and props["engine"]["properties"]["blockSize"]["default"] == 16
+    # nested defaults are whole objects (the API server checks them against the CEL rules as they are)
+    assert props["engine"]["default"]["blockSize"] == props["engine"]["properties"]["blockSize"]["default"] == 16
+    assert props["autoscaling"]["default"]["minReplicas"] <= props["autoscaling"]["default"]["maxReplicas"]
     assert "apiKeySecretRef" in props and "default" not in props["apiKeySecretRef"]  # has a required field
     gpu_memory = props["resources"]["properties"]["gpuMemory"]
     assert gpu_memory["x-kubernetes-int-or-string"] is True and gpu_memory["pattern"].startswith("^")
@@ -94,7 +96,7 @@ def test_enums_defaults_patterns_and_cel() -> None:
     assert "self.minReplicas <= self.maxReplicas" in rules
     engine_rules = {r["fieldPath"] for r in props["engine"]["x-kubernetes-validations"]}
     assert engine_rules == {".kvCacheMemoryFraction", ".maxBatchTokens"}
-    assert spec["required"] == ["model"]
+    assert spec["required"] == ["model", "resources"]  # the memory-fit proof needs one or the other
     assert all(p.get("description") for p in props.values())
 
 

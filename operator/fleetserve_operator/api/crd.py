@@ -69,12 +69,8 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def to_structural(node: dict[str, Any], defs: dict[str, Any], *, default_objects: bool = True) -> dict[str, Any]:
-    """One pydantic JSON-Schema node -> one structural OpenAPI v3 node.
-
-    With ``default_objects`` an optional nested object whose fields all have
-    defaults gets ``default: {}``, so the API server fills in its defaults too.
-    """
+def to_structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """One pydantic JSON-Schema node -> one structural OpenAPI v3 node."""
     node = _resolve(node, defs)
     out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEEP or k.startswith("x-kubernetes-")}
     if out.get("default", 0) is None:
@@ -85,38 +81,40 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], *, default_objects
             out[bound] = True
     if "properties" in node:
         out["type"] = "object"
-        out["properties"] = {
-            name: to_structural(sub, defs, default_objects=default_objects)
-            for name, sub in node["properties"].items()
-        }
+        out["properties"] = {name: to_structural(sub, defs) for name, sub in node["properties"].items()}
         required = node.get("required") or []
         if required:
             out["required"] = list(required)
-        for name, sub in out["properties"].items():
-            # An optional nested object defaults to {} so the API server fills in its own defaults.
-            if (default_objects and name not in required and sub.get("type") == "object"
-                    and "properties" in sub and not sub.get("required") and "default" not in sub):
-                sub["default"] = {}
     elif node.get("type") == "object":
         extra = node.get("additionalProperties", True)
         if isinstance(extra, dict) and extra:
-            out["additionalProperties"] = to_structural(extra, defs, default_objects=default_objects)
+            out["additionalProperties"] = to_structural(extra, defs)
         else:
             out["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("type") == "array":
-        out["items"] = to_structural(node.get("items", {"type": "object"}), defs, default_objects=default_objects)
+        out["items"] = to_structural(node.get("items", {"type": "object"}), defs)
     if "type" not in out and not out.get("x-kubernetes-int-or-string"):
         raise SchemaError(f"schema node without a type: {node!r}")
     return out
 
 
-def _schema_of(model: type[Any], *, default_objects: bool) -> dict[str, Any]:
+def _schema_of(model: type[Any]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
-    return to_structural(schema, schema.get("$defs", {}), default_objects=default_objects)
+    out = to_structural(schema, schema.get("$defs", {}))
+    # Nested objects built by a default_factory default to the factory's whole value: the API
+    # server validates a default against the CEL rules as it is, before nested defaulting.
+    for name, info in model.model_fields.items():
+        if info.default_factory is not None:
+            default = info.default_factory()  # type: ignore[call-arg]
+            alias = info.alias or name
+            out["properties"][alias]["default"] = (
+                default.to_wire() if hasattr(default, "to_wire") else default
+            )
+    return out
 
 
 def _status_schema() -> dict[str, Any]:
-    schema = _schema_of(LLMDeploymentStatus, default_objects=False)
+    schema = _schema_of(LLMDeploymentStatus)
     conditions = schema["properties"]["conditions"]
     conditions.pop("default", None)
     # Conditions are a map keyed by type, as in every built-in API.
@@ -128,7 +126,7 @@ def _status_schema() -> dict[str, Any]:
 
 def build_crd() -> dict[str, Any]:
     """The CustomResourceDefinition as a dict."""
-    spec_schema = _schema_of(LLMDeploymentSpec, default_objects=True)
+    spec_schema = _schema_of(LLMDeploymentSpec)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

@@ -188,7 +188,9 @@ class LLMDeploymentSpec(ApiModel):
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="server container image")
     quantization: Quantization = Field("none", description="bitsandbytes weight quantization")
     dtype: Dtype = Field("auto", description="compute dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    resources: Resources = Field(default_factory=lambda: Resources.model_validate({}), description="per-replica resources")
+    resources: Resources = Field(
+        description="per-replica resources: gpus with gpuMemory, or gpus: 0 with memory (the fit proof needs one)"
+    )
     engine: Engine = Field(default_factory=lambda: Engine.model_validate({}), description="inference engine limits")
     replicas: int = Field(
         1, ge=0, le=1000,
