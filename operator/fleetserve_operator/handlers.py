@@ -122,6 +122,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="fleetserve.io", key="last-handled-configuration"
     )
+    settings.persistence.finalizer = "fleetserve.io/finalizer"
     # Our own events say what happened; kopf's per-handler "succeeded" events would be noise.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16

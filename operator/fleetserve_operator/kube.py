@@ -118,9 +118,13 @@ class Kube:
             if type(exc).__module__.startswith("urllib3"):
                 raise KubeError(0, str(exc), "Unreachable") from None
             raise
-        payload: dict[str, Any] = json.loads(data) if data else {}
         if not 200 <= response.status < 300:
-            raise KubeError(response.status, str(payload.get("message", data)), str(payload.get("reason", "")))
+            try:  # a Status object, usually; plain text ("404 page not found") for unknown paths
+                status = json.loads(data)
+            except ValueError:
+                status = {"message": data.decode(errors="replace").strip() if isinstance(data, bytes) else str(data)}
+            raise KubeError(response.status, str(status.get("message", "")), str(status.get("reason", "")))
+        payload: dict[str, Any] = json.loads(data) if data else {}
         return payload
 
     # --- reads -------------------------------------------------------------------

@@ -65,7 +65,7 @@ def get(cluster: DevClusterHandle, namespace: str, kind: str, name: str) -> dict
 
 
 def list_kind(cluster: DevClusterHandle, namespace: str, kind: str, selector: str) -> list[dict[str, Any]]:
-    proc = cluster.kubectl("get", "-n", namespace, kind, "-l", selector, "-o", "json")
+    proc = cluster.kubectl("get", "-n", namespace, kind, "-l", selector, "-o", "json", "--show-managed-fields")
     return list(json.loads(proc.stdout)["items"])
 
 
