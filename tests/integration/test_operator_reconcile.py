@@ -115,7 +115,7 @@ def test_spec_change_rolls_and_observed_generation_catches_up(dev_cluster: DevCl
             return dep if dep and template_hash(dep) != template_hash(first) else None
 
         dep = wait_until(rolled, 30, "a new pod-template hash")
-        assert "max_model_len: 512" in yaml_config(get(dev_cluster, namespace, "configmap", "roll-config") or {})
+        assert yaml_config(get(dev_cluster, namespace, "configmap", "roll-config") or {})["max_model_len"] == 512
         assert dep["metadata"]["generation"] > first["metadata"]["generation"]
 
         def caught_up() -> dict[str, Any] | None:
@@ -140,10 +140,11 @@ def test_scale_subresource_drives_replicas_and_disruption_budget(
         assert pdb["spec"]["maxUnavailable"] == 1
         # three pods that cannot be scheduled: Degraded says why, with the scheduler's words
         cr = wait_until(lambda: (c := get(dev_cluster, namespace, "llmd", "scaled"))
-                        and (condition(c, "Degraded") or {}).get("status") == "True" and c, 60, "Degraded=True")
+                        and (condition(c, "Degraded") or {}).get("status") == "True"
+                        and c["status"].get("replicas") == 3 and c, 60, "Degraded=True with 3 pods")
         degraded = condition(cr, "Degraded") or {}
         assert degraded["reason"] == "Unschedulable" and "node" in degraded["message"]
-        assert cr["status"]["replicas"] == 3 and cr["status"]["readySummary"] == "0/3"
+        assert cr["status"]["readySummary"] == "0/3" and (condition(cr, "Ready") or {}).get("status") == "False"
         dev_cluster.kubectl("scale", "-n", namespace, "llmd/scaled", "--replicas=1")
         wait_until(lambda: get(dev_cluster, namespace, "pdb", "scaled") is None, 30, "PDB removed at 1 replica")
 
