@@ -55,7 +55,7 @@ def test_admitted_specs_end_in_conditions(dev_cluster: DevClusterHandle, namespa
 
     with operator(dev_cluster, namespace) as runner:
         submit()
-        assert admitted, "hypothesis produced no admissible spec"
+        assert len(admitted) >= 5, f"only {len(admitted)} admissible specs"
 
         def settled(name: str) -> bool:
             cr = get(dev_cluster, namespace, "llmd", name) or {}
@@ -65,5 +65,6 @@ def test_admitted_specs_end_in_conditions(dev_cluster: DevClusterHandle, namespa
 
         for name in admitted:
             wait_until(lambda n=name: settled(n), 60, f"conditions on {name}")  # type: ignore[misc]
+    assert "Handler 'reconcile-create' succeeded" in runner.output  # the operator's log was captured
     assert "failed with an exception" not in runner.output, runner.output[-3000:]
     assert "Traceback" not in runner.output, runner.output[-3000:]
