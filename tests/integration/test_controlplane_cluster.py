@@ -219,3 +219,51 @@ def test_scheduler_binds_gpu_pod_only_where_a_gpu_is_free(dev_cluster: DevCluste
         # No kubelet will confirm a graceful deletion of a bound pod: force it.
         dev_cluster.kubectl("-n", namespace, "delete", "pods", "--all", "--grace-period=0", "--force",
                             "--ignore-not-found", check=False)
+
+
+VAP = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [""]
+      apiVersions: ["v1"]
+      operations: ["CREATE", "UPDATE"]
+      resources: ["configmaps"]
+  validations:
+  - expression: "!has(object.data) || !('forbidden' in object.data)"
+    message: "the key 'forbidden' is not allowed"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {namespace}}}
+"""
+
+
+def test_validating_admission_policy_with_cel_is_enforced(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    name = f"test-vap-{uuid.uuid4().hex[:8]}"
+    dev_cluster.kubectl("apply", "-f", "-", input=VAP.format(name=name, namespace=namespace))
+    try:
+        def denied() -> str | None:
+            proc = dev_cluster.kubectl("-n", namespace, "create", "configmap", "bad", "--from-literal=forbidden=1",
+                                       check=False)
+            if proc.returncode == 0:  # the policy is not loaded yet: undo and retry
+                dev_cluster.kubectl("-n", namespace, "delete", "configmap", "bad")
+                return None
+            return proc.stderr
+
+        message = wait_for(denied, "the ValidatingAdmissionPolicy to deny a ConfigMap", timeout=60)
+        assert "the key 'forbidden' is not allowed" in message
+        dev_cluster.kubectl("-n", namespace, "create", "configmap", "good", "--from-literal=allowed=1")
+    finally:
+        dev_cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name,
+                            "--ignore-not-found", check=False)
