@@ -10,7 +10,8 @@ operator writes (``server.yaml``) and the command line speak the same names::
     port: 8000
 
 Precedence, highest first: a command-line flag, the environment (only
-``FLEETSERVE_API_KEY``, so a Secret never has to be written into a ConfigMap),
+``FLEETSERVE_API_KEY``, so a Secret never has to be written into a ConfigMap,
+and ``FLEETSERVE_HOST``, the bind address the dev cluster's node agent sets),
 the ``--config`` file, the defaults below. An unknown key in the file is an
 error that names the key and lists the valid ones. Nothing here imports torch.
 """
@@ -26,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 API_KEY_ENV = "FLEETSERVE_API_KEY"
+# The bind address, above the config file: replicas sharing one host (the dev cluster) each bind their pod IP.
+HOST_ENV = "FLEETSERVE_HOST"
 
 
 class ConfigError(ValueError):
@@ -148,6 +151,8 @@ def build_config(
             merged[key], source[key] = value, f"--config {config_file}"
     if environ.get(API_KEY_ENV):
         merged["api_key"], source["api_key"] = environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    if environ.get(HOST_ENV):  # the dev cluster's node agent sets it to the pod's own IP
+        merged["host"], source["host"] = environ[HOST_ENV], f"${HOST_ENV}"
     for key, value in cli.items():
         merged[key], source[key] = value, "--" + key.replace("_", "-")
     try:
