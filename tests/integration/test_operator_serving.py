@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from typing import Any
 
 import pytest
 from fleetserve_devcluster.testing import DevClusterHandle
@@ -32,7 +33,13 @@ def test_cpu_example_becomes_ready_and_answers(dev_cluster: DevClusterHandle, na
                              "messages": [{"role": "user", "content": "Say hello."}]}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        def chat() -> dict[str, Any] | None:
+            try:
+                return dict(json.loads(urllib.request.urlopen(request, timeout=120).read()))
+            except OSError:  # the proxy learns the ready endpoint from the EndpointSlice, a moment later
+                return None
+
+        answer = wait_until(chat, 60, "a chat answer through the service proxy", interval=0.5)
         assert answer["choices"][0]["message"]["content"].strip()
         table = dev_cluster.kubectl("get", "llmd", "-n", namespace).stdout
         assert "1/1" in table
