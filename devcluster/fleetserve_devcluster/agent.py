@@ -16,14 +16,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .adopt import DEFAULT_PROVISION_DELAY_S, Adopter, provision_delay
 from .kube import Kube, KubeError, ns_path
 from .pods import GPU_RESOURCE, NodeAllocator, default_fleetserve_bin
-from .podworker import AgentContext, PodWorker
+from .podworker import AgentContext, PodWorker, local_addresses, remove_address
 from .proxy import ServiceProxy
 from .status import now_rfc3339
 
@@ -110,9 +111,13 @@ class NodeAgent:
     never run again (its pod is being deleted or is done).
     """
 
-    def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig, net: int = 0) -> None:
+    def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig, net: int = 0,
+                 adopt_delay_s: float = DEFAULT_PROVISION_DELAY_S) -> None:
         self.ctx, self.cfg = ctx, cfg
         self.nodes = {f"{NODE_PREFIX}{i}": NodeAllocator(index=i, gpus=cfg.gpus, net=net) for i in range(nodes)}
+        # Nodes a cluster autoscaler creates (kwok.x-k8s.io/node: fake) are run too: see adopt.py.
+        self.adopter = Adopter(ctx.kube, adopt_delay_s, self.nodes, net, cfg.gpus,
+                               lambda name, ip, gpus, old: node_status(name, ip, replace(cfg, gpus=gpus), old))
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.next_lease = 0.0
@@ -123,6 +128,12 @@ class NodeAgent:
         return self.ctx.kube
 
     # ------------------------------------------------------------------ nodes
+    def remove_stale_addresses(self) -> None:
+        """Pod IPs left on `lo` by an agent of this cluster that was killed (its pods died with it)."""
+        for alloc in self.nodes.values():
+            for ip in local_addresses(alloc.prefix):
+                remove_address(ip)
+
     def register_nodes(self) -> None:
         for name, alloc in self.nodes.items():
             body = {"apiVersion": "v1", "kind": "Node",
@@ -174,7 +185,8 @@ class NodeAgent:
         seen: set[str] = set()
         for pod in pods:
             node = pod.get("spec", {}).get("nodeName")
-            if node not in self.nodes:
+            alloc = self.nodes.get(node) or self.adopter.allocator(node)
+            if alloc is None:
                 continue
             uid = pod["metadata"]["uid"]
             seen.add(uid)
@@ -187,7 +199,7 @@ class NodeAgent:
             terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
             if terminal and not pod["metadata"].get("deletionTimestamp"):
                 continue  # finished before this agent started: nothing to run
-            worker = PodWorker(self.ctx, node, self.nodes[node], pod)
+            worker = PodWorker(self.ctx, node, alloc, pod)
             self.workers[uid] = worker
             worker.start()
         for uid, worker in list(self.workers.items()):
@@ -198,8 +210,13 @@ class NodeAgent:
                 self.finished.add(uid)
         self.finished &= seen
 
+    def running_on(self, node: str) -> int:
+        """Pods of `node` whose processes this agent still runs (or is stopping)."""
+        return sum(1 for w in self.workers.values() if w.node == node and w.is_alive())
+
     def run(self, stop: threading.Event, on_pass: Callable[[], None] = lambda: None) -> None:
         """Register, then heartbeat and sync pods until `stop` is set; API errors are retried."""
+        self.remove_stale_addresses()
         while not stop.is_set():
             try:
                 self.register_nodes()
@@ -210,6 +227,7 @@ class NodeAgent:
         while not stop.is_set():
             try:
                 self.heartbeat(time.monotonic())
+                self.adopter.sync(time.monotonic(), self.running_on)
                 self.sync_pods()
                 on_pass()
             except (KubeError, OSError) as exc:
@@ -241,9 +259,9 @@ def component_healthy(cluster: Any) -> bool:
         return False
 
 
-def pod_network_octet(port_base: int) -> int:
-    """The second octet of a dev cluster's pod IPs: 127.16.x.y for the default port base 16000."""
-    return (port_base // 1000) % 256
+def pod_network_block(port_base: int) -> int:
+    """Which 198.18.x.0/20 block a dev cluster's pods use (0 for the default port base 16000)."""
+    return (port_base // 1000) % 16
 
 
 def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, port_base: int = 16000) -> int:
@@ -252,7 +270,8 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, port_base: int = 
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
                        api_port=kube.server.port, state_dir=state_dir)
-    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=pod_network_octet(port_base))
+    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=pod_network_block(port_base),
+                      adopt_delay_s=provision_delay(state_dir))
     proxy = ServiceProxy(kube, state_dir)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,6 +18,7 @@ from typing import Any
 JsonObj = dict[str, Any]
 GPU_RESOURCE = "nvidia.com/gpu"
 NOT_RUNNABLE_REASON = "ImageNotRunnableLocally"
+MAX_NODES = 16  # per dev cluster: each node owns one /24 of the cluster's 198.18.x.0/20 block
 
 # lookup(kind, namespace, name) -> the object's string data, or None when it does not exist.
 # kind is "configmap" or "secret"; a Secret's values come back already base64-decoded.
@@ -211,10 +212,12 @@ class NodeAllocator:
     """Pod IPs and GPU ids of one node.
 
     Invariant: an IP or GPU id is held by at most one pod uid; it is released only
-    once that pod's processes have exited.  Node `index` owns 127.`net`.(10+index).0/24:
-    `.1` is the node's own address (hostIP), `.2`-`.254` are pod IPs.  `net` differs
-    between dev clusters on one machine (it is derived from the port base), so their
-    pods never collide.
+    once that pod's processes have exited.  Node `index` of cluster block `net`
+    owns 198.18.(16*net + index).0/24: `.1` is the node's own address (hostIP),
+    `.2`-`.254` are pod IPs.  Not 127.0.0.0/8: the API rejects loopback addresses
+    in EndpointSlices.  198.18.0.0/15 is reserved for benchmarking (RFC 2544), so
+    it shadows no real network; `net` differs between dev clusters on one machine
+    (it is derived from the port base), so their pods never collide.
     """
 
     index: int
@@ -229,7 +232,12 @@ class NodeAllocator:
 
     @property
     def prefix(self) -> str:
-        return f"127.{self.net}.{10 + self.index}."
+        return f"198.18.{16 * self.net + self.index}."
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.index < MAX_NODES and 0 <= self.net < 16):
+            raise ValueError(f"node index {self.index} / cluster block {self.net}: the dev cluster supports "
+                             f"at most {MAX_NODES} nodes (use --nodes {MAX_NODES} or fewer)")
 
     def allocate_ip(self, uid: str, wanted: str | None = None) -> str:
         """The pod's IP: its current one if it has one, `wanted` if free, else the lowest free."""

@@ -47,6 +47,24 @@ VOLUME_SYNC_SECONDS = 2.0
 PASS_THROUGH_ENV = ("HOME", "LANG", "TZ", "FLEETSERVE_CACHE_DIR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
 
 
+def add_address(ip: str) -> None:
+    """Make `ip` a local address (on `lo`, /32), so a pod can bind it and everyone on the host reach it."""
+    done = subprocess.run(["ip", "addr", "replace", f"{ip}/32", "dev", "lo"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"cannot add pod IP {ip} to lo (the node agent needs root / CAP_NET_ADMIN): "
+                      f"{done.stderr.strip()}")
+
+
+def remove_address(ip: str) -> None:
+    subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
+
+
+def local_addresses(prefix: str) -> list[str]:
+    """The addresses on `lo` that start with `prefix` (stale pod IPs of an agent that was killed)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    return [f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4] if f.startswith(prefix)]
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGKILL if the agent thread that started us dies."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -141,11 +159,14 @@ class PodWorker(threading.Thread):
         finally:
             self._terminate(graceful=False)
             self._release()
-            shutil.rmtree(self.dir / "volumes", ignore_errors=True)
+            if self.terminating and not self.halt.is_set():
+                shutil.rmtree(self.dir, ignore_errors=True)  # the pod is gone: its volumes and logs go too
 
     def _release(self) -> None:
         """Give the pod's IP and GPUs back (idempotent); only once its processes are gone."""
         with self.ctx.lock:
+            if self.uid in self.alloc.ips:
+                remove_address(self.alloc.ips[self.uid])
             self.alloc.free(self.uid)
 
     def _admit(self) -> bool:
@@ -159,6 +180,10 @@ class PodWorker(threading.Thread):
             self.gpu_ids = self.alloc.allocate_gpus(self.uid, gpus)
             wanted = self.pod.get("status", {}).get("podIP")
             self.view.pod_ip = self.alloc.allocate_ip(self.uid, wanted)
+        try:
+            add_address(self.view.pod_ip)
+        except OSError as exc:
+            return self._fail("PodNetworkUnavailable", str(exc))
         if spec.get("initContainers"):
             return self._fail("InitContainersNotSupported",
                               "the dev-cluster node agent does not run initContainers")
@@ -473,7 +498,11 @@ class PodWorker(threading.Thread):
             return
         try:
             # metadata.uid is a precondition: never write onto a new pod that reuses the name.
-            self.ctx.kube.patch(self.path + "/status", {"metadata": {"uid": self.uid}, "status": status},
+            body = dict(status)
+            for key in ("podIPs", "hostIPs"):  # lists merged by ip: replace them, never add a second IP
+                if key in body:
+                    body[key] = [{"$patch": "replace"}, *body[key]]
+            self.ctx.kube.patch(self.path + "/status", {"metadata": {"uid": self.uid}, "status": body},
                                 strategic=True)
             self.last_status = status
         except KubeError as exc:

@@ -12,7 +12,9 @@ from typing import Any, TypeVar
 from fleetserve_devcluster.testing import DevClusterHandle
 
 T = TypeVar("T")
-ECHO = ["fleetserve", "dev-cluster", "echo", "--port", "8000"]
+# Not 8000: on a shared machine a stray server bound to 0.0.0.0:8000 would block every pod IP's port 8000.
+PORT = 8400
+ECHO = ["fleetserve", "dev-cluster", "echo", "--port", str(PORT)]
 
 
 def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -37,7 +39,7 @@ def apply(cluster: DevClusterHandle, namespace: str, manifest: dict[str, Any]) -
 
 def echo_container(args: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     return {"name": "echo", "image": "fleetserve/echo", "command": ECHO + (args or []),
-            "ports": [{"name": "http", "containerPort": 8000}], **extra}
+            "ports": [{"name": "http", "containerPort": PORT}], **extra}
 
 
 READY_PROBE = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1}

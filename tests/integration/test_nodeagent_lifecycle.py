@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from fleetserve_devcluster.testing import DevClusterHandle
-from nodeagent_util import apply, echo_container, echo_pod, http, pod, ready_pods, records, wait_until
+from nodeagent_util import PORT, apply, echo_container, echo_pod, http, pod, ready_pods, records, wait_until
 
 
 def test_delete_runs_prestop_then_sigterm_and_waits_for_exit(dev_cluster: DevClusterHandle, namespace: str,
@@ -65,7 +65,7 @@ def test_liveness_failure_restarts_the_container(dev_cluster: DevClusterHandle, 
                                               "failureThreshold": 2, "initialDelaySeconds": 5})
     apply(dev_cluster, namespace, echo_pod("live", container=container, terminationGracePeriodSeconds=2))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod live Ready")[0]
-    base = f"http://{p['status']['podIP']}:8000"
+    base = f"http://{p['status']['podIP']}:{PORT}"
     first_pid = json.loads(http("GET", f"{base}/")[1])["pid"]
     assert http("POST", f"{base}/control/health?value=false")[0] == 200
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fleetserve_devcluster.testing import DevClusterHandle
 from nodeagent_util import (
+    PORT,
     READY_PROBE,
     apply,
     echo_container,
@@ -29,17 +30,18 @@ def test_two_replicas_ready_on_distinct_ips(dev_cluster: DevClusterHandle, names
     ips = {p["status"]["podIP"] for p in pods}
     assert len(ips) == 2
     for p in pods:
-        status, body = http("GET", f"http://{p['status']['podIP']}:8000/")
+        status, body = http("GET", f"http://{p['status']['podIP']}:{PORT}/")
         assert status == 200 and json.loads(body)["pod"] == p["metadata"]["name"]
         cs = p["status"]["containerStatuses"][0]
         assert cs["ready"] and "running" in cs["state"] and cs["restartCount"] == 0
-        assert p["status"]["hostIP"].startswith("127.")
+        assert p["status"]["hostIP"].startswith("198.18.")
     out = dev_cluster.kubectl("get", "deployment", "web", "-n", namespace).stdout
     assert "2/2" in out
 
 
 def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespace: str) -> None:
-    assert not Path("/etc/fleetserve-nodeagent-test").exists()
+    # (Mount points are created on the host as empty directories; their contents never are.)
+    assert not Path("/etc/fleetserve-nodeagent-test/server.yaml").exists()
     dev_cluster.kubectl("create", "configmap", "cfg", "-n", namespace, "--from-literal=server.yaml=port: 8000\n",
                         "--from-literal=MODE=fast")
     dev_cluster.kubectl("create", "secret", "generic", "sec", "-n", namespace, "--from-literal=apikey=s3cret")
@@ -55,7 +57,7 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
     apply(dev_cluster, namespace, echo_pod("env", container=container, volumes=[
         {"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod env Ready")[0]
-    base = f"http://{p['status']['podIP']}:8000"
+    base = f"http://{p['status']['podIP']}:{PORT}"
     env = {k: http("GET", f"{base}/env?name={k}")[1] for k in ("MY_POD", "MY_IP", "API_KEY", "DERIVED", "MODE")}
     assert env == {"MY_POD": "env", "MY_IP": p["status"]["podIP"], "API_KEY": "s3cret", "DERIVED": "mode-fast",
                    "MODE": "fast"}
@@ -74,7 +76,7 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
 def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
     apply(dev_cluster, namespace, echo_pod("sa", container=echo_container(readinessProbe=READY_PROBE)))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod sa Ready")[0]
-    base = f"http://{p['status']['podIP']}:8000"
+    base = f"http://{p['status']['podIP']}:{PORT}"
     sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
     token = http("GET", f"{base}/file?path={sa_dir}/token")[1]
     ca = http("GET", f"{base}/file?path={sa_dir}/ca.crt")[1]

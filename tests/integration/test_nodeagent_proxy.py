@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from fleetserve_devcluster.testing import DevClusterHandle, cluster_env
-from nodeagent_util import apply, echo_deployment, get_json, http, ready_pods, records, wait_until
+from nodeagent_util import PORT, apply, echo_deployment, get_json, http, ready_pods, records, wait_until
 
 ANNOTATION = "fleetserve.io/proxy-address"
 
@@ -60,7 +60,7 @@ def _follows(cluster: DevClusterHandle, namespace: str, address: str, what: str)
 def test_proxy_balances_ready_endpoints_and_follows_scale(dev_cluster: DevClusterHandle, namespace: str) -> None:
     apply(dev_cluster, namespace, echo_deployment("web", 2))
     _wait_ready_count(dev_cluster, namespace, 2)
-    dev_cluster.kubectl("expose", "deployment", "web", "-n", namespace, "--port", "80", "--target-port", "8000",
+    dev_cluster.kubectl("expose", "deployment", "web", "-n", namespace, "--port", "80", "--target-port", str(PORT),
                         "--name", "web")
     address = _proxy_address(dev_cluster, namespace, "web")
     assert address.startswith("127.0.0.1:")
@@ -70,10 +70,10 @@ def test_proxy_balances_ready_endpoints_and_follows_scale(dev_cluster: DevCluste
     # One pod turns unready: it keeps running but gets no traffic.
     unready = sorted(both)[0]
     ip = get_json(dev_cluster, "pod", unready, "-n", namespace)["status"]["podIP"]
-    assert http("POST", f"http://{ip}:8000/control/ready?value=false")[0] == 200
+    assert http("POST", f"http://{ip}:{PORT}/control/ready?value=false")[0] == 200
     _wait_ready_count(dev_cluster, namespace, 1)
     assert unready not in _follows(dev_cluster, namespace, address, "1 ready pod")
-    assert http("POST", f"http://{ip}:8000/control/ready?value=true")[0] == 200
+    assert http("POST", f"http://{ip}:{PORT}/control/ready?value=true")[0] == 200
     _wait_ready_count(dev_cluster, namespace, 2)
 
     dev_cluster.kubectl("scale", "deployment", "web", "-n", namespace, "--replicas=3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
-from fleetserve_devcluster.agent import pod_network_octet
+from fleetserve_devcluster.agent import pod_network_block
 from fleetserve_devcluster.pods import (
     ContainerConfigError,
     NodeAllocator,
@@ -20,7 +20,7 @@ from fleetserve_devcluster.pods import (
 from fleetserve_devcluster.status import ContainerView, PodView, build_status, pod_phase, same_status
 
 BIN = "/venv/bin/fleetserve"
-NET = PodNetwork(pod_ip="127.0.10.7", host_ip="127.0.10.1", node_name="fs-node-0")
+NET = PodNetwork(pod_ip="198.18.0.7", host_ip="198.18.0.1", node_name="fs-node-0")
 
 
 def pod(**spec: object) -> dict:
@@ -43,10 +43,10 @@ def test_local_argv_runs_only_fleetserve_commands(container: dict, argv: list[st
 
 
 def test_rewrite_bind_host_forces_the_pod_ip() -> None:
-    assert rewrite_bind_host([BIN, "serve", "--host", "0.0.0.0", "--port", "8000"], "127.0.10.2") == \
-        [BIN, "serve", "--host", "127.0.10.2", "--port", "8000"]
-    assert rewrite_bind_host([BIN, "serve", "--host=::"], "127.0.10.2") == [BIN, "serve", "--host=127.0.10.2"]
-    assert rewrite_bind_host([BIN, "serve", "--hostname", "x"], "127.0.10.2") == [BIN, "serve", "--hostname", "x"]
+    assert rewrite_bind_host([BIN, "serve", "--host", "0.0.0.0", "--port", "8000"], "198.18.0.2") == \
+        [BIN, "serve", "--host", "198.18.0.2", "--port", "8000"]
+    assert rewrite_bind_host([BIN, "serve", "--host=::"], "198.18.0.2") == [BIN, "serve", "--host=198.18.0.2"]
+    assert rewrite_bind_host([BIN, "serve", "--hostname", "x"], "198.18.0.2") == [BIN, "serve", "--hostname", "x"]
 
 
 def test_expand_vars_follows_kubernetes_rules() -> None:
@@ -79,7 +79,7 @@ def test_resolve_env_order_sources_and_downward_api() -> None:
     objs = {("configmap", "cm"): {"FROM_CM": "cmval"}, ("secret", "sec"): {"password": "hunter2"}}
     env = resolve_env(p, container, lookup_from(objs), NET, base={"BASE": "b", "PLAIN": "overridden"})
     assert env == {"BASE": "b", "FROM_CM": "cmval", "S_password": "hunter2", "PLAIN": "v-cmval", "KEY": "cmval",
-                   "PW": "hunter2", "POD": "web-1", "NS": "ns1", "IP": "127.0.10.7", "APP": "web"}
+                   "PW": "hunter2", "POD": "web-1", "NS": "ns1", "IP": "198.18.0.7", "APP": "web"}
 
 
 @pytest.mark.parametrize("container, message", [
@@ -110,17 +110,19 @@ def test_gpu_request_sums_containers_and_takes_max_of_init() -> None:
 def test_allocator_gives_distinct_ips_per_node_and_reuses_freed_ones() -> None:
     n0, n1 = NodeAllocator(index=0, gpus=2), NodeAllocator(index=1, gpus=2)
     a, b = n0.allocate_ip("a"), n0.allocate_ip("b")
-    assert (a, b) == ("127.0.10.2", "127.0.10.3")
+    assert (a, b) == ("198.18.0.2", "198.18.0.3")
     assert n0.allocate_ip("a") == a  # idempotent per pod
-    assert n1.allocate_ip("a") == "127.0.11.2"
-    assert n0.host_ip == "127.0.10.1" and n1.host_ip == "127.0.11.1"
-    other_cluster = NodeAllocator(index=0, gpus=2, net=pod_network_octet(27000))
-    assert other_cluster.allocate_ip("a") == "127.27.10.2"
-    assert pod_network_octet(16000) == 16
-    assert n0.allocate_ip("c", wanted="127.0.10.3") == "127.0.10.4"  # wanted but taken
-    assert n0.allocate_ip("d", wanted="127.0.10.9") == "127.0.10.9"  # an existing pod keeps its IP
+    assert n1.allocate_ip("a") == "198.18.1.2"
+    assert n0.host_ip == "198.18.0.1" and n1.host_ip == "198.18.1.1"
+    other_cluster = NodeAllocator(index=0, gpus=2, net=pod_network_block(27000))
+    assert other_cluster.allocate_ip("a") == "198.18.176.2"
+    assert pod_network_block(16000) == 0
+    assert n0.allocate_ip("c", wanted="198.18.0.3") == "198.18.0.4"  # wanted but taken
+    assert n0.allocate_ip("d", wanted="198.18.0.9") == "198.18.0.9"  # an existing pod keeps its IP
     n0.free("a")
-    assert n0.allocate_ip("e") == "127.0.10.2"
+    assert n0.allocate_ip("e") == "198.18.0.2"
+    with pytest.raises(ValueError, match="at most 16 nodes"):
+        NodeAllocator(index=16, gpus=0)
 
 
 def test_allocator_gpus_never_overcommit() -> None:
@@ -137,11 +139,11 @@ def test_allocator_gpus_never_overcommit() -> None:
 def test_status_phase_and_ready_conditions() -> None:
     running = ContainerView(name="c", image="x", running_since="2026-01-01T00:00:00Z", started=True, ready=True,
                             waiting=None)
-    view = PodView(pod_ip="127.0.10.2", host_ip="127.0.10.1", start_time="2026-01-01T00:00:00Z",
+    view = PodView(pod_ip="198.18.0.2", host_ip="198.18.0.1", start_time="2026-01-01T00:00:00Z",
                    containers=[running])
     status = build_status(pod(readinessGates=[]), view)
     conds = {c["type"]: c["status"] for c in status["conditions"]}
-    assert status["phase"] == "Running" and status["podIP"] == "127.0.10.2"
+    assert status["phase"] == "Running" and status["podIP"] == "198.18.0.2"
     assert conds["Ready"] == "True" and conds["ContainersReady"] == "True"
     assert status["containerStatuses"][0]["state"] == {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
 
@@ -156,7 +158,7 @@ def test_status_phase_and_ready_conditions() -> None:
 def test_status_crashloop_and_terminal_phases() -> None:
     crashed = ContainerView(name="c", image="x", restart_count=2, waiting=("CrashLoopBackOff", "back-off 4s"),
                             last_terminated={"exitCode": 3, "reason": "Error"})
-    view = PodView(pod_ip="127.0.10.2", host_ip="127.0.10.1", start_time="t", containers=[crashed])
+    view = PodView(pod_ip="198.18.0.2", host_ip="198.18.0.1", start_time="t", containers=[crashed])
     status = build_status(pod(), view)
     cs = status["containerStatuses"][0]
     assert status["phase"] == "Running"
@@ -170,3 +172,15 @@ def test_status_crashloop_and_terminal_phases() -> None:
     status = build_status(pod(), failed)
     assert status["phase"] == "Failed" and status["reason"] == "ImageNotRunnableLocally"
     assert same_status(status, build_status(pod(), failed))
+
+
+def test_fleetserve_serve_binds_the_host_the_agent_sets(tmp_path) -> None:
+    """The contract with `fleetserve serve`: --host > $FLEETSERVE_HOST > the config file's host."""
+    from fleetserve_server.config import build_config
+
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("host: 0.0.0.0\nport: 8000\n")
+    env = {"FLEETSERVE_HOST": "198.18.0.2"}
+    assert build_config({}, config_file=cfg, environ=env).host == "198.18.0.2"
+    assert build_config({"host": "198.18.0.9"}, config_file=cfg, environ=env).host == "198.18.0.9"
+    assert build_config({}, config_file=cfg, environ={}).host == "0.0.0.0"
