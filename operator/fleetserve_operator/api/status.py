@@ -64,12 +64,23 @@ class ObservedMetrics(ApiModel):
     pods: int | None = Field(None, ge=0, description="pods scraped")
 
 
+class WaitingForNodes(ApiModel):
+    """The fleet's pods no node could take yet (a cluster autoscaler may be adding one)."""
+
+    pods: int = Field(ge=0, description="unschedulable pods still within scheduling.maxNodeProvisionSeconds")
+    overdue: int = Field(0, ge=0, description="unschedulable pods past that limit (Degraded/Unschedulable)")
+    since: str | None = Field(None, description="when the first of them became unschedulable (RFC 3339)")
+    seconds: int = Field(0, ge=0, description="how long the longest-waiting one has waited")
+
+
 class AutoscalerStatus(ApiModel):
     """Written by the autoscaler only."""
 
     last_scale_time: str | None = Field(None, description="when desiredReplicas last changed (RFC 3339)")
     last_decision: ScaleDecision | None = Field(None, description="the last scaling decision")
     observed: ObservedMetrics | None = Field(None, description="the last scrape")
+    waiting_for_nodes: WaitingForNodes | None = Field(
+        None, description="pods waiting for a node; absent when every pod is placed")
 
 
 class LLMDeploymentStatus(ApiModel):

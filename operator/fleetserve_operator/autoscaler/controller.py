@@ -40,6 +40,7 @@ from fleetserve_operator.resources.labels import selector_string
 
 from .decision import plan_replicas
 from .history import History
+from .nodes import DELETION_COST_ANNOTATION, NodeWait, cost_patches, deletion_costs, node_wait, placements
 from .pods import PodCensus, take_census
 from .scraper import ScrapeResult, scrape_pods
 from .status import (
@@ -168,9 +169,10 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
 
     pods = await asyncio.to_thread(kube.list, "Pod", namespace, selector_string(name))
     census = take_census(pods)
+    wait = node_wait(pods, spec.scheduling.max_node_provision_seconds, wall)
     scrape = await scrape_pods(census.ready, scrape_timeout(policy))
     current = int((deployment.get("spec") or {}).get("replicas", 1))
-    observation = observe(current, census, scrape)
+    observation = observe(current, census, scrape, wait)
 
     mono = state.clock()
     if state.history is None:
@@ -180,9 +182,13 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         state.history = state.history.record(mono, decision.recommendation, policy.longest_window_s)
 
     summary = scrape_summary(census, scrape)
-    patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall)
+    patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall,
+                                    wait.to_status())
     scaled = decision.desired != current
     if scaled:
+        if decision.direction == "down":
+            # Before the ReplicaSet picks victims: pods on the newest, emptiest node go first.
+            await asyncio.to_thread(_mark_deletion_costs, kube, namespace, pods, scrape)
         await asyncio.to_thread(_scale_deployment, kube, namespace, name, decision.desired)
         event_type, reason, message = scaling_event(decision)
         await asyncio.to_thread(_post_event, kube, cr, event_type, reason, message)
@@ -191,15 +197,27 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         if reconcile is not None:
             # The PDB and the Deployment's applied-hash follow the new size.
             await asyncio.to_thread(reconcile)
+    elif wait.overdue and reconcile is not None and not _degraded(cr):
+        # A pod just outwaited scheduling.maxNodeProvisionSeconds while nothing else changed:
+        # the reconcile turns that into Degraded/Unschedulable and its Warning event now.
+        await asyncio.to_thread(reconcile)
     export_metrics(namespace, name, observation, decision)
     return TickResult(next_tick_s=max(0.0, policy.scrape_interval_s - (state.clock() - started)),
                       decision=decision, observation=observation, scaled=scaled, status_patch=patch)
 
 
-def observe(current: int, census: PodCensus, scrape: ScrapeResult) -> FleetObservation:
+def observe(current: int, census: PodCensus, scrape: ScrapeResult, wait: NodeWait | None = None) -> FleetObservation:
     return FleetObservation(current_replicas=current, ready=len(census.ready), starting=census.starting,
                             unschedulable=census.unschedulable, metrics=scrape.metrics,
-                            scrape_errors=scrape.errors_by_reason)
+                            scrape_errors=scrape.errors_by_reason,
+                            waiting_for_nodes=min(wait.waiting, census.unschedulable) if wait else 0)
+
+
+def _degraded(cr: dict[str, Any]) -> bool:
+    for cond in (cr.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Degraded":
+            return bool(cond.get("status") == "True")
+    return False
 
 
 def seed_history(status: dict[str, Any], policy: AutoscalingPolicy, mono_now: float, wall_now: datetime) -> History:
@@ -220,14 +238,14 @@ def seed_history(status: dict[str, Any], policy: AutoscalingPolicy, mono_now: fl
 
 
 def scrape_summary(census: PodCensus, scrape: ScrapeResult) -> str:
-    """E.g. ``"2 of 3 ready pods answered (timeout 1: pod x: no answer ...); 1 starting"``."""
+    """What the decision's reason does not say: why scrapes failed (the first failure's
+    message), and since when pods wait for a node. E.g.
+    ``"2 of 3 ready pods answered /metrics (timeout 1: pod x: no answer ...)"``."""
     parts = []
     if scrape.failures:
         first = scrape.failures[0].message
         counts = ", ".join(f"{r.value} {n}" for r, n in sorted(scrape.errors_by_reason.items()))
         parts.append(f"{len(scrape.metrics)} of {len(census.ready)} ready pods answered /metrics ({counts}: {first})")
-    if census.starting:
-        parts.append(f"{census.starting} starting")
     if census.unschedulable:
         parts.append(f"{census.unschedulable} unschedulable since {census.unschedulable_since}")
     return "; ".join(parts)
@@ -292,11 +310,12 @@ def _patch_status_locked(kube: Kube, namespace: str, name: str,
 
 
 def _write_decision(kube: Kube, cr: dict[str, Any], observation: FleetObservation, decision: Decision,
-                    summary: str, now: datetime) -> dict[str, Any] | None:
+                    summary: str, now: datetime, waiting: dict[str, Any] | None = None) -> dict[str, Any] | None:
     meta = cr["metadata"]
     before, patch = _patch_status_locked(
         kube, meta["namespace"], meta["name"],
-        lambda status, generation: decision_status(status, observation, decision, generation, now, summary))
+        lambda status, generation: decision_status(status, observation, decision, generation, now, summary,
+                                                   waiting))
     event = condition_event(before, patch)
     if event is not None:
         _post_event(kube, cr, *event)
@@ -308,6 +327,30 @@ def _write_inactive(kube: Kube, namespace: str, name: str, reason: str, message:
     _, patch = _patch_status_locked(
         kube, namespace, name, lambda status, generation: inactive_status(status, reason, message, generation, now))
     return patch
+
+
+def _mark_deletion_costs(kube: Kube, namespace: str, pods: list[dict[str, Any]], scrape: ScrapeResult) -> None:
+    """Annotate the fleet's pods with ``pod-deletion-cost`` (see :func:`nodes.deletion_costs`).
+
+    Best effort: without the nodes (RBAC) every node counts as equally old and
+    the order still empties the node with the fewest pods first.
+    """
+    try:
+        nodes = kube.request("GET", resource_path("v1", "nodes", None)).get("items") or []
+    except KubeError as exc:
+        log.warning("cannot list nodes for the scale-down order (%s); ordering by pods per node only", exc)
+        nodes = []
+    created = {str(n["metadata"]["name"]): str(n["metadata"].get("creationTimestamp") or "") for n in nodes}
+    load = {m.pod: m.queue_length for m in scrape.metrics}
+    costs = deletion_costs(placements(pods, created, load))
+    for pod, cost in cost_patches(pods, costs).items():
+        try:
+            kube.request("PATCH", resource_path("v1", "pods", namespace, pod),
+                         body={"metadata": {"annotations": {DELETION_COST_ANNOTATION: str(cost)}}},
+                         content_type="application/merge-patch+json")
+        except KubeError as exc:  # a pod that went away needs no cost
+            if exc.status != 404:
+                log.warning("cannot set %s on pod %s/%s: %s", DELETION_COST_ANNOTATION, namespace, pod, exc)
 
 
 def _scale_deployment(kube: Kube, namespace: str, name: str, replicas: int) -> None:

@@ -16,7 +16,11 @@ The steps, in order (each one is what a user can read in the reason):
 5. Clamp to ``[minReplicas, maxReplicas]``.
 6. While pods are unschedulable, do not grow: they already are capacity the
    cluster was asked for (a cluster autoscaler may be adding a node); adding
-   more would only pile up Pending pods. Shrinking is still allowed.
+   more would only pile up Pending pods. Shrinking is still allowed — except
+7. while pods wait for a node inside ``scheduling.maxNodeProvisionSeconds``:
+   then the size does not shrink either. The scrape only sees the ready pods;
+   removing a pod a node is being booted for, because one scrape looked
+   lighter, is exactly the flapping that wastes a GPU node's boot.
 
 Properties (tests/unit/test_autoscaler_decision.py checks them with
 hypothesis): ``desired`` is always within the bounds; ``desired`` is monotone
@@ -119,6 +123,15 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
             limit = Limit.UNSCHEDULABLE
             notes.append(f"{observation.unschedulable} pod{'s' if observation.unschedulable != 1 else ''} "
                          f"unschedulable, not adding more until the cluster places them")
+            desired = held
+
+    if observation.waiting_for_nodes and desired < current:
+        held = _clamp(current, policy)
+        if held > desired:
+            limit = Limit.WAITING_FOR_NODES
+            n = observation.waiting_for_nodes
+            notes.append(f"{n} pod{'s' if n != 1 else ''} waiting for a node, not removing capacity "
+                         f"being provisioned")
             desired = held
 
     if notes:

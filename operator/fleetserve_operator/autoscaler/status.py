@@ -23,19 +23,26 @@ REASON_NO_DEPLOYMENT = "NoDeployment"
 
 
 def decision_status(current: dict[str, Any], observation: FleetObservation, decision: Decision,
-                    generation: int | None, now: datetime, scrape_summary: str = "") -> dict[str, Any] | None:
+                    generation: int | None, now: datetime, scrape_summary: str = "",
+                    waiting_for_nodes: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The merge patch after one decision, or None when nothing changed.
 
     ``lastScaleTime`` and ``lastDecision`` move only when the size changes;
     ``observed`` follows every scrape (``queueLength`` is per ready replica,
     as the Queue printer column shows it; stale numbers are removed when no
-    pod answered).
+    pod answered); ``waitingForNodes`` is present exactly while pods wait for a node.
     """
     auto_now: dict[str, Any] = dict(current.get("autoscaler") or {})
     auto_new = dict(auto_now)
     queue, kv = observation.queue_length, observation.kv_cache_usage
     per_replica = queue / observation.ready if queue is not None and observation.ready else None
     auto_new["observed"] = observed_metrics(per_replica, kv, observation.answered)
+    if waiting_for_nodes is not None:
+        auto_new["waitingForNodes"] = waiting_for_nodes
+    elif auto_now.get("waitingForNodes") is not None:
+        auto_new["waitingForNodes"] = None  # merge patch: null removes it
+    else:
+        auto_new.pop("waitingForNodes", None)
     if decision.direction != "none":
         auto_new["lastScaleTime"] = rfc3339(now)
         auto_new["lastDecision"] = {"from": decision.current, "to": decision.desired, "reason": decision.reason}

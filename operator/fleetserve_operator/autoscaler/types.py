@@ -50,6 +50,7 @@ class Limit(StrEnum):
     MAX_REPLICAS = "TooManyReplicas"
     MIN_REPLICAS = "TooFewReplicas"
     UNSCHEDULABLE = "Unschedulable"
+    WAITING_FOR_NODES = "WaitingForNodes"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
     NO_READY_PODS = "NoReadyPods"
 
@@ -116,13 +117,16 @@ class FleetObservation:
     ``spec.replicas``); it includes pods that are ``starting`` (scheduled, not
     Ready yet) and ``unschedulable`` (Pending with PodScheduled=False).
     ``metrics`` holds one entry per ready pod that answered; ``scrape_errors``
-    counts the ready pods that did not, per reason.
+    counts the ready pods that did not, per reason. ``waiting_for_nodes``
+    (<= ``unschedulable``) counts the unschedulable pods still inside
+    ``scheduling.maxNodeProvisionSeconds``: a node may be booting for them.
     """
 
     current_replicas: int
     ready: int
     starting: int = 0
     unschedulable: int = 0
+    waiting_for_nodes: int = 0
     metrics: tuple[PodMetrics, ...] = ()
     scrape_errors: dict[ScrapeError, int] = field(default_factory=dict)
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ..api.spec import LLMDeploymentSpec
+from ..autoscaler.nodes import node_wait, unschedulable_since
 from ..events import Event
 from ..reconcile.fit import MemoryFit
 from ..resources.labels import endpoint, selector_string
@@ -26,8 +27,12 @@ BAD_WAITING_REASONS = frozenset({
 MAX_PODS_IN_MESSAGE = 3
 
 
-def _pod_problems(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(reason, message) for each pod that is crash-looping, unschedulable or failed."""
+def _pod_problems(pods: list[dict[str, Any]], waiting_pods: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """(reason, message) for each pod that is crash-looping, unschedulable or failed.
+
+    Pods named in ``waiting_pods`` are unschedulable but still within
+    ``scheduling.maxNodeProvisionSeconds``: a node may be on its way, so they are no problem yet.
+    """
     problems: list[tuple[str, str]] = []
     for pod in pods:
         meta, status = pod.get("metadata") or {}, pod.get("status") or {}
@@ -35,7 +40,7 @@ def _pod_problems(pods: list[dict[str, Any]]) -> list[tuple[str, str]]:
             continue
         name = meta.get("name", "?")
         for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and name not in waiting_pods:
                 problems.append((cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}"))
         for cs in status.get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
@@ -56,6 +61,12 @@ def _deployment_problems(deployment: dict[str, Any] | None) -> list[tuple[str, s
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
             problems.append((cond.get("reason") or "ReplicaFailure", cond.get("message", "")))
     return problems
+
+
+def _waiting_for_nodes(pods: list[dict[str, Any]], limit_s: int, now: datetime) -> frozenset[str]:
+    """Names of the unschedulable pods still inside the node-provisioning limit."""
+    return frozenset(str((pod.get("metadata") or {}).get("name")) for pod in pods
+                     if unschedulable_since(pod) is not None and node_wait([pod], limit_s, now).waiting)
 
 
 def compute_status(
@@ -124,13 +135,20 @@ def compute_status(
         else:
             put("Ready", "False", "ReplicasNotReady" if deployment is not None else "Creating",
                 f"{ready}/{desired} replicas ready")
+        limit_s = spec.scheduling.max_node_provision_seconds
+        wait = node_wait(pods, limit_s, now)
         if settled:
             put("Progressing", "False", "RolloutComplete", f"{ready}/{desired} replicas up to date and ready")
+        elif wait.unschedulable:
+            put("Progressing", "True", "WaitingForNodes",
+                f"{ready}/{desired} replicas ready; {wait.describe(limit_s)}")
         else:
             put("Progressing", "True", "RollingOut",
                 f"{updated}/{desired} pods updated, {ready} ready, {pods_now} in total")
 
-    problems = [("ChildConflict", c) for c in conflicts] + _deployment_problems(deployment) + _pod_problems(pods)
+    waiting_pods = _waiting_for_nodes(pods, spec.scheduling.max_node_provision_seconds, now)
+    problems = ([("ChildConflict", c) for c in conflicts] + _deployment_problems(deployment)
+                + _pod_problems(pods, waiting_pods))
     if problems:
         reason = problems[0][0]
         message = "; ".join(m for _, m in problems[:MAX_PODS_IN_MESSAGE])
