@@ -18,7 +18,9 @@ Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
 * ``apps`` ``deployments``: get, list, watch, patch (server-side apply), delete
 * core ``configmaps``, ``services``: get, list, watch, patch, delete
 * ``policy`` ``poddisruptionbudgets``: get, patch, delete
-* core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs)
+* core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs), patch
+  (only the ``controller.kubernetes.io/pod-deletion-cost`` annotation, before a scale-down)
+* core ``nodes``: list (cluster-wide; node ages order a scale-down so the newest node empties first)
 * core ``events``: create (and ``events.k8s.io`` ``events``: create, which kopf uses)
 * ``monitoring.coreos.com`` ``servicemonitors``, ``prometheusrules``: get, patch, delete
   (only used when those CRDs exist; discovery of ``/apis/monitoring.coreos.com/v1`` needs no grant)

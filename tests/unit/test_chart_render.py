@@ -211,8 +211,10 @@ def test_rbac_is_least_privilege() -> None:
             for group, resource, verb in _granted(_rules_of(objs, kind)):
                 assert "*" not in (group, resource, verb), f"{kind} grants a wildcard"
                 assert resource not in ("secrets", "pods/exec", "clusterroles", "roles", "rolebindings"), resource
-                if resource in ("pods", "endpointslices", "customresourcedefinitions", "namespaces"):
+                if resource in ("endpointslices", "customresourcedefinitions", "namespaces", "nodes"):
                     assert verb in ("get", "list", "watch"), f"{resource} must be read-only, got {verb}"
+                if resource == "pods":  # patch: the pod-deletion-cost annotation before a scale-down
+                    assert verb in ("get", "list", "watch", "patch"), f"pods: unexpected verb {verb}"
         granted = _granted(_rules_of(objs, "ClusterRole") + _rules_of(objs, "Role"))
         # Exactly the verbs operator/fleetserve_operator/handlers.py lists.
         expected = {
@@ -222,7 +224,8 @@ def test_rbac_is_least_privilege() -> None:
             ("", "configmaps"): {"get", "list", "watch", "patch", "delete"},
             ("", "services"): {"get", "list", "watch", "patch", "delete"},
             ("policy", "poddisruptionbudgets"): {"get", "patch", "delete"},
-            ("", "pods"): {"get", "list", "watch"},
+            ("", "pods"): {"get", "list", "watch", "patch"},
+            ("", "nodes"): {"list"},
             ("", "events"): {"create"},
             ("events.k8s.io", "events"): {"create"},
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -243,8 +246,9 @@ def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-batch", "ml-serving"]
     cluster = _granted(_rules_of(objs, "ClusterRole"))
-    # Cluster-wide the operator may only read CRDs and namespaces; everything namespaced is in the Roles.
-    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    # Cluster-wide the operator may only read CRDs and nodes; everything namespaced is in the Roles.
+    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
+        ("", "nodes", "list")}
     command = operator_container(objs)["command"]
     assert "--namespace=ml-serving" in command and "--namespace=ml-batch" in command
     assert "--all-namespaces" not in command
