@@ -7,13 +7,24 @@ import time
 from pathlib import Path
 
 from fleetserve_devcluster.testing import DevClusterHandle
-from nodeagent_util import PORT, apply, echo_container, echo_pod, http, pod, ready_pods, records, wait_until
+from nodeagent_util import (
+    PORT,
+    READY_PROBE,
+    apply,
+    echo_container,
+    echo_pod,
+    http,
+    pod,
+    ready_pods,
+    records,
+    wait_until,
+)
 
 
 def test_delete_runs_prestop_then_sigterm_and_waits_for_exit(dev_cluster: DevClusterHandle, namespace: str,
                                                               tmp_path: Path) -> None:
     record = tmp_path / "events"
-    container = echo_container(["--record", str(record), "--drain-seconds", "1"],
+    container = echo_container(["--record", str(record), "--drain-seconds", "1"], readinessProbe=READY_PROBE,
                                lifecycle={"preStop": {"httpGet": {"path": "/prestop", "port": "http"}}})
     apply(dev_cluster, namespace, echo_pod("drain", container=container, terminationGracePeriodSeconds=20))
     wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod drain Ready")
@@ -26,7 +37,7 @@ def test_delete_runs_prestop_then_sigterm_and_waits_for_exit(dev_cluster: DevClu
 def test_grace_period_then_sigkill(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> None:
     """A process that ignores SIGTERM is killed only when the grace period (after a preStop sleep) is over."""
     record = tmp_path / "events"
-    container = echo_container(["--record", str(record), "--ignore-sigterm"],
+    container = echo_container(["--record", str(record), "--ignore-sigterm"], readinessProbe=READY_PROBE,
                                lifecycle={"preStop": {"exec": {"command": ["sleep", "1"]}}})
     apply(dev_cluster, namespace, echo_pod("stubborn", container=container, terminationGracePeriodSeconds=4))
     wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod stubborn Ready")
@@ -61,7 +72,7 @@ def test_crashing_container_restarts_with_backoff(dev_cluster: DevClusterHandle,
 
 
 def test_liveness_failure_restarts_the_container(dev_cluster: DevClusterHandle, namespace: str) -> None:
-    container = echo_container(livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
+    container = echo_container(readinessProbe=READY_PROBE, livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
                                               "failureThreshold": 2, "initialDelaySeconds": 5})
     apply(dev_cluster, namespace, echo_pod("live", container=container, terminationGracePeriodSeconds=2))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod live Ready")[0]
