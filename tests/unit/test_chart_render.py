@@ -220,21 +220,20 @@ def test_rbac_is_least_privilege() -> None:
         expected = {
             ("fleetserve.io", "llmdeployments"): {"get", "list", "watch", "patch"},
             ("fleetserve.io", "llmdeployments/status"): {"get", "patch"},
-            ("apps", "deployments"): {"get", "list", "watch", "patch", "delete"},
-            ("", "configmaps"): {"get", "list", "watch", "patch", "delete"},
-            ("", "services"): {"get", "list", "watch", "patch", "delete"},
-            ("policy", "poddisruptionbudgets"): {"get", "patch", "delete"},
+            ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+            ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+            ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+            ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
             ("", "pods"): {"get", "list", "watch", "patch"},
             ("", "nodes"): {"list"},
             ("", "events"): {"create"},
             ("events.k8s.io", "events"): {"create"},
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+            ("", "namespaces"): {"list", "watch"},
         }
-        if not by_kind(objs, "Role"):
-            expected[("", "namespaces")] = {"list", "watch"}
         if by_kind(objs, "PrometheusRule") or by_kind(objs, "ServiceMonitor"):
-            expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "patch", "delete"}
-            expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "patch", "delete"}
+            expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "create", "patch", "delete"}
+            expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "create", "patch", "delete"}
         actual: dict[tuple[str, str], set[str]] = {}
         for group, resource, verb in granted:
             actual.setdefault((group, resource), set()).add(verb)
@@ -246,9 +245,10 @@ def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-batch", "ml-serving"]
     cluster = _granted(_rules_of(objs, "ClusterRole"))
-    # Cluster-wide the operator may only read CRDs and nodes; everything namespaced is in the Roles.
+    # Cluster-wide the operator may only list/watch CRDs and namespaces and list nodes; everything
+    # namespaced is in the Roles.
     assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
-        ("", "nodes", "list")}
+        ("", "nodes", "list"), ("", "namespaces", "list"), ("", "namespaces", "watch")}
     command = operator_container(objs)["command"]
     assert "--namespace=ml-serving" in command and "--namespace=ml-batch" in command
     assert "--all-namespaces" not in command
