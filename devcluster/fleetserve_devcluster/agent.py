@@ -9,21 +9,23 @@ On a real cluster the kubelet does all of this.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import platform
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .adopt import DEFAULT_PROVISION_DELAY_S, Adopter, provision_delay
 from .kube import Kube, KubeError, ns_path
-from .pods import GPU_RESOURCE, NodeAllocator, default_fleetserve_bin
+from .pods import GPU_RESOURCE, MAX_NODES, NETWORK_BLOCKS, NodeAllocator, default_fleetserve_bin
 from .podworker import AgentContext, PodWorker, local_addresses, remove_address
 from .proxy import ServiceProxy
 from .status import now_rfc3339
@@ -113,7 +115,7 @@ class NodeAgent:
 
     def __init__(self, ctx: AgentContext, nodes: int, cfg: NodeConfig, net: int = 0,
                  adopt_delay_s: float = DEFAULT_PROVISION_DELAY_S) -> None:
-        self.ctx, self.cfg = ctx, cfg
+        self.ctx, self.cfg, self.net = ctx, cfg, net
         self.nodes = {f"{NODE_PREFIX}{i}": NodeAllocator(index=i, gpus=cfg.gpus, net=net) for i in range(nodes)}
         # Nodes a cluster autoscaler creates (kwok.x-k8s.io/node: fake) are run too: see adopt.py.
         self.adopter = Adopter(ctx.kube, adopt_delay_s, self.nodes, net, cfg.gpus,
@@ -129,9 +131,9 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ nodes
     def remove_stale_addresses(self) -> None:
-        """Pod IPs left on `lo` by an agent of this cluster that was killed (its pods died with it)."""
-        for alloc in self.nodes.values():
-            for ip in local_addresses(alloc.prefix):
+        """Pod IPs left on `lo` in this agent's block by a killed agent (its pods died with it)."""
+        for index in range(MAX_NODES):  # own and adopted nodes alike
+            for ip in local_addresses(NodeAllocator(index=index, gpus=0, net=self.net).prefix):
                 remove_address(ip)
 
     def register_nodes(self) -> None:
@@ -259,18 +261,34 @@ def component_healthy(cluster: Any) -> bool:
         return False
 
 
-def pod_network_block(port_base: int) -> int:
-    """Which 198.18.x.0/20 block a dev cluster's pods use (0 for the default port base 16000)."""
-    return (port_base // 1000) % 16
+def claim_network_block(lock_dir: Path | None = None) -> tuple[int, IO[str]]:
+    """The lowest pod-network block no other running agent holds, and the open lock file holding it.
+
+    The lock is an flock: it lasts as long as the returned file stays open, and the
+    kernel drops it when the process dies (even by SIGKILL), so a block is never leaked.
+    """
+    directory = lock_dir or Path(tempfile.gettempdir()) / "fleetserve-devcluster-net"
+    directory.mkdir(parents=True, exist_ok=True)
+    for block in range(NETWORK_BLOCKS):
+        f = open(directory / f"{block}.lock", "w")  # noqa: SIM115 (held for the agent's lifetime)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        return block, f
+    raise RuntimeError(f"all {NETWORK_BLOCKS} pod-network blocks are held by running dev-cluster node agents "
+                       "(run `fleetserve dev-cluster down` on clusters you no longer need)")
 
 
-def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, port_base: int = 16000) -> int:
+def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
     """The node agent and the service proxy in one process, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
                        api_port=kube.server.port, state_dir=state_dir)
-    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=pod_network_block(port_base),
+    block, _held = claim_network_block()  # held until this process exits
+    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=block,
                       adopt_delay_s=provision_delay(state_dir))
     proxy = ServiceProxy(kube, state_dir)
     stop = threading.Event()

@@ -80,7 +80,7 @@ def run_agent(args: argparse.Namespace) -> int:
         config = ClusterConfig.load(state_dir)
     except DevClusterError as exc:
         return main_error(exc)
-    return agent_main(state_dir, config.nodes, config.gpus_per_node, config.port_base)
+    return agent_main(state_dir, config.nodes, config.gpus_per_node)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -18,7 +18,8 @@ from typing import Any
 JsonObj = dict[str, Any]
 GPU_RESOURCE = "nvidia.com/gpu"
 NOT_RUNNABLE_REASON = "ImageNotRunnableLocally"
-MAX_NODES = 16  # per dev cluster: each node owns one /24 of the cluster's 198.18.x.0/20 block
+MAX_NODES = 16  # per dev cluster: each node owns one /24 of the agent's block of 16
+NETWORK_BLOCKS = 32  # 198.18.0.0/15 = 32 blocks of 16 /24s
 
 # lookup(kind, namespace, name) -> the object's string data, or None when it does not exist.
 # kind is "configmap" or "secret"; a Secret's values come back already base64-decoded.
@@ -212,12 +213,13 @@ class NodeAllocator:
     """Pod IPs and GPU ids of one node.
 
     Invariant: an IP or GPU id is held by at most one pod uid; it is released only
-    once that pod's processes have exited.  Node `index` of cluster block `net`
-    owns 198.18.(16*net + index).0/24: `.1` is the node's own address (hostIP),
-    `.2`-`.254` are pod IPs.  Not 127.0.0.0/8: the API rejects loopback addresses
-    in EndpointSlices.  198.18.0.0/15 is reserved for benchmarking (RFC 2544), so
-    it shadows no real network; `net` differs between dev clusters on one machine
-    (it is derived from the port base), so their pods never collide.
+    once that pod's processes have exited.  Node `index` of network block `net`
+    (0..31) owns the /24 198.(18 + net//16).(16*(net%16) + index).0: `.1` is the
+    node's own address (hostIP), `.2`-`.254` are pod IPs.  Not 127.0.0.0/8: the
+    API rejects loopback addresses in EndpointSlices.  198.18.0.0/15 is reserved
+    for benchmarking (RFC 2544), so it shadows no real network.  Each running
+    agent holds its own block (see agent.claim_network_block), so the pods of
+    two dev clusters on one machine never collide.
     """
 
     index: int
@@ -232,10 +234,10 @@ class NodeAllocator:
 
     @property
     def prefix(self) -> str:
-        return f"198.18.{16 * self.net + self.index}."
+        return f"198.{18 + self.net // 16}.{16 * (self.net % 16) + self.index}."
 
     def __post_init__(self) -> None:
-        if not (0 <= self.index < MAX_NODES and 0 <= self.net < 16):
+        if not (0 <= self.index < MAX_NODES and 0 <= self.net < NETWORK_BLOCKS):
             raise ValueError(f"node index {self.index} / cluster block {self.net}: the dev cluster supports "
                              f"at most {MAX_NODES} nodes (use --nodes {MAX_NODES} or fewer)")
 

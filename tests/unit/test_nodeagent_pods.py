@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
-from fleetserve_devcluster.agent import pod_network_block
+from fleetserve_devcluster.agent import claim_network_block
 from fleetserve_devcluster.pods import (
     ContainerConfigError,
     NodeAllocator,
@@ -114,9 +114,8 @@ def test_allocator_gives_distinct_ips_per_node_and_reuses_freed_ones() -> None:
     assert n0.allocate_ip("a") == a  # idempotent per pod
     assert n1.allocate_ip("a") == "198.18.1.2"
     assert n0.host_ip == "198.18.0.1" and n1.host_ip == "198.18.1.1"
-    other_cluster = NodeAllocator(index=0, gpus=2, net=pod_network_block(27000))
-    assert other_cluster.allocate_ip("a") == "198.18.176.2"
-    assert pod_network_block(16000) == 0
+    assert NodeAllocator(index=3, gpus=2, net=11).allocate_ip("a") == "198.18.179.2"
+    assert NodeAllocator(index=0, gpus=2, net=17).allocate_ip("a") == "198.19.16.2"
     assert n0.allocate_ip("c", wanted="198.18.0.3") == "198.18.0.4"  # wanted but taken
     assert n0.allocate_ip("d", wanted="198.18.0.9") == "198.18.0.9"  # an existing pod keeps its IP
     n0.free("a")
@@ -184,3 +183,14 @@ def test_fleetserve_serve_binds_the_host_the_agent_sets(tmp_path) -> None:
     assert build_config({}, config_file=cfg, environ=env).host == "198.18.0.2"
     assert build_config({"host": "198.18.0.9"}, config_file=cfg, environ=env).host == "198.18.0.9"
     assert build_config({}, config_file=cfg, environ={}).host == "0.0.0.0"
+
+
+def test_network_blocks_are_exclusive_while_held(tmp_path) -> None:
+    first, held = claim_network_block(tmp_path)
+    second, held2 = claim_network_block(tmp_path)
+    assert (first, second) == (0, 1)
+    held.close()  # the first agent exits: its block is free again
+    third, held3 = claim_network_block(tmp_path)
+    assert third == 0
+    held2.close()
+    held3.close()
