@@ -46,8 +46,9 @@ TICK_ALLOWANCE_S = 5  # one tick's API reads, scrape timeout and status write on
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(tmp_path_factory.mktemp("autoscaler-model") / "tiny-llama")
+def model_dir(dev_cluster: DevClusterHandle) -> Path:
+    # Not under /tmp: the pods mount their own emptyDir there. The cluster's state dir goes with `down`.
+    return make_model(dev_cluster.state_dir / "test-models" / "tiny-llama")
 
 
 @pytest.fixture
