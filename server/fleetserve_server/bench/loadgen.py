@@ -81,7 +81,8 @@ def multiturn_dataset(num_conversations: int, turns: int, input_len: int, output
 
 
 async def _one_request(client: Any, model: str, messages: list[dict[str, str]], output_len: int,
-                       conversation: int, turn: int, timeout: float) -> tuple[RequestResult, str]:
+                       conversation: int, turn: int, timeout: float,
+                       extra_body: dict[str, Any]) -> tuple[RequestResult, str]:
     start = time.perf_counter()
     result = RequestResult(conversation=conversation, turn=turn, ok=False, start=start)
     pieces: list[str] = []
@@ -89,7 +90,7 @@ async def _one_request(client: Any, model: str, messages: list[dict[str, str]], 
     try:
         stream = await client.chat.completions.create(
             model=model, messages=messages, max_tokens=output_len, temperature=0.0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, timeout=timeout)
+            stream_options={"include_usage": True}, extra_body=extra_body, timeout=timeout)
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                 if result.ttft is None:
@@ -121,9 +122,14 @@ async def run_workload(
     api_key: str | None = None,
     seed: int = 0,
     timeout: float = 600.0,
+    extra_body: dict[str, Any] | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Start conversations at Poisson arrivals (``request_rate`` per s, or all at once for inf),
-    at most ``concurrency`` requests in flight. Returns the results and the wall time."""
+    at most ``concurrency`` requests in flight. Returns the results and the wall time.
+
+    ``extra_body`` carries the server-specific way to force exactly ``output_len``
+    tokens (``ignore_eos`` for vLLM-style servers), so every server does the same work.
+    """
     import httpx
     from openai import AsyncOpenAI
 
@@ -139,7 +145,8 @@ async def run_workload(
         for turn, text in enumerate(conv.user_turns):
             history.append({"role": "user", "content": text})
             async with gate:
-                result, reply = await _one_request(client, model, history, conv.output_len, index, turn, timeout)
+                result, reply = await _one_request(client, model, history, conv.output_len, index, turn, timeout,
+                                                   extra_body or {})
             results.append(result)
             if not result.ok:
                 return

@@ -85,13 +85,23 @@ def _scrape_prefix_cache(root_url: str) -> tuple[float, float] | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = httpx.get(root_url + "/metrics", timeout=10).text
-    except httpx.HTTPError:
+        response = httpx.get(root_url + "/metrics", timeout=10)
+        if response.status_code != 200:
+            return None
+        values = {f.name: sum(s.value for s in f.samples) for f in text_string_to_metric_families(response.text)}
+    except (httpx.HTTPError, ValueError):  # no server or no Prometheus text (a baseline)
         return None
-    values = {f.name: sum(s.value for s in f.samples) for f in text_string_to_metric_families(text)}
     if "fleetserve_prefix_cache_queries" not in values:
         return None
     return values["fleetserve_prefix_cache_queries"], values.get("fleetserve_prefix_cache_hits", 0.0)
+
+
+def _force_length(name: str, output_len: int) -> dict[str, Any]:
+    """How each server is told to generate exactly ``output_len`` tokens (no early EOS)."""
+    if name == "transformers-serve":  # rejects unknown fields; takes a GenerationConfig as JSON
+        return {"generation_config": json.dumps({"max_new_tokens": output_len, "min_new_tokens": output_len,
+                                                 "do_sample": False})}
+    return {"ignore_eos": True}
 
 
 def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str | None) -> Any:
@@ -106,7 +116,8 @@ def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str
           f"concurrency {args.concurrency} ...", flush=True)
     results, duration = asyncio.run(run_workload(
         base_url=base_url, model=model, conversations=_workload(args), request_rate=args.request_rate,
-        concurrency=args.concurrency, api_key=args.api_key, seed=args.seed, timeout=args.timeout))
+        concurrency=args.concurrency, api_key=args.api_key, seed=args.seed, timeout=args.timeout,
+        extra_body=_force_length(name, args.output_len)))
     after = _scrape_prefix_cache(root)
     hit_rate = None
     if before is not None and after is not None and after[0] > before[0]:
@@ -123,8 +134,8 @@ def _transformers_serve_argv(model_dir: Path, port: int) -> list[str] | None:
     probe = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, timeout=120)
     if probe.returncode != 0 or "continuous" not in probe.stdout:
         return None
-    return [exe, "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
-            "--force-model", str(model_dir)]
+    return [exe, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+            str(model_dir)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 server.stop()
     for baseline in args.baseline:
         port = launch.free_port()
+        model_name = None
         if baseline == "naive":
             argv = [sys.executable, "-m", "fleetserve_server.bench.naive_server", "--model", args.model,
                     "--port", str(port)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -161,10 +173,16 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[bench] {notes[-1]}", flush=True)
                 continue
             argv = maybe
-        server = launch.start_server(baseline, argv, port=port, ready_path="/v1/models", log_dir=log_dir,
-                                     timeout=args.startup_timeout, env={"HF_HUB_OFFLINE": "1"})
+            model_name = argv[-1]  # transformers serve names the model by the path it was given
         try:
-            summaries.append(_measure(baseline, server.base_url + "/v1", args, None))
+            server = launch.start_server(baseline, argv, port=port, ready_path="/v1/models", log_dir=log_dir,
+                                         timeout=args.startup_timeout, env={"HF_HUB_OFFLINE": "1"})
+        except (RuntimeError, TimeoutError) as exc:
+            notes.append(f"{baseline}: could not start ({str(exc).splitlines()[0]}); log: {log_dir}/{baseline}.log")
+            print(f"[bench] {notes[-1]}", flush=True)
+            continue
+        try:
+            summaries.append(_measure(baseline, server.base_url + "/v1", args, model_name))
         finally:
             server.stop()
     print(format_table(summaries))
