@@ -98,7 +98,8 @@ def test_proxy_listener_round_robins_over_backends() -> None:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     proxy = ServiceProxy.__new__(ServiceProxy)  # the data path only: no API server involved
     proxy.loop = asyncio.new_event_loop()
-    threading.Thread(target=proxy.loop.run_forever, daemon=True).start()
+    io_thread = threading.Thread(target=proxy.loop.run_forever, daemon=True)
+    io_thread.start()
     try:
         listener: Listener = proxy._run(proxy._open("ns/svc/http", 0))
 
@@ -122,6 +123,13 @@ def test_proxy_listener_round_robins_over_backends() -> None:
         listener.backends = [servers[1].server_address]
         assert {get() for _ in range(3)} == {f"{servers[1].server_address[0]}:{servers[1].server_address[1]}"}
     finally:
+        async def drain() -> None:  # let the last connection's handler finish before the loop stops
+            listener.server.close()
+            await asyncio.sleep(0.2)
+
+        proxy._run(drain())
         proxy.loop.call_soon_threadsafe(proxy.loop.stop)
+        io_thread.join(5)
+        proxy.loop.close()
         for s in servers:
             s.shutdown()
