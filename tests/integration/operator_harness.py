@@ -89,8 +89,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0) -> Iterator[Any]:
-    """Run the real operator (kopf's KopfRunner, our registry) watching ``namespace``."""
+def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, cleanup: bool = True) -> Iterator[Any]:
+    """Run the real operator (kopf's KopfRunner, our registry) watching ``namespace``.
+
+    With ``cleanup`` the namespace's LLMDeployments are deleted while the
+    operator still runs, so it releases its finalizers and the namespace can go.
+    """
     from fleetserve_operator import handlers
     from fleetserve_operator.kube import Kube
     from kopf.testing import KopfRunner
@@ -103,7 +107,12 @@ def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0) -
     try:
         with KopfRunner(["run", "--standalone", "--verbose", "--namespace", namespace],
                         registry=handlers.registry, timeout=60) as runner:
-            yield runner
+            try:
+                yield runner
+            finally:
+                if cleanup:
+                    cluster.kubectl("delete", "llmd", "--all", "-n", namespace, "--wait=true", "--timeout=60s",
+                                    check=False)
     finally:
         handlers._kube = None
         if saved_env is None:

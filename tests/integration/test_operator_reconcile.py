@@ -172,11 +172,11 @@ def test_deleted_child_is_put_back(dev_cluster: DevClusterHandle, namespace: str
 def test_restart_mid_reconcile_converges_without_duplicates_or_flapping(
     dev_cluster: DevClusterHandle, namespace: str
 ) -> None:
-    with operator(dev_cluster, namespace):
+    with operator(dev_cluster, namespace, cleanup=False):
         apply(dev_cluster, namespace, cheap("restart", replicas=2))
         # stop as soon as the first child exists: the reconcile may be half done
         wait_until(lambda: get(dev_cluster, namespace, "configmap", "restart-config"), 30, "the ConfigMap")
-    with operator(dev_cluster, namespace):
+    with operator(dev_cluster, namespace, cleanup=False):
         found = wait_until(lambda: get(dev_cluster, namespace, "pdb", "restart")
                            and all_present(dev_cluster, namespace, "restart"), 30, "all children")
         assert all(len(objs) == 1 for objs in found.values()), {k: len(v) for k, v in found.items()}
@@ -188,10 +188,10 @@ def test_restart_mid_reconcile_converges_without_duplicates_or_flapping(
         # a third start on a converged object: the resume handler runs and changes nothing
         wait_until(lambda: resumes() > resumed_before, 30, "the resume handler")
         after_cr = get(dev_cluster, namespace, "llmd", "restart")
+        counts = {k: len(v) for k, v in children(dev_cluster, namespace, "restart", (*KINDS, "pdb")).items()}
     assert after_cr is not None
     assert {t: condition(after_cr, t) for t in ("MemoryFits", "Ready")} == before
     assert after_cr["status"] == cr["status"], "status changed on a restart with nothing to do"
-    counts = {k: len(v) for k, v in children(dev_cluster, namespace, "restart", (*KINDS, "pdb")).items()}
     assert counts == {"configmap": 1, "service": 1, "deployment": 1, "pdb": 1}
 
 
