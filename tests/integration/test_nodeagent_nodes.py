@@ -33,9 +33,13 @@ def test_nodes_are_ready_gpu_nodes(dev_cluster: DevClusterHandle) -> None:
         assert (datetime.now(UTC) - renewed).total_seconds() < lease["spec"]["leaseDurationSeconds"]
 
 
-def _gpu_pod(name: str, gpus: int) -> dict:
+def _gpu_pod(name: str, gpus: int, nodes: int) -> dict:
+    """A GPU pod that may run only on the agent's own nodes (not on nodes an autoscaler test adds)."""
     p = echo_pod(name)
     p["spec"]["containers"][0]["resources"] = {"limits": {"nvidia.com/gpu": str(gpus)}}
+    own = [f"fs-node-{i}" for i in range(nodes)]
+    p["spec"]["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": own}]}]}}}
     return p
 
 
@@ -44,7 +48,7 @@ def test_gpu_pods_fill_nodes_and_the_excess_stays_pending(dev_cluster: DevCluste
     gpus, nodes = cfg["gpus_per_node"], cfg["nodes"]
     assert gpus >= 1 and nodes >= 1, "the dev cluster needs GPU nodes for this test"
     # Too many GPUs for any node: Pending with the scheduler's reason.
-    dev_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_gpu_pod("huge", gpus + 1)))
+    dev_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_gpu_pod("huge", gpus + 1, nodes)))
 
     def unschedulable() -> str | None:
         p = pod(dev_cluster, namespace, "huge") or {}
@@ -54,13 +58,13 @@ def test_gpu_pods_fill_nodes_and_the_excess_stays_pending(dev_cluster: DevCluste
         return None
 
     message = wait_until(unschedulable, 60, "pod 'huge' to be Unschedulable")
-    assert "Insufficient nvidia.com/gpu" in message
+    assert "Insufficient nvidia.com/gpu" in message, message
     assert (pod(dev_cluster, namespace, "huge") or {})["status"]["phase"] == "Pending"
 
     # Whole-node GPU pods: at most one per node, and nodes+1 of them can never all fit.
     names = [f"full-{i}" for i in range(nodes + 1)]
     for name in names:
-        dev_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_gpu_pod(name, gpus)))
+        dev_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(_gpu_pod(name, gpus, nodes)))
 
     def settled() -> tuple[dict[str, str], list[str]] | None:
         pods = {n: pod(dev_cluster, namespace, n) or {} for n in names}
