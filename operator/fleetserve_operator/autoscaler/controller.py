@@ -120,6 +120,8 @@ def scrape_timeout(policy: AutoscalingPolicy) -> float:
 async def run_autoscaler(kube: Kube, namespace: str, name: str, stopped: Stopped,
                          reconcile: Callable[[], None]) -> None:
     """Tick until ``stopped``; API trouble is logged and retried, never fatal."""
+    # httpx logs every request at INFO: one line per pod per scrape would drown the operator's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     state = FleetState()
     try:
         while not stopped:
