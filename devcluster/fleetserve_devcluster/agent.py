@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -25,8 +26,10 @@ from typing import IO, Any
 
 from .adopt import DEFAULT_PROVISION_DELAY_S, Adopter, provision_delay
 from .kube import Kube, KubeError, ns_path
+from .logserver import BASE_PORT as LOG_BASE_PORT
+from .logserver import LogServer
 from .pods import GPU_RESOURCE, MAX_NODES, NETWORK_BLOCKS, NodeAllocator, default_fleetserve_bin
-from .podworker import AgentContext, PodWorker, local_addresses, remove_address
+from .podworker import AgentContext, PodWorker, add_address, local_addresses, remove_address
 from .proxy import ServiceProxy
 from .status import now_rfc3339
 
@@ -49,6 +52,7 @@ class NodeConfig:
     gpu_product: str = "NVIDIA-H100-80GB-HBM3"
     gpu_memory_mib: int = 81559
     kubelet_version: str = "v1.36.3"
+    kubelet_port: int = 0  # the agent's `kubectl logs` endpoint (logserver.py); 0: none
 
 
 def node_labels(name: str, cfg: NodeConfig) -> dict[str, str]:
@@ -91,8 +95,9 @@ def node_status(name: str, host_ip: str, cfg: NodeConfig, old: JsonObj | None = 
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "node agent has sufficient PID"),
             cond("Ready", "True", "KubeletReady", "fleetserve dev-cluster node agent is posting ready status"),
         ],
-        "addresses": [{"type": "InternalIP", "address": host_ip}, {"type": "Hostname", "address": name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        # No Hostname address: the API server would prefer it for `kubectl logs`, and it does not resolve.
+        "addresses": [{"type": "InternalIP", "address": host_ip}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": cfg.kubelet_port}},
         "nodeInfo": {
             "machineID": name, "systemUUID": name, "bootID": str(os.getpid()),
             "kernelVersion": platform.release(), "osImage": "fleetserve dev cluster (local processes)",
@@ -146,11 +151,13 @@ class NodeAgent:
                 log.info("registered node %s (%s %s, hostIP %s)", name, self.cfg.gpus, GPU_RESOURCE, alloc.host_ip)
             else:
                 self.kube.patch(f"/api/v1/nodes/{name}", {"metadata": {"labels": node_labels(name, self.cfg)}})
+            add_address(alloc.host_ip)  # the API server reaches the node's log endpoint there
             self._post_status(name, alloc, node)
         self._renew_leases()
 
     def _post_status(self, name: str, alloc: NodeAllocator, node: JsonObj | None) -> None:
         status = node_status(name, alloc.host_ip, self.cfg, node)
+        status["addresses"] = [{"$patch": "replace"}, *status["addresses"]]  # merged by type otherwise
         self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": status}, strategic=True)
 
     def _renew_leases(self) -> None:
@@ -288,7 +295,14 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
                        api_port=kube.server.port, state_dir=state_dir)
     block, _held = claim_network_block()  # held until this process exits
-    agent = NodeAgent(ctx, nodes, NodeConfig(gpus=gpus_per_node), net=block,
+    logs: LogServer | None = None
+    try:
+        logs = LogServer(state_dir, LOG_BASE_PORT + block)
+        logs.start()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        log.warning("no `kubectl logs` endpoint (port %d): %s", LOG_BASE_PORT + block, exc)
+    cfg = NodeConfig(gpus=gpus_per_node, kubelet_port=logs.port if logs else 0)
+    agent = NodeAgent(ctx, nodes, cfg, net=block,
                       adopt_delay_s=provision_delay(state_dir))
     proxy = ServiceProxy(kube, state_dir)
     stop = threading.Event()
@@ -302,6 +316,9 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
     agent.run(stop, on_pass=heartbeat.touch)
     log.info("node agent: stopping %d pod(s)", len(agent.workers))
     agent.shutdown()
+    agent.remove_stale_addresses()  # the nodes' own addresses; the pods' went with their workers
+    if logs is not None:
+        logs.close()
     proxy.close()
     heartbeat.unlink(missing_ok=True)
     return 0

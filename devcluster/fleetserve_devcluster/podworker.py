@@ -181,6 +181,7 @@ class PodWorker(threading.Thread):
             wanted = self.pod.get("status", {}).get("podIP")
             self.view.pod_ip = self.alloc.allocate_ip(self.uid, wanted)
         try:
+            add_address(self.alloc.host_ip)  # idempotent; for nodes the agent adopted too
             add_address(self.view.pod_ip)
         except OSError as exc:
             return self._fail("PodNetworkUnavailable", str(exc))

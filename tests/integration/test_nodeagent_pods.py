@@ -35,6 +35,9 @@ def test_two_replicas_ready_on_distinct_ips(dev_cluster: DevClusterHandle, names
         cs = p["status"]["containerStatuses"][0]
         assert cs["ready"] and "running" in cs["state"] and cs["restartCount"] == 0
         assert p["status"]["hostIP"].startswith("198.18.")
+        # `kubectl logs` goes through the API server to the agent's kubelet log endpoint.
+        logs = dev_cluster.kubectl("logs", p["metadata"]["name"], "-n", namespace).stdout
+        assert f"echo listening on {p['status']['podIP']}:{PORT}" in logs
     out = dev_cluster.kubectl("get", "deployment", "web", "-n", namespace).stdout
     assert "2/2" in out
 
