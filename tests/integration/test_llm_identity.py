@@ -29,7 +29,6 @@ BUILTIN_PROMPTS = [
     "The three primary colors are",
     "Translate to French: I like apples.",
     "List three animals that live in the ocean: 1.",
-    "In 1969, the first humans to walk on the Moon were",
 ]
 
 
@@ -109,13 +108,13 @@ def builtin():  # type: ignore[no-untyped-def]
     path = resolve_model("builtin:smollm2-135m-instruct", progress=False).path
     tok = transformers.AutoTokenizer.from_pretrained(path)
     prompts = [tok.encode(p) for p in BUILTIN_PROMPTS]
-    return path, prompts, _hf_reference(path, prompts, 8)
+    return path, prompts, _hf_reference(path, prompts, 6)
 
 
 @pytest.mark.slow
 def test_builtin_batched_greedy_equals_hf_including_preemption_prefix_cache_and_chunking(builtin) -> None:
     path, prompts, expected = builtin
-    params = SamplingParams(max_tokens=8, temperature=0.0)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
     roomy = LLM(max_model_len=64, max_num_seqs=16, dtype="float32", device="cpu", block_size=4)
     assert [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)] == expected
     again = roomy.generate(prompts, params, use_tqdm=False)

@@ -110,6 +110,10 @@ def load_model(
 
 
 def _quantize_layers(model: PagedCausalLM, quantization: str, dtype: torch.dtype, keep: tuple[int, ...]) -> None:
+    import warnings
+
+    # bnb warns on every int8 matmul that float32 inputs are cast to float16 (expected)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     try:
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - it is a pinned dependency

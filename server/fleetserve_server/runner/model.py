@@ -11,9 +11,11 @@ only attention is per sequence: a decode token (one new token) attends through
 one batched, padded gather of its blocks; a prefill chunk attends with SDPA
 (causal; plus the cached prefix when it does not start at position 0).
 
-KV cache layout: ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``;
-position ``p`` of a sequence lives in block ``block_table[p // block_size]``,
-slot ``p % block_size``.
+KV cache layout: ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``;
+position ``p`` of a sequence lives in slot ``block_table[p // block_size] *
+block_size + p % block_size``. Heads outermost, so that one ``index_select``
+of a batch's slots yields ``[kv_heads, B, S, head_dim]``, ready for a batched
+matmul without another copy (the decode step's main memory traffic).
 """
 
 from __future__ import annotations
@@ -31,19 +33,22 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 class StepMetadata:
     """Tensors describing one step's flat token batch (built by the runner).
 
-    ``slot_mapping[t]`` is the flat KV slot (block * block_size + offset) of token t.
-    Decode part: ``decode_token_idx`` [B] flat indices of one-token sequences,
-    ``decode_block_tables`` [B, max_blocks] (padded with block 0) and
-    ``decode_mask`` [B, 1, 1, max_blocks * block_size] additive (0 / -inf).
+    Decode sequences (one new token each) come first: tokens ``0 .. B-1``.
+    ``slot_mapping[t]`` is the KV slot (block * block_size + offset) of token t.
+    ``decode_slots`` [B * S] lists, per decode sequence, the slots of its first
+    S positions (S = longest decode context, padded with slot 0) and
+    ``decode_mask`` [B, 1, S] is additive (0 where position < context length,
+    a large negative number elsewhere).
     Prefill part: one entry per multi-token chunk: (token slice start, length,
-    start_pos, block_table tensor or None when start_pos == 0).
+    start_pos, slots of positions 0 .. start_pos + length - 1, or None when
+    start_pos == 0).
     ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    decode_token_idx: torch.Tensor | None
-    decode_block_tables: torch.Tensor | None
+    num_decode: int
+    decode_slots: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[tuple[int, int, int, torch.Tensor | None]]
     logits_idx: torch.Tensor
@@ -156,11 +161,10 @@ class PagedCausalLM(nn.Module):
                 k = self._rms(k, layer.k_norm)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            k_cache = kv_cache[li, 0]
-            v_cache = kv_cache[li, 1]
-            k_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
-            v_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
-            out = self._attention(q, k, v, k_cache, v_cache, meta)
+            kv_layer = kv_cache[li]  # [2, kv, slots, hd]
+            kv_layer[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
+            kv_layer[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
+            out = self._attention(q, k, v, kv_layer, meta)
             h = h + layer.o_proj(out.view(num_tokens, nh * hd))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
@@ -169,40 +173,34 @@ class PagedCausalLM(nn.Module):
         return self.lm_head(h).float()
 
     def _attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: StepMetadata,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
         nkv, hd, g = self.num_kv_heads, self.head_dim, self.group
         out = torch.empty_like(q)
-        if meta.decode_token_idx is not None:
-            bt, mask = meta.decode_block_tables, meta.decode_mask
-            b = bt.shape[0]  # type: ignore[union-attr]
-            # [B, max_blocks, bs, kv, hd] -> [B, kv, S, hd]: one gather per layer.
-            keys = k_cache[bt].view(b, -1, nkv, hd).permute(0, 2, 3, 1)  # [B, kv, hd, S]
-            vals = v_cache[bt].view(b, -1, nkv, hd).transpose(1, 2)  # [B, kv, S, hd]
-            qd = q[meta.decode_token_idx].view(b, nkv, g, hd)
-            scores = torch.matmul(qd, keys).mul_(self.scale).add_(mask)  # [B, kv, g, S]
-            probs = torch.softmax(scores.float(), dim=-1).to(vals.dtype)
-            out[meta.decode_token_idx] = torch.matmul(probs, vals).view(b, -1, hd)
-        for start, n, start_pos, block_table in meta.prefills:
+        b = meta.num_decode
+        if b:
+            # One gather of K and V for every decode sequence: [2, kv, B*S, hd].
+            kv = kv_layer.index_select(2, meta.decode_slots)  # type: ignore[arg-type]
+            span = kv.shape[2] // b
+            keys = kv[0].view(nkv, b, span, hd)
+            vals = kv[1].view(nkv, b, span, hd)
+            qd = (q[:b] * self.scale).view(b, nkv, g, hd).transpose(0, 1)  # [kv, B, g, hd]
+            scores = torch.matmul(qd, keys.transpose(-1, -2)).add_(meta.decode_mask)  # [kv, B, g, S]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
+            out[:b] = torch.matmul(probs, vals).transpose(0, 1).reshape(b, -1, hd)
+        for start, n, start_pos, slots in meta.prefills:
             qs = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
-            if block_table is None:
+            if slots is None:
                 ks = k[start : start + n].transpose(0, 1).unsqueeze(0)
                 vs = v[start : start + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
                 total = start_pos + n
-                ks = k_cache[block_table].view(-1, nkv, hd)[:total].transpose(0, 1).unsqueeze(0)
-                vs = v_cache[block_table].view(-1, nkv, hd)[:total].transpose(0, 1).unsqueeze(0)
+                kv = kv_layer.index_select(2, slots).to(qs.dtype)  # [2, kv, total, hd]
                 qpos = torch.arange(start_pos, total, device=q.device)[:, None]
                 allowed = torch.arange(total, device=q.device)[None, :] <= qpos
                 o = F.scaled_dot_product_attention(
-                    qs, ks.to(qs.dtype), vs.to(qs.dtype), attn_mask=allowed, scale=self.scale, enable_gqa=True
+                    qs, kv[0:1], kv[1:2], attn_mask=allowed, scale=self.scale, enable_gqa=True
                 )
             out[start : start + n] = o[0].transpose(0, 1)
         return out

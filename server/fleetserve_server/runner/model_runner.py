@@ -19,8 +19,8 @@ from fleetserve_server.runner.sampler import Sampler
 class TorchModelRunner:
     """Implements ``engine.interfaces.ModelRunner``.
 
-    Invariant: ``kv_cache`` has shape ``[layers, 2, num_blocks, block_size,
-    kv_heads, head_dim]`` and is allocated once; its size is exactly
+    Invariant: ``kv_cache`` has shape ``[layers, 2, kv_heads, num_blocks *
+    block_size, head_dim]`` (see ``model``) and is allocated once; its size is exactly
     ``num_blocks x block_size x kv_bytes_per_token`` (what the planner predicts).
     """
 
@@ -42,7 +42,7 @@ class TorchModelRunner:
         self.device = model.device
         self.vocab_size = model.vocab_size
         self.kv_cache = _zeros(
-            (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim),
+            (model.num_layers, 2, model.num_kv_heads, num_blocks * block_size, model.head_dim),
             model.dtype, self.device,
         )
         self.sampler = Sampler(self.device, base_seed=seed)
@@ -81,14 +81,14 @@ class TorchModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_idx: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
+        decode_slots: list[list[int]] = []
         prefills: list[tuple[int, int, int, list[int] | None]] = []
         logits_idx: list[int] = []
         sample_ids: list[int] = []
         sample_params = []
-        for seq in batch.sequences:
+        # decode sequences (one token) first, so the model addresses them as q[:B]
+        ordered = sorted(batch.sequences, key=lambda s: len(s.token_ids) != 1)
+        for seq in ordered:
             n = len(seq.token_ids)
             if n == 0:
                 raise ValueError(f"sequence {seq.seq_id}: a scheduled chunk must have at least one token")
@@ -99,7 +99,7 @@ class TorchModelRunner:
                     f"sequence {seq.seq_id}: position {end_pos - 1} exceeds max_model_len "
                     f"{self.model.max_positions}"
                 )
-            table = list(seq.block_table)
+            table = seq.block_table
             if len(table) * bs < end_pos:
                 raise ValueError(
                     f"sequence {seq.seq_id}: block_table covers {len(table) * bs} positions, needs {end_pos}"
@@ -107,15 +107,16 @@ class TorchModelRunner:
             if max(table) >= self.num_blocks or min(table) < 0:
                 raise ValueError(f"sequence {seq.seq_id}: block_table names a block outside [0, {self.num_blocks})")
             ids.extend(seq.token_ids)
-            for p in range(seq.start_pos, end_pos):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            positions.extend(range(seq.start_pos, end_pos))
+            # slots of positions 0 .. end_pos-1: the whole context attention reads
+            # (for a decode or a later chunk) ending with the ones written now
+            seq_slots = [blk * bs + off for blk in table[: (end_pos + bs - 1) // bs] for off in range(bs)]
+            del seq_slots[end_pos:]
+            slots.extend(seq_slots[seq.start_pos :])
             if n == 1:
-                decode_idx.append(start)
-                decode_tables.append(table[: (end_pos + bs - 1) // bs])
-                decode_lens.append(end_pos)
+                decode_slots.append(seq_slots)
             else:
-                prefills.append((start, n, seq.start_pos, table[: (end_pos + bs - 1) // bs] if seq.start_pos else None))
+                prefills.append((start, n, seq.start_pos, seq_slots if seq.start_pos else None))
             if seq.sample:
                 logits_idx.append(start + n - 1)
                 sample_ids.append(seq.seq_id)
@@ -124,21 +125,20 @@ class TorchModelRunner:
         if max(ids) >= self.model.vocab_size or min(ids) < 0:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.model.vocab_size})")
-        decode_bt = decode_mask = decode_ix = None
-        if decode_idx:
-            width = max(len(t) for t in decode_tables)
-            decode_bt = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            span = torch.arange(width * bs, device=dev)
-            decode_mask = torch.zeros(len(decode_idx), 1, 1, width * bs, dtype=self.model.dtype, device=dev)
-            decode_mask.masked_fill_((span[None, :] >= lens[:, None])[:, None, None, :], self._neg_inf)
-            decode_ix = torch.tensor(decode_idx, dtype=torch.long, device=dev)
+        dslots = dmask = None
+        if decode_slots:
+            width = max(len(t) for t in decode_slots)
+            lens = torch.tensor([len(t) for t in decode_slots], device=dev)
+            dslots = torch.tensor([t + [0] * (width - len(t)) for t in decode_slots], dtype=torch.long, device=dev)
+            dmask = torch.zeros(len(decode_slots), 1, width, dtype=self.model.dtype, device=dev)
+            dmask.masked_fill_((torch.arange(width, device=dev)[None, :] >= lens[:, None])[:, None, :], self._neg_inf)
+            dslots = dslots.view(-1)
         meta = StepMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode_token_idx=decode_ix,
-            decode_block_tables=decode_bt,
-            decode_mask=decode_mask,
+            num_decode=len(decode_slots),
+            decode_slots=dslots,
+            decode_mask=dmask,
             prefills=[
                 (s, n, sp, None if t is None else torch.tensor(t, dtype=torch.long, device=dev))
                 for s, n, sp, t in prefills
@@ -146,7 +146,6 @@ class TorchModelRunner:
             logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_ids, sample_params
-
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zero-filled tensor. On CPU it comes from calloc'd (lazily mapped) pages, so
