@@ -15,14 +15,15 @@ Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
 
 * ``fleetserve.io`` ``llmdeployments``: get, list, watch, patch
   (kopf's annotations and ``kubectl``-style metadata); ``llmdeployments/status``: get, patch
-* ``apps`` ``deployments``: get, list, watch, patch (server-side apply), delete
-* core ``configmaps``, ``services``: get, list, watch, patch, delete
-* ``policy`` ``poddisruptionbudgets``: get, patch, delete
+* ``apps`` ``deployments``: get, list, watch, create + patch (server-side apply; an apply
+  that creates the object is also authorized as create), delete
+* core ``configmaps``, ``services``: get, list, watch, create, patch, delete
+* ``policy`` ``poddisruptionbudgets``: get, create, patch, delete
 * core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs), patch
   (only the ``controller.kubernetes.io/pod-deletion-cost`` annotation, before a scale-down)
 * core ``nodes``: list (cluster-wide; node ages order a scale-down so the newest node empties first)
 * core ``events``: create (and ``events.k8s.io`` ``events``: create, which kopf uses)
-* ``monitoring.coreos.com`` ``servicemonitors``, ``prometheusrules``: get, patch, delete
+* ``monitoring.coreos.com`` ``servicemonitors``, ``prometheusrules``: get, create, patch, delete
   (only used when those CRDs exist; discovery of ``/apis/monitoring.coreos.com/v1`` needs no grant)
 * ``apiextensions.k8s.io`` ``customresourcedefinitions``: list, watch (kopf's resource discovery)
 * core ``namespaces``: list, watch (kopf, only with ``--all-namespaces`` patterns)
