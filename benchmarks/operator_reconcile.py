@@ -108,11 +108,12 @@ def main() -> int:
     try:
         # a warm-up CR: the measured latencies include none of the operator's startup
         create(kube, ns, body("warmup"))
-        deadline = time.monotonic() + 60
+        started = time.perf_counter()
         while not reconciled(kube, ns, "warmup"):
-            if time.monotonic() > deadline:
-                raise SystemExit("operator did not reconcile the warm-up CR in 60 s; see " + log.name)
+            if time.perf_counter() - started > 600:
+                raise SystemExit("operator did not reconcile the warm-up CR in 600 s; see " + log.name)
             time.sleep(0.05)
+        results["operator_start_to_first_reconcile_s"] = round(time.perf_counter() - started, 2)
         results["rss_idle_mb"] = round(rss_mb(op.pid), 1)
 
         latencies = []
@@ -147,6 +148,7 @@ def main() -> int:
         log.close()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     results["cpu_count"] = os.cpu_count()
+    results["load_average_1m"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
     return 0
 
