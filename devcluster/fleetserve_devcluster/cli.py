@@ -138,6 +138,13 @@ def run_status(args: argparse.Namespace) -> int:
 
     for service, address in sorted(proxy_addresses(cluster.state_dir).items()):
         print(f"service    {service:<40} {address}")
+    from .processes import log_file
+
+    for r in rows:
+        if not r.running or r.healthy is False:
+            print(f"{r.name} is {'not running' if not r.running else 'unhealthy'}: see "
+                  f"{log_file(cluster.state_dir, r.name)}; `fleetserve dev-cluster up` restarts what stopped",
+                  file=sys.stderr)
     return 0 if all(r.running and r.healthy is not False for r in rows) else 1
 
 

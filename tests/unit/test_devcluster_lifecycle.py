@@ -119,3 +119,22 @@ def test_down_without_a_cluster_is_harmless(tmp_path: Path) -> None:
     out, log = _messages()
     controlplane.down(tmp_path / "none", log=log)  # type: ignore[arg-type]
     assert any("no dev cluster" in m for m in out)
+
+
+def test_status_reports_a_dead_component_and_its_log(tmp_path: Path, fake_components: list[Component],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetserve_cli.main import main
+
+    state = tmp_path / "state"
+    controlplane.up(state, ClusterConfig(), log=lambda m: None)
+    try:
+        assert main(["dev-cluster", "status", "--state-dir", str(state)]) == 0
+        processes.stop([t for t in processes.tracked(state) if t.name == "beta"], grace_s=5)
+        capsys.readouterr()
+        assert main(["dev-cluster", "status", "--state-dir", str(state)]) == 1
+        out, err = capsys.readouterr()
+        beta = next(line for line in out.splitlines() if line.startswith("beta "))
+        assert "stopped" in beta
+        assert str(state / "logs" / "beta.log") in err and "dev-cluster up" in err
+    finally:
+        controlplane.down(state, log=lambda m: None)
