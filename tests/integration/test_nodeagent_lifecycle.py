@@ -27,7 +27,7 @@ def test_delete_runs_prestop_then_sigterm_and_waits_for_exit(dev_cluster: DevClu
     container = echo_container(["--record", str(record), "--drain-seconds", "1"], readinessProbe=READY_PROBE,
                                lifecycle={"preStop": {"httpGet": {"path": "/prestop", "port": "http"}}})
     apply(dev_cluster, namespace, echo_pod("drain", container=container, terminationGracePeriodSeconds=20))
-    wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod drain Ready")
+    wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod drain Ready")
     dev_cluster.kubectl("delete", "pod", "drain", "-n", namespace, "--wait=true", timeout=60)
     events = [e for e, _ in records(record)]
     assert events[0].startswith("start")
@@ -40,7 +40,7 @@ def test_grace_period_then_sigkill(dev_cluster: DevClusterHandle, namespace: str
     container = echo_container(["--record", str(record), "--ignore-sigterm"], readinessProbe=READY_PROBE,
                                lifecycle={"preStop": {"exec": {"command": ["sleep", "1"]}}})
     apply(dev_cluster, namespace, echo_pod("stubborn", container=container, terminationGracePeriodSeconds=4))
-    wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod stubborn Ready")
+    wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod stubborn Ready")
     t0 = time.time()
     dev_cluster.kubectl("delete", "pod", "stubborn", "-n", namespace, "--wait=false")
     wait_until(lambda: pod(dev_cluster, namespace, "stubborn") is None, 60, "pod stubborn deleted")
@@ -72,10 +72,13 @@ def test_crashing_container_restarts_with_backoff(dev_cluster: DevClusterHandle,
 
 
 def test_liveness_failure_restarts_the_container(dev_cluster: DevClusterHandle, namespace: str) -> None:
-    container = echo_container(readinessProbe=READY_PROBE, livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
-                                              "failureThreshold": 2, "initialDelaySeconds": 5})
+    # The startup probe holds the liveness probe off until the process listens (slow on a loaded machine).
+    health = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1}
+    container = echo_container(readinessProbe=READY_PROBE, startupProbe={**health, "failureThreshold": 300},
+                               livenessProbe={**health, "failureThreshold": 2})
+
     apply(dev_cluster, namespace, echo_pod("live", container=container, terminationGracePeriodSeconds=2))
-    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod live Ready")[0]
+    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod live Ready")[0]
     base = f"http://{p['status']['podIP']}:{PORT}"
     first_pid = json.loads(http("GET", f"{base}/")[1])["pid"]
     assert http("POST", f"{base}/control/health?value=false")[0] == 200
@@ -85,7 +88,7 @@ def test_liveness_failure_restarts_the_container(dev_cluster: DevClusterHandle, 
         cs = (cur.get("status", {}).get("containerStatuses") or [{}])[0]
         return cs if cs.get("restartCount", 0) >= 1 and cs.get("ready") else None
 
-    cs = wait_until(restarted, 60, "a liveness restart")
+    cs = wait_until(restarted, 120, "a liveness restart")
     assert cs["restartCount"] == 1
     assert http("GET", f"{base}/health")[0] == 200  # the fresh process is healthy again, on the same pod IP
     assert json.loads(http("GET", f"{base}/")[1])["pid"] != first_pid

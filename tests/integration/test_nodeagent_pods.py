@@ -26,7 +26,7 @@ from nodeagent_util import (
 def test_two_replicas_ready_on_distinct_ips(dev_cluster: DevClusterHandle, namespace: str) -> None:
     apply(dev_cluster, namespace, echo_deployment("web", 2))
     pods = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(ready_pods(dev_cluster, namespace, "app=web")),
-                      90, "2/2 web pods Ready")
+                      120, "2/2 web pods Ready")
     ips = {p["status"]["podIP"] for p in pods}
     assert len(ips) == 2
     for p in pods:
@@ -59,7 +59,7 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
                       {"name": "scratch", "mountPath": "/scratch-nodeagent-test"}])
     apply(dev_cluster, namespace, echo_pod("env", container=container, volumes=[
         {"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]))
-    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod env Ready")[0]
+    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod env Ready")[0]
     base = f"http://{p['status']['podIP']}:{PORT}"
     env = {k: http("GET", f"{base}/env?name={k}")[1] for k in ("MY_POD", "MY_IP", "API_KEY", "DERIVED", "MODE")}
     assert env == {"MY_POD": "env", "MY_IP": p["status"]["podIP"], "API_KEY": "s3cret", "DERIVED": "mode-fast",
@@ -78,7 +78,7 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
 
 def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
     apply(dev_cluster, namespace, echo_pod("sa", container=echo_container(readinessProbe=READY_PROBE)))
-    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 60, "pod sa Ready")[0]
+    p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod sa Ready")[0]
     base = f"http://{p['status']['podIP']}:{PORT}"
     sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
     token = http("GET", f"{base}/file?path={sa_dir}/token")[1]
