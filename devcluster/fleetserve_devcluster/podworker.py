@@ -288,14 +288,15 @@ class PodWorker(threading.Thread):
 
     # ------------------------------------------------------------------ containers
     def _start(self, c: Container) -> None:
+        retry_at = time.monotonic() + 1.0  # a container that cannot start yet is retried each second
         if self.config_error:
-            c.view.waiting = ("CreateContainerConfigError", self.config_error)
+            c.view.waiting, c.next_start = ("CreateContainerConfigError", self.config_error), retry_at
             return
         try:
             env = resolve_env(self.pod, c.spec, self._lookup, self._net(), self._base_env())
             mounts = plan_mounts(c.spec, self.volume_dirs, self.pod["spec"].get("volumes") or [])
         except ContainerConfigError as exc:
-            c.view.waiting = ("CreateContainerConfigError", str(exc))
+            c.view.waiting, c.next_start = ("CreateContainerConfigError", str(exc)), retry_at
             return
         argv = [c.argv[0], *(expand_vars(a, env) for a in c.argv[1:])]
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
@@ -305,9 +306,14 @@ class PodWorker(threading.Thread):
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)
         cmd = ["unshare", "--mount", "--propagation", "private",
                sys.executable, "-m", "fleetserve_devcluster.launch", str(spec_file)]
-        c.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                  start_new_session=True, preexec_fn=_die_with_parent)
-        logfile.close()
+        try:
+            c.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                                      start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as exc:  # e.g. no `unshare` on this machine
+            c.view.waiting, c.next_start = ("RunContainerError", f"cannot start {cmd[0]}: {exc}"), retry_at
+            return
+        finally:
+            logfile.close()
         if c.view.running_since is not None or c.view.last_terminated is not None:
             c.view.restart_count += 1
         c.started_mono = time.monotonic()
