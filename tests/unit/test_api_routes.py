@@ -215,3 +215,29 @@ async def test_dead_engine_fails_health() -> None:
         engine.dead = True
         assert (await c.get("/health")).status_code == 503
         assert (await c.get("/ready")).status_code == 503
+
+
+async def test_model_sampling_defaults_apply_when_the_request_omits_them() -> None:
+    import dataclasses
+
+    greedy_model = dataclasses.replace(MODEL, default_sampling={"temperature": 0.0})
+    app = create_app(FakeEngine(), served_name="fake-model", tokenizer=FakeTokenizer(), model=greedy_model)
+    async with client(app) as c:
+        omitted = (await c.post("/v1/completions", json={"model": "fake-model", "prompt": "x",
+                                                          "max_tokens": 9})).json()
+        explicit = (await c.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 9,
+                                                           "temperature": 1.0, "seed": 3})).json()
+    assert omitted["choices"][0]["text"] == GREEDY_TEXT[:9]
+    assert explicit["choices"][0]["text"] != GREEDY_TEXT[:9]
+    assert omitted["system_fingerprint"] != MODEL.fingerprint  # defaults are part of the configuration
+
+
+def test_sampling_defaults_from_generation_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fleetserve_server.api.server import sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95,
+                                                                 "top_k": 20, "eos_token_id": 2}))
+    assert sampling_defaults(str(tmp_path), str(tmp_path)) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert sampling_defaults(None, "builtin:smollm2-135m-instruct") == {"temperature": 0.2, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert sampling_defaults(str(tmp_path), str(tmp_path)) == {}

@@ -68,7 +68,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     prompt_ids = render_chat_prompt(ctx, req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
-                                   max_model_len=serving.model.max_model_len, prompt_param="messages")
+                                   max_model_len=serving.model.max_model_len, prompt_param="messages",
+                                   defaults=serving.model.default_sampling)
     run = GenerationRun(
         serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
         http_request=request, client_request_id=request_id_of(request), endpoint="chat",

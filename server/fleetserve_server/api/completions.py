@@ -56,7 +56,8 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     check_unsupported(req, offending)
     prompt_ids = prompt_token_ids(serving, req.prompt)
     params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
-                                   max_model_len=serving.model.max_model_len, prompt_param="prompt")
+                                   max_model_len=serving.model.max_model_len, prompt_param="prompt",
+                                   defaults=serving.model.default_sampling)
     run = GenerationRun(
         serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
         http_request=request, client_request_id=request_id_of(request), endpoint="completions",

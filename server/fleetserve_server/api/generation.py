@@ -75,8 +75,14 @@ def check_unsupported(req: _SamplingFields, offending: list[str]) -> None:
 
 
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, prompt_len: int,
-                          max_model_len: int, prompt_param: str) -> SamplingParams:
-    """Validate sampling fields against the model's context limit; 400s name the field."""
+                          max_model_len: int, prompt_param: str,
+                          defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """Validate sampling fields against the model's context limit; 400s name the field.
+
+    Fields the request leaves out take the model's ``defaults`` (its
+    generation_config), then OpenAI's (temperature 1, top_p 1, no top_k).
+    """
+    defaults = defaults or {}
     if prompt_len >= max_model_len:
         raise invalid(f"This model's maximum context length is {max_model_len} tokens, but the prompt "
                       f"has {prompt_len} tokens, leaving no room for a completion; shorten the prompt",
@@ -91,14 +97,14 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, promp
     stop: tuple[str, ...] = ()
     if req.stop is not None:
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
-    top_k = req.top_k if req.top_k is not None else 0
+    top_k = req.top_k if req.top_k is not None else int(defaults.get("top_k", 0))
     if top_k == -1:  # vLLM's spelling of "disabled"
         top_k = 0
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=float(defaults.get("temperature", 1.0)) if req.temperature is None else req.temperature,
+            top_p=float(defaults.get("top_p", 1.0)) if req.top_p is None else req.top_p,
             top_k=top_k,
             seed=req.seed,
             stop=stop,

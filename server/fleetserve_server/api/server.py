@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -33,6 +34,33 @@ log = logging.getLogger("fleetserve.server")
 _ENGINE_KEYS = ("model", "quantization", "dtype", "max_model_len", "max_num_seqs", "max_batch_tokens",
                 "kv_cache_memory_fraction", "kv_cache_tokens", "block_size", "prefix_caching",
                 "cache_ttl_seconds")
+
+
+# Sampling defaults from the model card, for builtin models whose converted
+# generation_config.json carries none (SmolLM2's card recommends these; at
+# OpenAI's temperature 1 a 135M model rambles).
+BUILTIN_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "builtin:smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
+}
+
+
+def sampling_defaults(model_path: str | None, spec: str) -> dict[str, Any]:
+    """temperature / top_p / top_k a request gets when it omits them.
+
+    The model directory's generation_config.json wins (as in vLLM); a
+    builtin model falls back to its model card's recommendation.
+    """
+    defaults = dict(BUILTIN_SAMPLING_DEFAULTS.get(spec, {}))
+    if model_path:
+        path = Path(model_path) / "generation_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            config = {}
+        if config.get("do_sample") is not False:
+            defaults.update({k: config[k] for k in ("temperature", "top_p", "top_k")
+                             if isinstance(config.get(k), int | float) and not isinstance(config.get(k), bool)})
+    return defaults
 
 
 class _Server(uvicorn.Server):
@@ -145,7 +173,10 @@ async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
         served_name=config.resolved_served_name(), max_model_len=int(loaded.max_model_len),
         quantization=str(loaded.quantization), dtype=_dtype_name(loaded.dtype), source=config.model,
         engine_config={**{k: getattr(config, k) for k in _ENGINE_KEYS}, "device": str(loaded.device)},
+        default_sampling=sampling_defaults(getattr(loaded, "model_path", None), config.model),
     )
+    if model.default_sampling:
+        log.info("sampling defaults for requests that omit them: %s", model.default_sampling)
     attach(ctx, engine, loaded.tokenizer, model, weights_bytes=int(loaded.weights_bytes),
            kv_cache_bytes=int(loaded.kv_cache_bytes))
     ctx.state.mark_ready()

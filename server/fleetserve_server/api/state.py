@@ -39,11 +39,14 @@ class ModelInfo:
     dtype: str = "float32"
     source: str = ""
     engine_config: dict[str, Any] = field(default_factory=dict)
+    # temperature / top_p / top_k used when a request omits them (the model's generation_config)
+    default_sampling: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def fingerprint(self) -> str:
-        blob = repr(sorted({**self.engine_config, "source": self.source}.items())).encode()
+        blob = repr(sorted({**self.engine_config, "source": self.source,
+                            "default_sampling": sorted(self.default_sampling.items())}.items())).encode()
         digest = hashlib.sha256(blob).hexdigest()[:10]
         return f"fleetserve-{engine_version()}/{self.served_name}/{self.quantization}/{self.dtype}/{digest}"
 

@@ -130,13 +130,11 @@ async def run_workload(
     ``extra_body`` carries the server-specific way to force exactly ``output_len``
     tokens (``ignore_eos`` for vLLM-style servers), so every server does the same work.
     """
-    import httpx
     from openai import AsyncOpenAI
 
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0,
-                         http_client=httpx.AsyncClient(limits=limits, timeout=timeout))
+    # The SDK's own connection pool (up to 1000 connections) is larger than any --concurrency here.
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
     gate = asyncio.Semaphore(concurrency)
     results: list[RequestResult] = []
 
