@@ -308,3 +308,39 @@ def run_scenario(cluster: DevClusterHandle, namespace: str, model_dir: Path) -> 
                                          "down_window_s": DOWN_WINDOW_S, "ok": result.ok,
                                          "failed": len(result.failures), "rows": rows,
                                          "requests": result.requests}, indent=1))
+
+
+def test_a_pod_no_node_can_take_waits_for_nodes_then_degrades_with_a_warning_after_the_limit(
+        ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
+    """No node has 2 GPUs and none comes: WaitingForNodes first, Degraded/Unschedulable after the limit."""
+    cluster, namespace, limit_s = ca_cluster, "ca-overdue", 15
+    cluster.kubectl("create", "namespace", namespace)
+    apply_crds(cluster)
+    model_dir = make_model(cluster.state_dir / "test-models" / "tiny-llama")
+    fleet = Fleet(cluster, namespace, "big")
+    manifest = llmd_manifest("big", model_dir, gpus=2, autoscaling={
+        "enabled": True, "minReplicas": 1, "maxReplicas": 2, "scrapeIntervalSeconds": SCRAPE_S})
+    manifest["spec"]["scheduling"] = {"maxNodeProvisionSeconds": limit_s}
+    log = tmp_path / "operator.log"
+    try:
+        with running_operator(cluster, namespace, log):
+            fleet.apply(manifest)
+            waiting = wait_until(lambda: ((fleet.status().get("autoscaler") or {}).get("waitingForNodes") or {}),
+                                 90, "status.autoscaler.waitingForNodes")
+            if waiting.get("pods"):  # seen inside the limit (a slow first tick may only see it overdue)
+                progressing = fleet.condition("Progressing")
+                assert (progressing.get("status"), progressing.get("reason")) == ("True", "WaitingForNodes")
+                assert fleet.condition("Degraded").get("status") != "True"
+                assert not fleet.events("Unschedulable")
+            # Past the limit the autoscaler's tick (not the minute-long resync) turns it into Degraded.
+            degraded = wait_until(lambda: (lambda c: c if c.get("status") == "True" else None)(
+                fleet.condition("Degraded")), limit_s + 40, "Degraded=True after maxNodeProvisionSeconds")
+            assert degraded["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in degraded["message"]
+            [event] = wait_until(lambda: fleet.events("Unschedulable"), 30, "an Unschedulable Warning event")
+            assert event.type == "Warning"
+            overdue = (fleet.status().get("autoscaler") or {}).get("waitingForNodes") or {}
+            assert overdue.get("overdue") == 1 and overdue.get("pods") == 0, overdue
+            assert int(fleet.status()["desiredReplicas"]) == 1  # nothing piled up behind it
+    finally:
+        if log.exists():
+            sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-3000:]}\n")
