@@ -93,11 +93,15 @@ def _report_failure(namespace: str, name: str, reason: str, message: str) -> Non
             client.post_event(cr, "Warning", reason, message)
 
 
-def run_reconcile(namespace: str, name: str, trigger: str) -> None:
-    """Reconcile with metrics, turning API failures into kopf's retry semantics."""
+def run_reconcile(namespace: str, name: str, trigger: str, coalesce: bool = False) -> None:
+    """Reconcile with metrics, turning API failures into kopf's retry semantics.
+
+    ``coalesce`` (child events, resync) skips the run when another one for the
+    same LLMDeployment is already waiting: it will see the same or newer state.
+    """
     started = time.perf_counter()
     try:
-        result = reconcile(kube(), namespace, name)
+        result = reconcile(kube(), namespace, name, coalesce=coalesce)
     except KubeError as exc:
         metrics.ERRORS.labels("api_retriable" if exc.retriable else "api_rejected").inc()
         if exc.retriable:
@@ -176,7 +180,7 @@ def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: 
             interval=RESYNC_INTERVAL_SECONDS, initial_delay=RESYNC_INTERVAL_SECONDS)
 def resync(name: str, namespace: str | None, **_: Any) -> None:
     """Level-triggered safety net: whatever event was missed, converge once a minute."""
-    run_reconcile(_ns(namespace), name, "resync")
+    run_reconcile(_ns(namespace), name, "resync", coalesce=True)
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="autoscale", cancellation_timeout=10.0)
@@ -214,7 +218,7 @@ def _child_event(body: kopf.Body, namespace: str | None, trigger: str, logger: A
     if not owner:
         return
     try:
-        run_reconcile(_ns(namespace), owner, trigger)
+        run_reconcile(_ns(namespace), owner, trigger, coalesce=True)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         # Event handlers are not retried; the owner's own handlers and the resync are.
         logger.warning("reconcile of %s/%s after a %s event: %s", namespace, owner, trigger, exc)

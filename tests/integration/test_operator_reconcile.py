@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from fleetserve_devcluster.testing import DevClusterHandle
 from operator_harness import (
+    EXAMPLES,
+    NOWHERE,
     apply,
     cheap,
     condition,
@@ -84,6 +86,26 @@ def yaml_config(config_map: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     return dict(yaml.safe_load(config_map["data"]["server.yaml"]))
+
+
+@pytest.mark.parametrize("filename", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_reconciles(dev_cluster: DevClusterHandle, namespace: str, filename: str) -> None:
+    body = example(filename, scheduling=NOWHERE)  # as shipped, but no pod gets a node here
+    name = body["metadata"]["name"]
+    with operator(dev_cluster, namespace):
+        apply(dev_cluster, namespace, body)
+        cr = wait_until(lambda: (c := get(dev_cluster, namespace, "llmd", name)) and condition(c, "MemoryFits")
+                        and c, 30, f"MemoryFits on {name}")
+        fits = (condition(cr, "MemoryFits") or {})["status"]
+        kinds = ("configmap", "service", "deployment") if fits != "False" else ("configmap", "service")
+        found = wait_until(lambda: (f := children(dev_cluster, namespace, name, kinds)) and all(f.values()) and f,
+                           30, f"children of {name}")
+        for objs in found.values():
+            assert [ref["uid"] for ref in objs[0]["metadata"]["ownerReferences"]] == [cr["metadata"]["uid"]]
+        if fits == "False":
+            assert list_kind(dev_cluster, namespace, "deployment", SELECTOR.format(name)) == []
+        else:
+            assert fits == "True" and cr["status"]["memory"]["maxConcurrentSequences"] >= 1
 
 
 def test_model_that_does_not_fit_creates_no_deployment(dev_cluster: DevClusterHandle, namespace: str) -> None:

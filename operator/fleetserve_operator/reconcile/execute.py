@@ -7,16 +7,18 @@ status keys that changed, so calling it on every event costs reads, not writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from ..kube import Kube, KubeError
 from ..resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, config_map_name
-from .locks import cr_lock
+from .locks import coalescing_lock, cr_lock
 from .plan import CHILD_KINDS, MONITORING_KINDS, Observed, Plan, plan
 
 log = logging.getLogger(__name__)
@@ -81,14 +83,25 @@ def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
             log.warning("could not post event %s: %s", event.reason, exc)
 
 
-def reconcile(kube: Kube, namespace: str, name: str, now: datetime | None = None) -> Plan | None:
+@contextlib.contextmanager
+def _held(lock: threading.Lock) -> Iterator[bool]:
+    with lock:
+        yield True
+
+
+def reconcile(
+    kube: Kube, namespace: str, name: str, now: datetime | None = None, coalesce: bool = False
+) -> Plan | None:
     """Bring one LLMDeployment's children and status in line with its spec.
 
     Returns the plan that was executed, or None when the object is gone or
-    being deleted (garbage collection removes the children). Raises
+    being deleted (garbage collection removes the children) — or, with
+    ``coalesce``, when another reconcile of it is already waiting to run. Raises
     :class:`KubeError` for API failures; the caller decides about retries.
     """
-    with cr_lock(namespace, name):
+    with coalescing_lock(namespace, name) if coalesce else _held(cr_lock(namespace, name)) as held:
+        if not held:
+            return None
         cr = kube.get("LLMDeployment", namespace, name)
         if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
             return None
