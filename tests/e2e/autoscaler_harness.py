@@ -205,7 +205,7 @@ class Load:
 
     def __init__(self, address: str, *, concurrency: int, max_tokens: int,
                  prompt: str | Callable[[], str] = "Tell me a story.",
-                 max_duration_s: float = 600.0, request_timeout_s: float = 180.0) -> None:
+                 max_duration_s: float = 1200.0, request_timeout_s: float = 600.0) -> None:
         self.url = f"http://{address}/v1/completions"
         self.concurrency, self.max_tokens, self.prompt = concurrency, max_tokens, prompt
         self.max_duration_s, self.request_timeout_s = max_duration_s, request_timeout_s
