@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from fleetserve_devcluster.controlplane import ClusterConfig
 from fleetserve_devcluster.testing import DevClusterHandle, cluster_env
 from nodeagent_util import PORT, apply, echo_deployment, get_json, http, ready_pods, records, wait_until
 
@@ -88,6 +90,21 @@ def test_proxy_balances_ready_endpoints_and_follows_scale(dev_cluster: DevCluste
     assert f"{namespace}/web/80" in status.stdout and address in status.stdout, status.stdout
 
 
+def _free_port_base() -> int:
+    """A port base whose ports are all free: other dev clusters may run on this machine."""
+    for base in range(30000, 40000, 100):
+        free = True
+        for port in ClusterConfig(port_base=base).ports.values():
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    free = False
+        if free:
+            return base
+    raise AssertionError("no free block of loopback ports for a second dev cluster")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -105,7 +122,7 @@ def test_down_leaves_no_process(tmp_path: Path) -> None:
         return subprocess.run([sys.executable, "-m", "fleetserve_cli.main", "dev-cluster", *args, "--state-dir",
                                str(state)], capture_output=True, text=True, timeout=300)
 
-    up = fleetserve("up", "--nodes", "1", "--gpus-per-node", "1", "--port-base", "27000")
+    up = fleetserve("up", "--nodes", "1", "--gpus-per-node", "1", "--port-base", str(_free_port_base()))
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         handle = DevClusterHandle(state, state / "kubeconfig", cluster_env(state), True)
