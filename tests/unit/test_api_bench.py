@@ -1,0 +1,77 @@
+"""The `bench serve` load generator: datasets, percentiles, and a run against the API on a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from api_fakes import MODEL, FakeEngine, FakeTokenizer
+from fleetserve_server.api.app import create_app
+from fleetserve_server.bench.launch import free_port
+from fleetserve_server.bench.loadgen import (
+    RequestResult,
+    format_table,
+    multiturn_dataset,
+    percentiles,
+    random_dataset,
+    run_workload,
+    summarize,
+)
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentiles(values) == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    assert percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p99": 7.0}
+
+
+def test_datasets_are_deterministic_and_multiturn_shares_a_prefix() -> None:
+    assert random_dataset(4, 64, 8, seed=1) == random_dataset(4, 64, 8, seed=1)
+    prompts = [c.user_turns[0] for c in random_dataset(4, 64, 8, seed=1)]
+    assert len(set(p.split(": ", 1)[1][:20] for p in prompts)) == 4  # distinct prefixes
+    assert all(50 <= len(p.split()) <= 60 for p in prompts)
+    convs = multiturn_dataset(3, 2, 64, 8, seed=1)
+    assert len({c.system for c in convs}) == 1 and all(len(c.user_turns) == 2 for c in convs)
+
+
+def test_summary_counts_failures_and_tpot() -> None:
+    results = [RequestResult(0, 0, True, 0.0, ttft=0.5, e2e=1.5, output_tokens=11),
+               RequestResult(1, 0, False, 0.0, error="APIConnectionError: boom")]
+    s = summarize("x", results, duration=2.0)
+    assert (s.requests, s.failures, s.total_output_tokens) == (2, 1, 11)
+    assert s.output_throughput == 5.5 and s.tpot_s["p50"] == pytest.approx(0.1)
+    assert "APIConnectionError" in format_table([s])
+
+
+@pytest.fixture
+def fake_server() -> Iterator[str]:
+    app = create_app(FakeEngine(step_s=0.002), served_name="fake-model", tokenizer=FakeTokenizer(), model=MODEL)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_workload_against_the_api(fake_server: str) -> None:
+    convs = multiturn_dataset(4, 2, 8, 6, seed=0)  # the fake tokenizer spends a token per character
+    results, duration = asyncio.run(run_workload(
+        base_url=fake_server, model="fake-model", conversations=convs, request_rate=50.0, concurrency=3,
+        extra_body={"ignore_eos": True}))
+    assert len(results) == 8 and all(r.ok for r in results), [r.error for r in results]
+    assert all(r.output_tokens == 6 and r.ttft is not None and r.e2e >= r.ttft for r in results)  # type: ignore[operator]
+    second = [r for r in results if r.turn == 1]
+    first = [r for r in results if r.turn == 0]
+    assert min(r.prompt_tokens for r in second) > max(r.prompt_tokens for r in first)  # history resent
+    s = summarize("fake", results, duration)
+    assert s.failures == 0 and set(s.ttft_by_turn_p50_s) == {0, 1}
