@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "crds": ("fleetserve_operator.cli.crds", "print the generated CRD YAML (the same bytes as crds/)"),
     "dev-cluster": ("fleetserve_devcluster.cli", "the local real Kubernetes control plane for tests and the demo"),
     "healthcheck": ("fleetserve_cli.healthcheck", "check that a Service's ready endpoints (or a URL) answer /healthz"),
+    "delete-llmdeployments": ("fleetserve_cli.delete_llmdeployments",
+                              "delete LLMDeployments by label and wait until the operator released them"),
 }
 
 
