@@ -74,6 +74,10 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
     dev_cluster.kubectl("patch", "configmap", "cfg", "-n", namespace, "-p", '{"data":{"server.yaml":"port: 9000\\n"}}')
     wait_until(lambda: http("GET", f"{base}/file?path=/etc/fleetserve-nodeagent-test/server.yaml")[1] == "port: 9000\n",
                30, "the ConfigMap update in the pod's volume")
+    # Once the pod is gone, its (empty) mount points on the host can go too.
+    dev_cluster.kubectl("delete", "pod", "env", "-n", namespace, "--wait=true", timeout=120)
+    for mount_point in ("/etc/fleetserve-nodeagent-test", "/scratch-nodeagent-test"):
+        Path(mount_point).rmdir()  # fails if anything was written into it on the host
 
 
 def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
