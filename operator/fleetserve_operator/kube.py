@@ -61,6 +61,8 @@ def load_configuration() -> Any:
     else:
         path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
         config.load_kube_config(config_file=path, client_configuration=configuration)
+    # Reconciles run in kopf's thread pool and read children in parallel: keep their connections.
+    configuration.connection_pool_maxsize = 32
     return configuration
 
 
