@@ -8,8 +8,8 @@ API for the load generator (streaming, ``usage``, ``ignore_eos``).
 Run: ``python -m fleetserve_server.bench.naive_server --model SPEC --port P``.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real `Request`
+# class on the route functions, which are defined inside build_app.
 import argparse
 import asyncio
 import json
