@@ -70,12 +70,27 @@ def running_operator(cluster: DevClusterHandle, namespace: str, log_path: Path) 
                 raise AssertionError(f"the operator exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
             yield f"http://127.0.0.1:{port}/metrics"
         finally:
+            if proc.poll() is None:
+                # While the operator still runs: its finalizer lets the LLMDeployments go, and their
+                # pods (and the addresses they bind) are gone before the next test starts.
+                cluster.kubectl("delete", "llmdeployments", "--all", "-n", namespace, "--wait=true",
+                                "--timeout=120s", check=False, timeout=150)
+                _wait_no_pods(cluster, namespace)
             proc.terminate()
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _wait_no_pods(cluster: DevClusterHandle, namespace: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = cluster.kubectl("get", "pods", "-n", namespace, "-o", "name", check=False).stdout.strip()
+        if not out:
+            return
+        time.sleep(1)
 
 
 def _get(url: str) -> int:
