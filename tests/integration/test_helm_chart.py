@@ -51,9 +51,7 @@ def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
 def test_rendered_chart_passes_server_side_dry_run(
     dev_cluster: DevClusterHandle, namespace: str, crds: None, values: str | None
 ) -> None:
-    # Without the `helm test` hooks: a dry-run Pod needs its ServiceAccount to exist for real
-    # (`helm test` in the install test creates and runs them).
-    args: list[str | Path] = ["template", "fs-dry", CHART, "--namespace", namespace, "--skip-tests"]
+    args: list[str | Path] = ["template", "fs-dry", CHART, "--namespace", namespace]
     if values:
         args += ["-f", CHART / "ci" / values]
     if values == "namespaced-values.yaml":
@@ -65,6 +63,10 @@ def test_rendered_chart_passes_server_side_dry_run(
     rendered = helm(dev_cluster, *args).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     assert docs
+    # A Pod (the test and uninstall hooks) is only admitted when its ServiceAccount exists for
+    # real, so the ServiceAccounts are created first; everything is then validated by dry-run.
+    accounts = [d for d in docs if d["kind"] == "ServiceAccount"]
+    dev_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(accounts))
     proc = dev_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=rendered, check=False)
     assert proc.returncode == 0, proc.stderr
     # One line per object, each validated (and defaulted) by the API server.
