@@ -153,11 +153,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"machine: {report['machine']}\nmatmul peak ({args.dtype}, 1024^3): {peak:.1f} GFLOPS", flush=True)
     flops = FlopCounter(cfg)
     results = [run_fleetserve(args, workload, flops)]
+    _progress(results[-1])
     hf_model = None
     for name in baselines:
         if hf_model is None:
             hf_model = hf_baselines.load_hf(resolved.path, dtype)
         results.append(hf_baselines.run_baseline(name, hf_model, workload, args, flops))
+        _progress(results[-1])
         peak = max(peak, matmul_peak_gflops(torch, dtype, seconds=1.0))
     report["matmul_peak_gflops"] = round(peak, 1)
     _print_throughput(results, peak, report)
@@ -219,6 +221,11 @@ def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCoun
     if result.tokens != workload.output_tokens:
         raise RuntimeError(f"fleetserve produced {result.tokens} tokens, expected {workload.output_tokens}")
     return result
+
+
+def _progress(r: Result) -> None:
+    print(f"  {r.name}: {r.tokens} tokens in {statistics.median(r.seconds):.2f}s = {r.tokens_per_s:.1f} tok/s",
+          flush=True)
 
 
 def _print_throughput(results: list[Result], peak: float, report: dict) -> None:
