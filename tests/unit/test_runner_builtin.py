@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from fleetserve_server.runner import builtin
 from fleetserve_server.runner.builtin import builtin_gguf_path, resolve_model
 
