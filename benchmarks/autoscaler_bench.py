@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -175,32 +176,46 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "autoscaler_results.json")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "autoscaler_timeline.png")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fleetserve-autoscaler-bench"))
+    parser.add_argument("--state-dir", type=Path, default=os.environ.get("FLEETSERVE_DEV_CLUSTER_STATE"),
+                        help="dev cluster to use or start (default: the standard one)")
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.work_dir / "tiny-llama")
-    cluster = acquire()
+    cluster = acquire(Path(args.state_dir) if args.state_dir else None)
+    # Not under /tmp: the pods mount their own emptyDir there.
+    model = make_model(cluster.state_dir / "test-models" / "tiny-llama")
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", namespace)
+    runs: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+
+    def save() -> dict[str, Any]:
+        """Results so far (written after every phase, so a cut-short session still has numbers)."""
+        summary = {
+            "runs": len(runs),
+            "decision_s_median": statistics.median(r["decision_s"] for r in runs) if runs else None,
+            "replica_ready_s_median": statistics.median(r["replica_ready_s"] for r in runs) if runs else None,
+            "per_run": [{k: v for k, v in r.items() if k != "timeline"} for r in runs],
+            **extra,
+        }
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
     try:
         apply_crds(cluster)
         with running_operator(cluster, namespace, args.work_dir / "operator.log"):
-            runs = [scale_run(cluster, namespace, model, i) for i in range(args.runs)]
+            for i in range(args.runs):
+                runs.append(scale_run(cluster, namespace, model, i))
+                if i == 0:
+                    plot(runs[0], args.plot)
+                save()
             steady_s = statistics.median(r["scale_up"]["seconds"] + r["steady"]["seconds"] for r in runs)
-            baseline = baseline_run(cluster, namespace, model, steady_s)
-            rolling = rolling_run(cluster, namespace, model)
+            extra["baseline_fixed_1_replica"] = baseline_run(cluster, namespace, model, steady_s)
+            save()
+            extra["rolling_update"] = rolling_run(cluster, namespace, model)
     finally:
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         release(cluster)
-    plot(runs[0], args.plot)
-    summary = {
-        "runs": args.runs,
-        "decision_s_median": statistics.median(r["decision_s"] for r in runs),
-        "replica_ready_s_median": statistics.median(r["replica_ready_s"] for r in runs),
-        "per_run": [{k: v for k, v in r.items() if k not in ("timeline",)} for r in runs],
-        "baseline_fixed_1_replica": baseline,
-        "rolling_update": rolling,
-    }
-    args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = save()
     print(json.dumps({k: v for k, v in summary.items() if k != "per_run"}, indent=2))
     for r in runs:
         print(f"decision {r['decision_s']:.1f} s, ready {r['replica_ready_s']:.1f} s, "
