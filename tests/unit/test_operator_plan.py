@@ -226,6 +226,19 @@ def test_crash_looping_pod_degrades_with_the_pods_reason() -> None:
     assert ("Warning", "CrashLoopBackOff") in [(e.type, e.reason) for e in p.events]
 
 
+def test_crash_loop_stays_degraded_while_the_container_is_briefly_running() -> None:
+    body = cpu_body()
+    first = plan(body, Observed(), NOW)
+    observed = live(first, ready=0)
+    observed.pods = [{"metadata": {"name": "smollm2-cpu-abc"}, "status": {"phase": "Running", "containerStatuses": [{
+        "name": "server", "restartCount": 3, "ready": False, "state": {"running": {}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}]
+    degraded = cond(plan(with_status(body, first), observed, LATER), "Degraded")
+    assert degraded["status"] == "True" and "last exit code 1" in degraded["message"]
+    observed.pods[0]["status"]["containerStatuses"][0]["ready"] = True  # it recovered
+    assert cond(plan(with_status(body, first), observed, LATER), "Degraded")["status"] == "False"
+
+
 def test_template_hash_is_stable_and_sensitive() -> None:
     a = by_kind(plan(cpu_body(), Observed(), NOW))["Deployment"]
     b = by_kind(plan(cpu_body(), Observed(), LATER))["Deployment"]

@@ -25,6 +25,8 @@ BAD_WAITING_REASONS = frozenset({
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
 })
 MAX_PODS_IN_MESSAGE = 3
+# A container that is not ready and has failed this many times is crash-looping even while running.
+CRASH_LOOP_RESTARTS = 2
 
 
 def _pod_problems(pods: list[dict[str, Any]], waiting_pods: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -44,10 +46,17 @@ def _pod_problems(pods: list[dict[str, Any]], waiting_pods: frozenset[str] = fro
                 problems.append((cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}"))
         for cs in status.get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
+            restarts = int(cs.get("restartCount") or 0)
+            last = (cs.get("lastState") or {}).get("terminated") or {}
             if waiting.get("reason") in BAD_WAITING_REASONS:
-                restarts = cs.get("restartCount", 0)
                 problems.append((waiting["reason"], f"pod {name} container {cs.get('name')} "
                                  f"(restarts: {restarts}): {waiting.get('message', '')}".rstrip(": ")))
+            elif restarts >= CRASH_LOOP_RESTARTS and not cs.get("ready") and last.get("exitCode", 0) != 0:
+                # Between back-offs a crash-looping container is briefly Running: still degraded,
+                # so the condition does not flap with every restart.
+                problems.append(("CrashLoopBackOff", f"pod {name} container {cs.get('name')} restarted "
+                                 f"{restarts} times; last exit code {last.get('exitCode')} "
+                                 f"({last.get('reason') or 'Error'})"))
         if status.get("phase") == "Failed":
             problems.append((status.get("reason") or "PodFailed", f"pod {name}: {status.get('message', 'failed')}"))
     return problems
