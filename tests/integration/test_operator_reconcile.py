@@ -222,3 +222,21 @@ def resumes() -> float:
 
     return REGISTRY.get_sample_value("fleetserve_operator_reconciles_total",
                                      {"trigger": "resume", "result": "success"}) or 0.0
+
+
+@pytest.mark.slow
+def test_crash_looping_server_degrades_with_the_pods_reason(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    """A model that is not there: the pod really runs `fleetserve serve`, which exits; Degraded says so."""
+    body = cheap("crash", model={"source": "/nonexistent/model-dir"})
+    del body["spec"]["scheduling"]  # this one runs, on the node agent
+    with operator(dev_cluster, namespace):
+        apply(dev_cluster, namespace, body)
+        cr = wait_until(lambda: (c := get(dev_cluster, namespace, "llmd", "crash"))
+                        and (condition(c, "Degraded") or {}).get("status") == "True" and c,
+                        300, "Degraded=True", interval=1.0)
+        degraded = condition(cr, "Degraded") or {}
+        assert degraded["reason"] == "CrashLoopBackOff" and "crash-" in degraded["message"]
+        assert (condition(cr, "MemoryFits") or {}).get("status") == "Unknown"  # no config.json offline
+        assert (condition(cr, "Ready") or {}).get("status") == "False"
+        assert any(e["reason"] == "CrashLoopBackOff" and e["type"] == "Warning"
+                   for e in events_for(dev_cluster, namespace, "crash"))
