@@ -45,6 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality", action="store_true",
                         help="also: weight memory + perplexity per quantization vs transformers+bitsandbytes")
+    parser.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of --text scored for perplexity")
     parser.add_argument("--prefix", action="store_true", help="also: TTFT of a second turn from the prefix cache")
     parser.add_argument("--text", default=None, help="text file for perplexity/prefix (default: shipped file)")
     parser.add_argument("--output", default=None, help="write all results as JSON to this file")

@@ -85,7 +85,7 @@ def quality_report(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from fleetserve_server.runner.loader import load_model, model_bytes
 
     tok = AutoTokenizer.from_pretrained(path)
-    ids = tok.encode(_text(args))[:PPL_TOKENS]
+    ids = tok.encode(_text(args))[: getattr(args, "ppl_tokens", PPL_TOKENS)]
     rows: dict[str, Any] = {"tokens": len(ids), "fleetserve": {}, "transformers_bnb": {}}
     cfg_layers = int(__import__("json").loads((path / "config.json").read_text())["num_hidden_layers"])
     variants = [("none", ()), ("int8", ()), ("nf4", ()), ("fp4", ()),

@@ -33,22 +33,25 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 class StepMetadata:
     """Tensors describing one step's flat token batch (built by the runner).
 
+    A layer's cache is addressed as rows ``[2 * kv_heads * num_slots, head_dim]``;
+    an index over slots ``s`` becomes the rows ``c * num_slots + s`` for every
+    ``c`` in K/V x heads (``rows_for`` in the runner).
     Decode sequences (one new token each) come first: tokens ``0 .. B-1``.
-    ``slot_mapping[t]`` is the KV slot (block * block_size + offset) of token t.
-    ``decode_slots`` [B * S] lists, per decode sequence, the slots of its first
-    S positions (S = longest decode context, padded with slot 0) and
+    ``write_index``: rows receiving this step's K/V ([2, kv, T] order).
+    ``decode_index``: rows of each decode sequence's first S positions (S =
+    longest decode context, padded with slot 0), [2, kv, B, S] order;
     ``decode_mask`` [B, 1, S] is additive (0 where position < context length,
     a large negative number elsewhere).
     Prefill part: one entry per multi-token chunk: (token slice start, length,
-    start_pos, slots of positions 0 .. start_pos + length - 1, or None when
+    start_pos, rows of positions 0 .. start_pos + length - 1, or None when
     start_pos == 0).
     ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
     """
 
     positions: torch.Tensor
-    slot_mapping: torch.Tensor
+    write_index: torch.Tensor
     num_decode: int
-    decode_slots: torch.Tensor | None
+    decode_index: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[tuple[int, int, int, torch.Tensor | None]]
     logits_idx: torch.Tensor
@@ -161,10 +164,12 @@ class PagedCausalLM(nn.Module):
                 k = self._rms(k, layer.k_norm)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
-            kv_layer = kv_cache[li]  # [2, kv, slots, hd]
-            kv_layer[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(kv_cache.dtype))
-            kv_layer[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(kv_cache.dtype))
-            out = self._attention(q, k, v, kv_layer, meta)
+            # rows of [2 * kv * slots, hd]: dim-0 index ops are plain row copies
+            # (index_select/index_copy_ on an inner dim take a slow generic path on CPU)
+            kv_rows = kv_cache[li].view(-1, hd)
+            new_kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1))).to(kv_cache.dtype)  # [2, kv, T, hd]
+            kv_rows.index_copy_(0, meta.write_index, new_kv.view(-1, hd))
+            out = self._attention(q, k, v, kv_rows, meta)
             h = h + layer.o_proj(out.view(num_tokens, nh * hd))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
@@ -173,17 +178,15 @@ class PagedCausalLM(nn.Module):
         return self.lm_head(h).float()
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, meta: StepMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
         nkv, hd, g = self.num_kv_heads, self.head_dim, self.group
         out = torch.empty_like(q)
         b = meta.num_decode
         if b:
             # One gather of K and V for every decode sequence: [2, kv, B*S, hd].
-            kv = kv_layer.index_select(2, meta.decode_slots)  # type: ignore[arg-type]
-            span = kv.shape[2] // b
-            keys = kv[0].view(nkv, b, span, hd)
-            vals = kv[1].view(nkv, b, span, hd)
+            kv = kv_rows.index_select(0, meta.decode_index).view(2, nkv, b, -1, hd)  # type: ignore[arg-type]
+            keys, vals = kv[0], kv[1]
             qd = (q[:b] * self.scale).view(b, nkv, g, hd).transpose(0, 1)  # [kv, B, g, hd]
             scores = torch.matmul(qd, keys.transpose(-1, -2)).add_(meta.decode_mask)  # [kv, B, g, S]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
@@ -196,7 +199,7 @@ class PagedCausalLM(nn.Module):
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
                 total = start_pos + n
-                kv = kv_layer.index_select(2, slots).to(qs.dtype)  # [2, kv, total, hd]
+                kv = kv_rows.index_select(0, slots).view(2, nkv, total, hd).to(qs.dtype)
                 qpos = torch.arange(start_pos, total, device=q.device)[:, None]
                 allowed = torch.arange(total, device=q.device)[None, :] <= qpos
                 o = F.scaled_dot_product_attention(

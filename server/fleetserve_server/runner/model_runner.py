@@ -46,6 +46,7 @@ class TorchModelRunner:
             model.dtype, self.device,
         )
         self.sampler = Sampler(self.device, base_seed=seed)
+        self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
         self._neg_inf = torch.finfo(model.dtype).min
 
     @property
@@ -75,6 +76,11 @@ class TorchModelRunner:
             return {}
         tokens = self.sampler.sample(logits, sample_ids, sample_params)
         return dict(zip(sample_ids, tokens, strict=True))
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slot indices -> row indices of a layer's cache viewed as [2 * kv * slots, hd],
+        in [2, kv, len(slots)] order."""
+        return (self._row_base[:, None] + slots[None, :]).view(-1)
 
     def _prepare(self, batch: ScheduledBatch):  # type: ignore[no-untyped-def]
         bs = self.block_size
@@ -125,22 +131,22 @@ class TorchModelRunner:
         if max(ids) >= self.model.vocab_size or min(ids) < 0:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.model.vocab_size})")
-        dslots = dmask = None
+        dindex = dmask = None
         if decode_slots:
             width = max(len(t) for t in decode_slots)
             lens = torch.tensor([len(t) for t in decode_slots], device=dev)
             dslots = torch.tensor([t + [0] * (width - len(t)) for t in decode_slots], dtype=torch.long, device=dev)
             dmask = torch.zeros(len(decode_slots), 1, width, dtype=self.model.dtype, device=dev)
             dmask.masked_fill_((torch.arange(width, device=dev)[None, :] >= lens[:, None])[:, None, :], self._neg_inf)
-            dslots = dslots.view(-1)
+            dindex = self._rows(dslots.view(-1))
         meta = StepMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            write_index=self._rows(torch.tensor(slots, dtype=torch.long, device=dev)),
             num_decode=len(decode_slots),
-            decode_slots=dslots,
+            decode_index=dindex,
             decode_mask=dmask,
             prefills=[
-                (s, n, sp, None if t is None else torch.tensor(t, dtype=torch.long, device=dev))
+                (s, n, sp, None if t is None else self._rows(torch.tensor(t, dtype=torch.long, device=dev)))
                 for s, n, sp, t in prefills
             ],
             logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
