@@ -103,7 +103,7 @@ def run_reconcile(namespace: str, name: str, trigger: str, coalesce: bool = Fals
     try:
         result = reconcile(kube(), namespace, name, coalesce=coalesce)
     except KubeError as exc:
-        metrics.ERRORS.labels("api_retriable" if exc.retriable else "api_rejected").inc()
+        metrics.ERRORS.labels(namespace, name, "api_retriable" if exc.retriable else "api_rejected").inc()
         if exc.retriable:
             metrics.RECONCILES.labels(trigger, "retry").inc()
             raise kopf.TemporaryError(f"API server: {exc}; retrying", delay=RETRY_DELAY_SECONDS) from exc
@@ -197,11 +197,13 @@ async def autoscale(name: str, namespace: str | None, stopped: kopf.DaemonStoppe
 
 @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="track-llmdeployments")
 def track(type: str, name: str, namespace: str | None, **_: Any) -> None:  # noqa: A002 - kopf's kwarg
-    """Keep the managed-deployments gauge and the lock table in step with the cluster."""
+    """Keep the managed-deployments gauge, the per-LLMDeployment series and the lock table
+    in step with the cluster (a deleted LLMDeployment's series go with it)."""
     key = (_ns(namespace), name)
     if type == "DELETED":
         _managed.discard(key)
         locks.forget(*key)
+        metrics.forget_fleet(*key)
     else:
         _managed.add(key)
     metrics.MANAGED.set(len(_managed))

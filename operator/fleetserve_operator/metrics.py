@@ -8,6 +8,7 @@ fails the liveness probe.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,8 +26,9 @@ RECONCILES = Counter(
 )
 ERRORS = Counter(
     "fleetserve_operator_reconcile_errors_total",
-    "Failed reconciles, by error class (retriable API errors, permanent errors, bugs)",
-    ["error"], registry=REGISTRY,
+    "Failed reconciles of one LLMDeployment (`namespace`/`name`), by error class "
+    "(api_retriable, api_rejected)",
+    ["namespace", "name", "error"], registry=REGISTRY,
 )
 DURATION = Histogram(
     "fleetserve_operator_reconcile_duration_seconds",
@@ -43,6 +45,26 @@ MANAGED = Gauge(
     "LLMDeployments this operator currently watches",
     registry=REGISTRY,
 )
+
+# What the last reconcile saw of each LLMDeployment (set by
+# fleetserve_operator.reconcile.execute after the status patch); `namespace`/`name`
+# name the LLMDeployment. The alert rules and the dashboard read these.
+READY_REPLICAS = Gauge(
+    "fleetserve_operator_ready_replicas",
+    "Pods of the fleet passing /ready (status.readyReplicas)",
+    ["namespace", "name"], registry=REGISTRY,
+)
+MAX_REPLICAS = Gauge(
+    "fleetserve_operator_max_replicas",
+    "Most replicas the fleet may have: autoscaling.maxReplicas, or spec.replicas with autoscaling off",
+    ["namespace", "name"], registry=REGISTRY,
+)
+CONDITION = Gauge(
+    "fleetserve_operator_condition",
+    "1 for each status condition's current status, 0 for its other statuses (True, False, Unknown)",
+    ["namespace", "name", "type", "status"], registry=REGISTRY,
+)
+CONDITION_STATUSES = ("True", "False", "Unknown")
 
 # The built-in autoscaler's series (fed by fleetserve_operator.autoscaler.controller);
 # `namespace`/`name` name the LLMDeployment, one series per fleet.
@@ -72,6 +94,61 @@ AUTOSCALER_SCRAPE_ERRORS = Counter(
     "(timeout, connection, http_status, parse, missing_metric)",
     ["namespace", "name", "reason"], registry=REGISTRY,
 )
+
+
+# Every series keyed by an LLMDeployment, with its label names in declaration order
+# (the order remove() takes).
+_PER_FLEET: tuple[tuple[Gauge | Counter, tuple[str, ...]], ...] = (
+    (READY_REPLICAS, ("namespace", "name")),
+    (MAX_REPLICAS, ("namespace", "name")),
+    (CONDITION, ("namespace", "name", "type", "status")),
+    (ERRORS, ("namespace", "name", "error")),
+    (AUTOSCALER_DESIRED_REPLICAS, ("namespace", "name")),
+    (AUTOSCALER_QUEUE_LENGTH, ("namespace", "name")),
+    (AUTOSCALER_KV_CACHE_USAGE, ("namespace", "name")),
+    (AUTOSCALER_SCALE_EVENTS, ("namespace", "name", "direction")),
+    (AUTOSCALER_SCRAPE_ERRORS, ("namespace", "name", "reason")),
+)
+
+
+def export_fleet(namespace: str, name: str, *, ready_replicas: int,
+                 conditions: Mapping[str, str], max_replicas: int | None = None,
+                 desired_replicas: int | None = None) -> None:
+    """Set one LLMDeployment's status series.
+
+    ``conditions`` maps condition type -> status. Every type gets all three
+    statuses, the current one 1 and the others 0, so a transition never leaves
+    a stale 1 behind (``max by (...) (... {status="False"}) == 1`` stays exact).
+    ``max_replicas``/``desired_replicas`` None leaves those series as they are
+    (an invalid spec says nothing new about them; with autoscaling on the
+    autoscaler owns ``desired_replicas``).
+    """
+    READY_REPLICAS.labels(namespace, name).set(ready_replicas)
+    for type_, current in conditions.items():
+        for status in CONDITION_STATUSES:
+            CONDITION.labels(namespace, name, type_, status).set(1 if status == current else 0)
+    if max_replicas is not None:
+        MAX_REPLICAS.labels(namespace, name).set(max_replicas)
+    if desired_replicas is not None:
+        AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(desired_replicas)
+
+
+def forget_fleet(namespace: str, name: str) -> None:
+    """Drop every per-LLMDeployment series of a deleted LLMDeployment (no dead series linger)."""
+    for metric, labelnames in _PER_FLEET:
+        # The label sets come from the registry's own samples: condition types and error
+        # classes need no list kept in step here. A counter's _total and _created samples
+        # share one label set, hence the set.
+        stale = {
+            tuple(sample.labels[n] for n in labelnames)
+            for family in metric.collect() for sample in family.samples
+            if sample.labels.get("namespace") == namespace and sample.labels.get("name") == name
+        }
+        for labels in stale:
+            try:
+                metric.remove(*labels)
+            except KeyError:  # removed meanwhile by another thread
+                pass
 
 
 def render() -> bytes:

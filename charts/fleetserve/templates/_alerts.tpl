@@ -142,17 +142,19 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           {{ $a.scrapeErrors.for }}: autoscaling decisions hold the current size while it lasts.
         runbook_url: {{ $rb }}#fleetserveoperatorscrapeerrors
     - alert: FleetserveOperatorReconcileErrors
-      # The operator counts failed reconciles by error class (fleetserve_operator.metrics).
-      expr: sum by (error) (rate(fleetserve_operator_reconcile_errors_total[5m])) > {{ $a.reconcileErrors.ratePerSecond }}
+      # The operator counts failed reconciles per LLMDeployment and error class
+      # (fleetserve_operator.metrics.ERRORS); one alert per failing LLMDeployment.
+      expr: sum by (namespace, name) (rate(fleetserve_operator_reconcile_errors_total[5m])) > {{ $a.reconcileErrors.ratePerSecond }}
       for: {{ $a.reconcileErrors.for }}
       labels:
         severity: {{ $a.reconcileErrors.severity }}
       annotations:
-        summary: The fleetserve operator keeps failing to reconcile LLMDeployments ({{`{{ $labels.error }}`}})
+        summary: The fleetserve operator keeps failing to reconcile LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}}
         description: >-
-          Reconciles of LLMDeployments fail with error class {{`{{ $labels.error }}`}} at
-          {{`{{ printf "%.2f" $value }}`}}/s for {{ $a.reconcileErrors.for }}: their children are not
-          updated. The operator's log and the LLMDeployments' Warning events say which one and why.
+          Reconciles of LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} fail at
+          {{`{{ printf "%.2f" $value }}`}}/s for {{ $a.reconcileErrors.for }}: its children are not
+          updated. The operator's log and the LLMDeployment's Warning events say why
+          (fleetserve_operator_reconcile_errors_total's error label gives the class).
         runbook_url: {{ $rb }}#fleetserveoperatorreconcileerrors
     - alert: FleetserveOperatorDown
       expr: absent(up{job="{{ $a.operatorJob }}"} == 1)

@@ -156,6 +156,9 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     if not spec.autoscaling.enabled:
         state.history, state.seen_spec_replicas = None, None
         forget_metrics(namespace, name)
+        # spec.replicas sizes the fleet: desired_replicas keeps one meaning with autoscaling
+        # on or off (the reconcile sets the same value; see reconcile.execute.export_metrics).
+        metrics.AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(spec.replicas)
         message = (f"autoscaling.enabled is false: spec.replicas ({spec.replicas}) sizes the fleet, "
                    "and an HPA or KEDA may drive it through the scale subresource")
         patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_DISABLED, message, wall)

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
+from .. import metrics
+from ..api.spec import spec_from_body
 from ..kube import Kube, KubeError
 from ..resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, config_map_name
 from .locks import coalescing_lock, cr_lock
@@ -84,6 +88,38 @@ def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
             log.warning("could not post event %s: %s", event.reason, exc)
 
 
+def export_metrics(cr: dict[str, Any], result: Plan) -> None:
+    """Set the LLMDeployment's status series from the status as patched by ``result``.
+
+    Runs after every executed plan, also a converged one (no patch), so a
+    restarted operator exports every fleet on its first reconcile.
+    ``desired_replicas`` is spec.replicas only with autoscaling off: with it on,
+    the autoscaler sets the same series from its decision. An invalid spec
+    updates readiness and conditions, not the spec-derived series.
+    """
+    meta = cr["metadata"]
+    status = {**(cr.get("status") or {}), **(result.status or {})}
+    conditions = {
+        str(c["type"]): str(c.get("status") or "Unknown")
+        for c in status.get("conditions") or [] if isinstance(c, dict) and c.get("type")
+    }
+    max_replicas = desired = None
+    if not result.invalid:
+        try:
+            spec = spec_from_body(cr)
+        except ValidationError:  # plan() validated the same body; kept for safety, not expected
+            spec = None
+        if spec is not None:
+            auto = spec.autoscaling
+            max_replicas = auto.max_replicas if auto.enabled else spec.replicas
+            desired = None if auto.enabled else spec.replicas
+    metrics.export_fleet(
+        meta["namespace"], meta["name"],
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        conditions=conditions, max_replicas=max_replicas, desired_replicas=desired,
+    )
+
+
 @contextlib.contextmanager
 def _held(lock: threading.Lock) -> Iterator[bool]:
     with lock:
@@ -109,4 +145,5 @@ def reconcile(
         observed = observe(kube, cr)
         result = plan(cr, observed, now or datetime.now(UTC))
         execute(kube, cr, result)
+        export_metrics(cr, result)
         return result
