@@ -155,7 +155,7 @@ class Autoscaling(ApiModel):
     scale_down_stabilization_seconds: int = Field(
         300, ge=0, le=86_400, description="highest recommendation over this window is used when scaling down"
     )
-    scrape_interval_seconds: int = Field(15, ge=1, le=3600, description="seconds between metric scrapes")
+    scrape_interval_seconds: int = Field(10, ge=1, le=3600, description="seconds between metric scrapes")
 
 
 class Scheduling(ApiModel):
