@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetserve_devcluster.testing import DevClusterHandle, acquire, release
+from fleetserve_devcluster.testing import DevClusterHandle, acquire, create_namespace, release
 from fleetserve_devcluster.tools import missing_tools
 
 
@@ -37,7 +37,7 @@ def dev_cluster() -> Iterator[DevClusterHandle]:
 def namespace(dev_cluster: DevClusterHandle) -> Iterator[str]:
     """A fresh namespace `test-<hex>`, deleted (without waiting) after the test."""
     name = f"test-{uuid.uuid4().hex[:10]}"
-    dev_cluster.kubectl("create", "namespace", name)
+    create_namespace(dev_cluster, name)
     try:
         yield name
     finally:

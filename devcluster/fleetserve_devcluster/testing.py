@@ -76,3 +76,22 @@ def release(handle: DevClusterHandle) -> None:
     """`down` the cluster if this session started it (unless FLEETSERVE_DEV_CLUSTER_KEEP=1)."""
     if handle.started_here and os.environ.get("FLEETSERVE_DEV_CLUSTER_KEEP") != "1":
         _fleetserve("dev-cluster", "down", "--state-dir", str(handle.state_dir))
+
+
+def create_namespace(handle: DevClusterHandle, name: str, timeout: float = 120.0) -> None:
+    """Create a namespace and wait for its `default` ServiceAccount.
+
+    The service-account controller adds it asynchronously; a pod created before
+    it exists is refused ("serviceaccount \"default\" not found"), and on a
+    control plane that has just started that window can last many seconds.
+    """
+    import time
+
+    handle.kubectl("create", "namespace", name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"namespace {name}: no default ServiceAccount after {timeout:g}s "
+                       "(is kube-controller-manager running? see `fleetserve dev-cluster status`)")

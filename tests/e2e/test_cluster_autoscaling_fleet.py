@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from fleetserve_devcluster import tools
 from fleetserve_devcluster.controlplane import ClusterConfig
-from fleetserve_devcluster.testing import DevClusterHandle, cluster_env
+from fleetserve_devcluster.testing import DevClusterHandle, cluster_env, create_namespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from autoscaler_harness import (  # noqa: E402 - the harness sits next to this file
@@ -136,7 +136,7 @@ def test_adopted_node_runs_pods_after_the_delay_and_stops_them_gracefully_when_d
         ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
     cluster, name, record = ca_cluster, "ca-echo-0", tmp_path / "events"
     namespace = "adopt-echo"
-    cluster.kubectl("create", "namespace", namespace)
+    create_namespace(cluster, namespace)
     cluster.kubectl("create", "-f", "-", input=json.dumps(kwok_gpu_node(name)))
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"}, "spec": {
         "nodeSelector": {"kubernetes.io/hostname": name}, "terminationGracePeriodSeconds": 5,
@@ -217,7 +217,7 @@ class Timeline:
 def test_fleet_grows_onto_new_gpu_nodes_and_shrinks_off_them_with_zero_failed_requests(
         ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
     cluster, namespace = ca_cluster, "ca-fleet"
-    cluster.kubectl("create", "namespace", namespace)
+    create_namespace(cluster, namespace)
     apply_crds(cluster)
     model_dir = make_model(cluster.state_dir / "test-models" / "tiny-llama")  # goes with `down`
     log = tmp_path / "operator.log"
@@ -314,7 +314,7 @@ def test_a_pod_no_node_can_take_waits_for_nodes_then_degrades_with_a_warning_aft
         ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
     """No node has 2 GPUs and none comes: WaitingForNodes first, Degraded/Unschedulable after the limit."""
     cluster, namespace, limit_s = ca_cluster, "ca-overdue", 15
-    cluster.kubectl("create", "namespace", namespace)
+    create_namespace(cluster, namespace)
     apply_crds(cluster)
     model_dir = make_model(cluster.state_dir / "test-models" / "tiny-llama")
     fleet = Fleet(cluster, namespace, "big")
