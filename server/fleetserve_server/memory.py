@@ -61,9 +61,8 @@ class ModelArchitecture:
     def linear_parameters(self) -> int:
         """Weights of the per-layer Linear layers (q, k, v, o, gate, up, down):
         the ones bitsandbytes quantizes."""
-        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
-        return self.num_layers * per_layer
+        q, kv = self.num_attention_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.num_layers * _linear_weights_per_layer(self.hidden_size, self.intermediate_size, q, kv)
 
     @property
     def linear_output_rows(self) -> int:
@@ -76,6 +75,12 @@ class ModelArchitecture:
     def embedding_parameters(self) -> int:
         """Input embedding plus lm_head (once if tied); never quantized."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+
+def _linear_weights_per_layer(hidden: int, intermediate: int, q: int, kv: int) -> int:
+    """Weights of one layer's q, k, v, o projections and its MLP's gate, up, down
+    (``q``/``kv``: query and key/value widths, heads x head_dim)."""
+    return hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * intermediate
 
 
 def count_parameters(
@@ -96,7 +101,7 @@ def count_parameters(
     bias, Qwen3 with per-head q/k norms)."""
     h, i = hidden_size, intermediate_size
     q, kv = num_attention_heads * head_dim, num_kv_heads * head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h  # projections + two RMSNorms
+    per_layer = _linear_weights_per_layer(h, i, q, kv) + 2 * h  # projections + two RMSNorms
     if attention_bias:
         per_layer += q + 2 * kv
     if qk_norm:
@@ -121,39 +126,28 @@ def architecture_from_config(config: dict[str, Any], name: str = "") -> ModelArc
     try:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
-        layers = int(config["num_hidden_layers"])
-        intermediate = int(config["intermediate_size"])
-        vocab = int(config["vocab_size"])
+        # the shape fields shared by count_parameters and ModelArchitecture
+        shape: dict[str, Any] = {
+            "num_layers": int(config["num_hidden_layers"]),
+            "hidden_size": hidden,
+            "intermediate_size": int(config["intermediate_size"]),
+            "num_attention_heads": heads,
+            "num_kv_heads": int(config.get("num_key_value_heads") or heads),
+            "head_dim": int(config.get("head_dim") or hidden // heads),
+            "vocab_size": int(config["vocab_size"]),
+            "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        }
     except KeyError as exc:
         raise ValueError(f"config.json lacks the field {exc.args[0]!r}") from exc
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    tied = bool(config.get("tie_word_embeddings", False))
     num_parameters = count_parameters(
-        num_layers=layers,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
+        **shape,
         # Qwen2 always has q/k/v biases; Llama and Qwen3 say so in the config
         attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
         qk_norm=model_type == "qwen3",
         mlp_bias=bool(config.get("mlp_bias", False)),
     )
     return ModelArchitecture(
-        name=name or str(config.get("_name_or_path") or model_type),
-        num_parameters=num_parameters,
-        num_layers=layers,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        tie_word_embeddings=tied,
+        name=name or str(config.get("_name_or_path") or model_type), num_parameters=num_parameters, **shape
     )
 
 
