@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -19,16 +19,32 @@ log = logging.getLogger(__name__)
 DEFAULT_METRICS_PORT = 8080
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+_M = TypeVar("_M", Gauge, Counter)
+
+# Every series keyed by an LLMDeployment (`namespace`/`name`), with its label names
+# in declaration order (the order remove() takes); forget_fleet drops them all.
+_PER_FLEET: list[tuple[Gauge | Counter, tuple[str, ...]]] = []
+
+
+def _per_fleet(kind: type[_M], name: str, documentation: str, *extra_labels: str) -> _M:
+    """Declare a series labelled ``namespace``, ``name`` (the LLMDeployment), then ``extra_labels``."""
+    labelnames = ("namespace", "name", *extra_labels)
+    metric = kind(name, documentation, labelnames, registry=REGISTRY)
+    _PER_FLEET.append((metric, labelnames))
+    return metric
+
+
 RECONCILES = Counter(
     "fleetserve_operator_reconciles_total",
     "Reconciles of LLMDeployments, by what triggered them and how they ended",
     ["trigger", "result"], registry=REGISTRY,
 )
-ERRORS = Counter(
-    "fleetserve_operator_reconcile_errors_total",
+ERRORS = _per_fleet(
+    Counter, "fleetserve_operator_reconcile_errors_total",
     "Failed reconciles of one LLMDeployment (`namespace`/`name`), by error class "
     "(api_retriable, api_rejected)",
-    ["namespace", "name", "error"], registry=REGISTRY,
+    "error",
 )
 DURATION = Histogram(
     "fleetserve_operator_reconcile_duration_seconds",
@@ -47,67 +63,45 @@ MANAGED = Gauge(
 )
 
 # What the last reconcile saw of each LLMDeployment (set by
-# fleetserve_operator.reconcile.execute after the status patch); `namespace`/`name`
-# name the LLMDeployment. The alert rules and the dashboard read these.
-READY_REPLICAS = Gauge(
-    "fleetserve_operator_ready_replicas",
-    "Pods of the fleet passing /ready (status.readyReplicas)",
-    ["namespace", "name"], registry=REGISTRY,
+# fleetserve_operator.reconcile.execute after the status patch). The alert rules
+# and the dashboard read these.
+READY_REPLICAS = _per_fleet(
+    Gauge, "fleetserve_operator_ready_replicas", "Pods of the fleet passing /ready (status.readyReplicas)"
 )
-MAX_REPLICAS = Gauge(
-    "fleetserve_operator_max_replicas",
+MAX_REPLICAS = _per_fleet(
+    Gauge, "fleetserve_operator_max_replicas",
     "Most replicas the fleet may have: autoscaling.maxReplicas, or spec.replicas with autoscaling off",
-    ["namespace", "name"], registry=REGISTRY,
 )
-CONDITION = Gauge(
-    "fleetserve_operator_condition",
+CONDITION = _per_fleet(
+    Gauge, "fleetserve_operator_condition",
     "1 for each status condition's current status, 0 for its other statuses (True, False, Unknown)",
-    ["namespace", "name", "type", "status"], registry=REGISTRY,
+    "type", "status",
 )
 CONDITION_STATUSES = ("True", "False", "Unknown")
 
-# The built-in autoscaler's series (fed by fleetserve_operator.autoscaler.controller);
-# `namespace`/`name` name the LLMDeployment, one series per fleet.
-AUTOSCALER_DESIRED_REPLICAS = Gauge(
-    "fleetserve_operator_desired_replicas",
-    "Replicas the autoscaler last decided on",
-    ["namespace", "name"], registry=REGISTRY,
+# The built-in autoscaler's series (fed by fleetserve_operator.autoscaler.controller),
+# one series per fleet.
+AUTOSCALER_DESIRED_REPLICAS = _per_fleet(
+    Gauge, "fleetserve_operator_desired_replicas", "Replicas the autoscaler last decided on"
 )
-AUTOSCALER_QUEUE_LENGTH = Gauge(
-    "fleetserve_operator_observed_queue_length",
+AUTOSCALER_QUEUE_LENGTH = _per_fleet(
+    Gauge, "fleetserve_operator_observed_queue_length",
     "Waiting + running requests over the fleet's ready pods at the last scrape",
-    ["namespace", "name"], registry=REGISTRY,
 )
-AUTOSCALER_KV_CACHE_USAGE = Gauge(
-    "fleetserve_operator_observed_kv_cache_usage",
+AUTOSCALER_KV_CACHE_USAGE = _per_fleet(
+    Gauge, "fleetserve_operator_observed_kv_cache_usage",
     "Mean KV-cache usage (0..1) of the fleet's ready pods at the last scrape",
-    ["namespace", "name"], registry=REGISTRY,
 )
-AUTOSCALER_SCALE_EVENTS = Counter(
-    "fleetserve_operator_scale_events_total",
+AUTOSCALER_SCALE_EVENTS = _per_fleet(
+    Counter, "fleetserve_operator_scale_events_total",
     "Fleet size changes made by the autoscaler, by direction (up, down)",
-    ["namespace", "name", "direction"], registry=REGISTRY,
+    "direction",
 )
-AUTOSCALER_SCRAPE_ERRORS = Counter(
-    "fleetserve_operator_scrape_errors_total",
+AUTOSCALER_SCRAPE_ERRORS = _per_fleet(
+    Counter, "fleetserve_operator_scrape_errors_total",
     "Pod /metrics scrapes that gave no usable numbers, by reason "
     "(timeout, connection, http_status, parse, missing_metric)",
-    ["namespace", "name", "reason"], registry=REGISTRY,
-)
-
-
-# Every series keyed by an LLMDeployment, with its label names in declaration order
-# (the order remove() takes).
-_PER_FLEET: tuple[tuple[Gauge | Counter, tuple[str, ...]], ...] = (
-    (READY_REPLICAS, ("namespace", "name")),
-    (MAX_REPLICAS, ("namespace", "name")),
-    (CONDITION, ("namespace", "name", "type", "status")),
-    (ERRORS, ("namespace", "name", "error")),
-    (AUTOSCALER_DESIRED_REPLICAS, ("namespace", "name")),
-    (AUTOSCALER_QUEUE_LENGTH, ("namespace", "name")),
-    (AUTOSCALER_KV_CACHE_USAGE, ("namespace", "name")),
-    (AUTOSCALER_SCALE_EVENTS, ("namespace", "name", "direction")),
-    (AUTOSCALER_SCRAPE_ERRORS, ("namespace", "name", "reason")),
+    "reason",
 )
 
 
