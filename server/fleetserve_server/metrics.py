@@ -41,6 +41,37 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 
 
+EVICTION_REASONS = ("expired", "pressure")
+
+# The series rendered from the engine snapshot at scrape time: (family, native name,
+# help, EngineStats field, vLLM aliases). The aliases follow all native series.
+_SNAPSHOT_SERIES: tuple[tuple[type[GaugeMetricFamily] | type[CounterMetricFamily], str, str, str,
+                              tuple[str, ...]], ...] = (
+    (GaugeMetricFamily, "fleetserve_requests_waiting", "Requests waiting to be scheduled.",
+     "requests_waiting", ("vllm:num_requests_waiting",)),
+    (GaugeMetricFamily, "fleetserve_requests_running", "Requests being generated.",
+     "requests_running", ("vllm:num_requests_running",)),
+    (GaugeMetricFamily, "fleetserve_kv_cache_usage_ratio", "KV cache blocks in use / total (0..1).",
+     "kv_cache_usage_ratio", ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+    (GaugeMetricFamily, "fleetserve_kv_cache_blocks_total", "KV cache blocks in the pool.",
+     "kv_blocks_total", ()),
+    (GaugeMetricFamily, "fleetserve_kv_cache_blocks_free", "KV cache blocks not in use.",
+     "kv_blocks_free", ()),
+    (GaugeMetricFamily, "fleetserve_kv_cache_capacity_tokens", "Tokens the KV cache can hold.",
+     "kv_capacity_tokens", ()),
+    (CounterMetricFamily, "fleetserve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+     "prefix_cache_queries_tokens", ()),
+    (CounterMetricFamily, "fleetserve_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
+     "prefix_cache_hits_tokens", ()),
+    (CounterMetricFamily, "fleetserve_kv_cache_evictions_total", "Cached KV blocks freed, by reason.",
+     "evictions", ()),
+    (CounterMetricFamily, "fleetserve_preemptions_total", "Running sequences preempted for KV space.",
+     "preemptions", ()),
+    (CounterMetricFamily, "fleetserve_prompt_tokens_total", "Prompt tokens processed.", "prompt_tokens", ()),
+    (CounterMetricFamily, "fleetserve_generation_tokens_total", "Tokens generated.", "generation_tokens", ()),
+)
+
+
 class ServerMetrics:
     """The server's metric registry for one served model.
 
@@ -60,21 +91,18 @@ class ServerMetrics:
         self.rejected_total = Counter(
             "fleetserve_requests_rejected_total", "Requests refused before reaching the engine, by reason.",
             ["model", "reason"], registry=r)
-        self.ttft = Histogram(
-            "fleetserve_time_to_first_token_seconds", "Seconds from arrival to the first output token.",
-            ["model"], buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(
-            "fleetserve_time_per_output_token_seconds", "Mean seconds between output tokens after the first.",
-            ["model"], buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram(
-            "fleetserve_e2e_request_latency_seconds", "Seconds from arrival to the last output token.",
-            ["model"], buckets=E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram(
-            "fleetserve_request_queue_time_seconds", "Seconds a request waited before its first schedule.",
-            ["model"], buckets=QUEUE_BUCKETS, registry=r)
-        self.batch_size = Histogram(
-            "fleetserve_batch_size", "Sequences per engine step.",
-            ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=r)
+
+        self.ttft = histogram("fleetserve_time_to_first_token_seconds",
+                              "Seconds from arrival to the first output token.", TTFT_BUCKETS)
+        self.tpot = histogram("fleetserve_time_per_output_token_seconds",
+                              "Mean seconds between output tokens after the first.", TPOT_BUCKETS)
+        self.e2e = histogram("fleetserve_e2e_request_latency_seconds",
+                             "Seconds from arrival to the last output token.", E2E_BUCKETS)
+        self.queue_time = histogram("fleetserve_request_queue_time_seconds",
+                                    "Seconds a request waited before its first schedule.", QUEUE_BUCKETS)
+        self.batch_size = histogram("fleetserve_batch_size", "Sequences per engine step.", BATCH_SIZE_BUCKETS)
         self.memory_bytes = Gauge(
             "fleetserve_model_memory_bytes", "Device memory held by the model, by kind.",
             ["model", "kind"], registry=r)
@@ -154,44 +182,21 @@ class _EngineStatsCollector(Collector):
         if s is None:
             return
         model = self._metrics.model
-
-        def gauge(name: str, doc: str, value: float, label: str = "model") -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=[label])
-            g.add_metric([model], value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric([model], value)
-            return c
-
-        yield gauge("fleetserve_requests_waiting", "Requests waiting to be scheduled.", s.requests_waiting)
-        yield gauge("fleetserve_requests_running", "Requests being generated.", s.requests_running)
-        yield gauge("fleetserve_kv_cache_usage_ratio", "KV cache blocks in use / total (0..1).",
-                    s.kv_cache_usage_ratio)
-        yield gauge("fleetserve_kv_cache_blocks_total", "KV cache blocks in the pool.", s.kv_blocks_total)
-        yield gauge("fleetserve_kv_cache_blocks_free", "KV cache blocks not in use.", s.kv_blocks_free)
-        yield gauge("fleetserve_kv_cache_capacity_tokens", "Tokens the KV cache can hold.",
-                    s.kv_capacity_tokens)
-        yield counter("fleetserve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queries_tokens)
-        yield counter("fleetserve_prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
-                      s.prefix_cache_hits_tokens)
-        evictions = CounterMetricFamily("fleetserve_kv_cache_evictions_total",
-                                        "Cached KV blocks freed, by reason.", labels=["model", "reason"])
-        for reason in ("expired", "pressure"):
-            evictions.add_metric([model, reason], s.evictions.get(reason, 0))
-        yield evictions
-        yield counter("fleetserve_preemptions_total", "Running sequences preempted for KV space.",
-                      s.preemptions)
-        yield counter("fleetserve_prompt_tokens_total", "Prompt tokens processed.", s.prompt_tokens)
-        yield counter("fleetserve_generation_tokens_total", "Tokens generated.", s.generation_tokens)
-        # vLLM-compatible aliases (label `model_name`, as vLLM spells it).
-        yield gauge("vllm:num_requests_waiting", "Alias of fleetserve_requests_waiting.",
-                    s.requests_waiting, "model_name")
-        yield gauge("vllm:num_requests_running", "Alias of fleetserve_requests_running.",
-                    s.requests_running, "model_name")
-        yield gauge("vllm:kv_cache_usage_perc", "Alias of fleetserve_kv_cache_usage_ratio (0..1).",
-                    s.kv_cache_usage_ratio, "model_name")
-        yield gauge("vllm:gpu_cache_usage_perc", "Alias of fleetserve_kv_cache_usage_ratio (0..1).",
-                    s.kv_cache_usage_ratio, "model_name")
+        families: list[Metric] = []
+        aliases: list[Metric] = []
+        for family, name, doc, field, alias_names in _SNAPSHOT_SERIES:
+            value = getattr(s, field)
+            if isinstance(value, dict):  # evictions by reason
+                f = family(name, doc, labels=["model", "reason"])
+                for reason in EVICTION_REASONS:
+                    f.add_metric([model, reason], value.get(reason, 0))
+            else:
+                f = family(name, doc, labels=["model"])
+                f.add_metric([model], value)
+            families.append(f)
+            for alias in alias_names:  # vLLM-compatible aliases (label `model_name`, as vLLM spells it)
+                a = family(alias, f"Alias of {name}{' (0..1)' if '(0..1)' in doc else ''}.", labels=["model_name"])
+                a.add_metric([model], value)
+                aliases.append(a)
+        yield from families
+        yield from aliases
