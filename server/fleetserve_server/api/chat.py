@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from fleetserve_server.api.context import APIContext, get_context, request_id_of
-from fleetserve_server.api.errors import APIError, invalid
+from fleetserve_server.api.context import APIContext, get_context
+from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
-    GenerationRun,
     build_sampling_params,
     check_unsupported,
     require_serving,
+    start_run,
 )
 from fleetserve_server.api.protocol import (
     ChatChoice,
@@ -25,7 +23,7 @@ from fleetserve_server.api.protocol import (
     ChatResponseMessage,
     DeltaMessage,
 )
-from fleetserve_server.api.sse import DONE, ERROR_RESPONSES, STREAM_200, sse_error, sse_event
+from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
 
 router = APIRouter()
 
@@ -70,19 +68,26 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="messages",
                                    defaults=serving.model.default_sampling)
-    run = GenerationRun(
-        serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
-        http_request=request, client_request_id=request_id_of(request), endpoint="chat",
-        prompt_ids=prompt_ids, params=params,
-        log_prompt=[m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None,
-    )
-    await run.start()
+    log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None
+    run = await start_run(ctx, request, serving, endpoint="chat", prompt_ids=prompt_ids, params=params,
+                          log_prompt=log_prompt)
     response_id = f"chatcmpl-{run.engine_id}"
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(run, response_id, serving.model.served_name,
-                                         serving.model.fingerprint, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: Any = None,
+                  choices: bool = True) -> str:
+            body = ChatCompletionChunk(
+                id=response_id, created=run.created, model=serving.model.served_name,
+                system_fingerprint=serving.model.fingerprint,
+                choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)] if choices else [],  # type: ignore[arg-type]
+                usage=usage,
+            )
+            return sse_event(body.model_dump_json())
+
+        return stream_response(
+            run, req.stream_options, opening=chunk(DeltaMessage(role="assistant", content="")),
+            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), delta.finish_reason),
+            usage_event=lambda usage: chunk(DeltaMessage(), usage=usage, choices=False),
+        )
     async for _ in run.deltas():
         pass
     return ChatCompletionResponse(
@@ -93,27 +98,3 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
         usage=run.usage,
     )
 
-
-async def _stream(run: GenerationRun, response_id: str, model: str, fingerprint: str,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: Any = None,
-              choices: bool = True) -> str:
-        body = ChatCompletionChunk(
-            id=response_id, created=run.created, model=model, system_fingerprint=fingerprint,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)] if choices else [],  # type: ignore[arg-type]
-            usage=usage,
-        )
-        return sse_event(body.model_dump_json())
-
-    yield chunk(DeltaMessage(role="assistant", content=""))
-    try:
-        async for delta in run.deltas():
-            if delta.text or delta.finish_reason is not None:
-                yield chunk(DeltaMessage(content=delta.text), delta.finish_reason)
-    except APIError as exc:
-        yield sse_error(exc)
-        yield DONE
-        return
-    if include_usage:
-        yield chunk(DeltaMessage(), usage=run.usage, choices=False)
-    yield DONE

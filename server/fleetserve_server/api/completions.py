@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from fleetserve_server.api.context import get_context, request_id_of
-from fleetserve_server.api.errors import APIError, invalid
+from fleetserve_server.api.context import get_context
+from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
-    GenerationRun,
     build_sampling_params,
     check_unsupported,
     require_serving,
+    start_run,
 )
 from fleetserve_server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
-from fleetserve_server.api.sse import DONE, ERROR_RESPONSES, STREAM_200, sse_error, sse_event
+from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
 from fleetserve_server.api.state import Serving
 
 router = APIRouter()
@@ -58,18 +56,20 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="prompt",
                                    defaults=serving.model.default_sampling)
-    run = GenerationRun(
-        serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
-        http_request=request, client_request_id=request_id_of(request), endpoint="completions",
-        prompt_ids=prompt_ids, params=params,
-        log_prompt=req.prompt if ctx.request_log.log_prompts else None,
-    )
-    await run.start()
+    run = await start_run(ctx, request, serving, endpoint="completions", prompt_ids=prompt_ids, params=params,
+                          log_prompt=req.prompt if ctx.request_log.log_prompts else None)
     response_id = f"cmpl-{run.engine_id}"
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(run, response_id, serving, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
+            body = CompletionResponse(id=response_id, created=run.created, model=serving.model.served_name,
+                                      system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage)
+            return sse_event(body.model_dump_json())
+
+        return stream_response(
+            run, req.stream_options,
+            delta_event=lambda delta: chunk([CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)]),
+            usage_event=lambda usage: chunk([], usage=usage),
+        )
     async for _ in run.deltas():
         pass
     return CompletionResponse(
@@ -79,22 +79,3 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
         usage=run.usage,
     )
 
-
-async def _stream(run: GenerationRun, response_id: str, serving: Serving,
-                  include_usage: bool) -> AsyncIterator[str]:
-    def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
-        body = CompletionResponse(id=response_id, created=run.created, model=serving.model.served_name,
-                                  system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage)
-        return sse_event(body.model_dump_json())
-
-    try:
-        async for delta in run.deltas():
-            if delta.text or delta.finish_reason is not None:
-                yield chunk([CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)])
-    except APIError as exc:
-        yield sse_error(exc)
-        yield DONE
-        return
-    if include_usage:
-        yield chunk([], usage=run.usage)
-    yield DONE

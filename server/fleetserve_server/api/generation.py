@@ -23,6 +23,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from fleetserve_server.api.context import APIContext, request_id_of
 from fleetserve_server.api.errors import APIError, from_engine_error, invalid
 from fleetserve_server.api.logs import RequestLogger
 from fleetserve_server.api.protocol import UsageInfo, _SamplingFields
@@ -269,3 +270,16 @@ class GenerationRun:
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             arrival=self.arrival, prompt=self.log_prompt, completion="".join(self.text),
         )
+
+
+async def start_run(ctx: APIContext, http_request: Request, serving: Serving, *, endpoint: str,
+                    prompt_ids: list[int], params: SamplingParams, log_prompt: Any) -> GenerationRun:
+    """A ``GenerationRun`` for this request, admitted (``start``): errors raise before any response."""
+    run = GenerationRun(
+        serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
+        http_request=http_request, client_request_id=request_id_of(http_request), endpoint=endpoint,
+        prompt_ids=prompt_ids, params=params, log_prompt=log_prompt,
+    )
+    await run.start()
+    return run
+

@@ -1,11 +1,17 @@
-"""Server-Sent Events framing and the OpenAPI response declarations shared by the generation routes."""
+"""Server-Sent Events framing, the streamed answer and the OpenAPI response declarations shared by the
+generation routes."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi.responses import StreamingResponse
+
 from fleetserve_server.api.errors import APIError
-from fleetserve_server.api.protocol import ErrorResponse
+from fleetserve_server.api.generation import GenerationRun
+from fleetserve_server.api.protocol import ErrorResponse, StreamOptions, UsageInfo
+from fleetserve_server.engine.interfaces import RequestOutputDelta
 
 DONE = "data: [DONE]\n\n"
 
@@ -36,3 +42,29 @@ def sse_error(exc: APIError) -> str:
     """An error after the stream started: OpenAI's SDK raises on a `data: {"error": ...}` event."""
     body = exc.response().body
     return sse_event(bytes(body).decode())
+
+
+def stream_response(run: GenerationRun, stream_options: StreamOptions | None, *,
+                    delta_event: Callable[[RequestOutputDelta], str], usage_event: Callable[[UsageInfo], str],
+                    opening: str | None = None) -> StreamingResponse:
+    """The answer to ``stream: true``: ``opening`` if any, one event per delta that carries text or the
+    finish reason, the usage event if ``stream_options.include_usage``, then ``[DONE]``; an engine error
+    after the first token becomes an error event followed by ``[DONE]``."""
+    include_usage = bool(stream_options and stream_options.include_usage)
+
+    async def events() -> AsyncIterator[str]:
+        if opening is not None:
+            yield opening
+        try:
+            async for delta in run.deltas():
+                if delta.text or delta.finish_reason is not None:
+                    yield delta_event(delta)
+        except APIError as exc:
+            yield sse_error(exc)
+            yield DONE
+            return
+        if include_usage:
+            yield usage_event(run.usage)
+        yield DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
