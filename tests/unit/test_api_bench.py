@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -75,3 +77,22 @@ def test_workload_against_the_api(fake_server: str) -> None:
     assert min(r.prompt_tokens for r in second) > max(r.prompt_tokens for r in first)  # history resent
     s = summarize("fake", results, duration)
     assert s.failures == 0 and set(s.ttft_by_turn_p50_s) == {0, 1}
+
+
+def test_transformers_serve_gets_a_model_dir_that_names_its_architecture(tmp_path: Path) -> None:
+    from fleetserve_server.bench.serve import _with_architectures
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    overlay = _with_architectures(model, tmp_path / "scratch")
+    assert overlay != model
+    assert json.loads((overlay / "config.json").read_text()) == {
+        "model_type": "llama", "vocab_size": 10, "architectures": ["LlamaForCausalLM"]}
+    assert (overlay / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((model / "config.json").read_text()) == {"model_type": "llama", "vocab_size": 10}
+    assert _with_architectures(overlay, tmp_path / "scratch") == overlay  # already named: used as is
+    (model / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
+    with pytest.raises(ValueError, match="no-such-type"):
+        _with_architectures(model, tmp_path / "other")

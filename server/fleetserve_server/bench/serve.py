@@ -56,7 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="API key for --base-url")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per request")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for a server to be ready")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the naive baseline")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every server the bench starts (OMP_NUM_THREADS; the naive "
+                             "baseline also calls torch.set_num_threads); default: torch's own choice")
     parser.add_argument("--output-json", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="where server logs go (default: a temp dir)")
     parser.set_defaults(handler=run)
@@ -125,6 +127,30 @@ def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str
     return summarize(name, results, duration, hit_rate)
 
 
+def _with_architectures(model_dir: Path, scratch: Path) -> Path:
+    """``model_dir``, or a copy of it (symlinks plus a fixed config.json) under ``scratch`` when its
+    config.json names no ``architectures``: `transformers serve` picks the model class from
+    ``architectures[0]`` and fails with a TypeError without it (the builtin model's converted config
+    has only ``model_type``)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("architectures"):
+        return model_dir
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")))
+    if architecture is None:
+        raise ValueError(f"{model_dir}/config.json has no 'architectures' and its model_type "
+                         f"{config.get('model_type')!r} has no causal-LM class in transformers")
+    overlay = scratch / f"{model_dir.name}-transformers-serve"
+    overlay.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        link = overlay / item.name
+        if item.name != "config.json" and not link.exists():
+            link.symlink_to(item.resolve())
+    (overlay / "config.json").write_text(json.dumps({**config, "architectures": [architecture]}, indent=2))
+    return overlay
+
+
 def _transformers_serve_argv(model_dir: Path, port: int) -> list[str] | None:
     exe = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
     if not Path(exe).exists():
@@ -145,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-bench-"))
     summaries = []
     notes: list[str] = []
+    threads_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if not args.no_fleetserve:
         if args.base_url:
             summaries.append(_measure("fleetserve", args.base_url, args, args.served_model_name))
@@ -152,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             port = launch.free_port()
             server = launch.start_server(
                 "fleetserve", launch.fleetserve_argv(args.model, port, args.server_arg), port=port,
-                ready_path="/ready", log_dir=log_dir, timeout=args.startup_timeout)
+                ready_path="/ready", log_dir=log_dir, timeout=args.startup_timeout, env=threads_env)
             try:
                 summaries.append(_measure("fleetserve", server.base_url + "/v1", args, args.served_model_name))
             finally:
@@ -166,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             from fleetserve_server.runner.builtin import resolve_model
 
-            maybe = _transformers_serve_argv(resolve_model(args.model).path, port)
+            maybe = _transformers_serve_argv(_with_architectures(resolve_model(args.model).path, log_dir), port)
             if maybe is None:
                 notes.append("transformers-serve: skipped (the installed transformers has no "
                              "`transformers serve --continuous-batching`, or its [serving] extra is missing)")
@@ -176,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             model_name = argv[-1]  # transformers serve names the model by the path it was given
         try:
             server = launch.start_server(baseline, argv, port=port, ready_path="/v1/models", log_dir=log_dir,
-                                         timeout=args.startup_timeout, env={"HF_HUB_OFFLINE": "1"})
+                                         timeout=args.startup_timeout,
+                                         env={"HF_HUB_OFFLINE": "1", **threads_env})
         except (RuntimeError, TimeoutError) as exc:
             notes.append(f"{baseline}: could not start ({str(exc).splitlines()[0]}); log: {log_dir}/{baseline}.log")
             print(f"[bench] {notes[-1]}", flush=True)
