@@ -10,7 +10,7 @@ The arithmetic, in bytes:
 * weights: every parameter at the dtype's size, except that with ``int8`` the
   transformer's Linear weights take 1 byte per parameter plus one float32
   scale per output row (bitsandbytes LLM.int8), and with ``nf4``/``fp4`` half a
-  byte per parameter plus a uint8 absmax per 64-value block, itself quantized
+  byte per parameter plus a uint8 absmax per 32-value block, itself quantized
   with one float32 scale per 256 blocks (bitsandbytes' nested "double"
   quantization). Embeddings, norms, biases and the lm_head stay at the dtype's
   size; tied embeddings are counted once.
@@ -33,9 +33,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 GiB = 1024**3
 MiB = 1024**2
 
-# bitsandbytes 4-bit layout: one absmax per 64 values; with nested quantization
-# the absmaxes are uint8 with a float32 scale per 256 of them.
-_BNB4_BLOCK = 64
+# bitsandbytes 4-bit layout as the loader quantizes: one absmax per 32 values
+# (bitsandbytes' default is 64; see runner/loader.py for why 32); with nested
+# quantization the absmaxes are uint8 with a float32 scale per 256 of them.
+BNB4_BLOCKSIZE = 32
 _BNB4_NESTED_BLOCK = 256
 
 
@@ -314,8 +315,8 @@ def weight_bytes(arch: ModelArchitecture, quantization: str, dtype: str, device:
     unquantized = (arch.num_parameters - linear) * elem
     if q == "int8":
         return unquantized + linear + arch.linear_output_rows * 4
-    # nf4/fp4: two values per byte, uint8 absmax per 64 values, float32 per 256 absmaxes
-    blocks = math.ceil(linear / _BNB4_BLOCK)
+    # nf4/fp4: two values per byte, uint8 absmax per 32 values, float32 per 256 absmaxes
+    blocks = math.ceil(linear / BNB4_BLOCKSIZE)
     return unquantized + math.ceil(linear / 2) + blocks + math.ceil(blocks / _BNB4_NESTED_BLOCK) * 4
 
 

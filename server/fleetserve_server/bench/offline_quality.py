@@ -82,39 +82,46 @@ def quality_report(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from fleetserve_server.memory import BNB4_BLOCKSIZE
     from fleetserve_server.runner.loader import load_model, model_bytes
 
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok.encode(_text(args))[: getattr(args, "ppl_tokens", PPL_TOKENS)]
     rows: dict[str, Any] = {"tokens": len(ids), "fleetserve": {}, "transformers_bnb": {}}
     cfg_layers = int(__import__("json").loads((path / "config.json").read_text())["num_hidden_layers"])
-    variants = [("none", ()), ("int8", ()), ("nf4", ()), ("fp4", ()),
-                ("nf4", (0, cfg_layers - 1)), ("fp4", (0, cfg_layers - 1))]
+    # (quantization, decoder layers kept in float32, 4-bit absmax blocksize); blocksize 64 is
+    # bitsandbytes' default and the old layout (fused q/k/v, gate/up): the diagnosis in loader.py
+    last = (0, cfg_layers - 1)
+    variants = [("none", (), BNB4_BLOCKSIZE), ("int8", (), BNB4_BLOCKSIZE), ("nf4", (), BNB4_BLOCKSIZE),
+                ("fp4", (), BNB4_BLOCKSIZE), ("nf4", (), 64), ("fp4", (), 64),
+                ("nf4", last, BNB4_BLOCKSIZE), ("fp4", last, BNB4_BLOCKSIZE)]
     print(f"\nperplexity over {len(ids)} tokens of {args.text or DEFAULT_TEXT.name}; "
           "Linear bytes vs their 16-bit size")
-    print(f"{'variant':<32}{'ppl':>9}{'vs none':>9}{'Linear MB':>11}{'/16-bit':>9}{'model MB':>10}")
+    print(f"{'variant':<40}{'ppl':>9}{'vs none':>9}{'Linear MB':>11}{'/16-bit':>9}{'model MB':>10}")
     base_ppl = None
-    for q, keep in variants:
+    for q, keep, blocksize in variants:
         loaded = load_model(path, dtype="float32", device=torch.device("cpu"), quantization=q,
-                            max_positions=len(ids), keep_layers=keep)
+                            max_positions=len(ids), keep_layers=keep, blocksize=blocksize)
         lin, params = _linear_bytes(loaded.model)
         ppl = perplexity_paged(loaded.model, ids)
         base_ppl = base_ppl or ppl
-        name = f"fleetserve {q}" + (f" (layers {keep} 16-bit)" if keep else "")
+        old_layout = q in ("nf4", "fp4") and blocksize != BNB4_BLOCKSIZE
+        name = f"fleetserve {q}" + (f" (layers {keep} fp32)" if keep else "") + (f" bs{blocksize}" if old_layout else "")
         row = {"ppl": ppl, "ppl_increase": ppl / base_ppl - 1, "linear_bytes": lin,
                "linear_16bit_bytes": params * 2, "linear_ratio_vs_16bit": lin / (params * 2),
                "model_bytes": model_bytes(loaded.model)}
-        rows["fleetserve"][q + ("-keep" if keep else "")] = row
-        print(f"{name:<32}{ppl:>9.3f}{100 * row['ppl_increase']:>+8.1f}%{lin / 1e6:>11.1f}"
+        rows["fleetserve"][q + ("-keep" if keep else "") + (f"-bs{blocksize}" if old_layout else "")] = row
+        print(f"{name:<40}{ppl:>9.3f}{100 * row['ppl_increase']:>+8.1f}%{lin / 1e6:>11.1f}"
               f"{row['linear_ratio_vs_16bit']:>9.3f}{row['model_bytes'] / 1e6:>10.1f}", flush=True)
         del loaded
     configs = {
         "none": None,
         "int8": BitsAndBytesConfig(load_in_8bit=True),
-        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32),
-        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32),
+        # blocksize 64 (transformers has no setting for it); with and without double quant
+        # (transformers' default is without)
+        **{f"{qt}{'' if dq else '-nodq'}": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq,
+            bnb_4bit_compute_dtype=torch.float32) for qt in ("nf4", "fp4") for dq in (True, False)},
     }
     hf_base = None
     for q, qc in configs.items():
@@ -131,7 +138,7 @@ def quality_report(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         hf_base = hf_base or ppl
         rows["transformers_bnb"][q] = {"ppl": ppl, "ppl_increase": ppl / hf_base - 1,
                                        "model_bytes": int(model.get_memory_footprint())}
-        print(f"{'transformers+bnb ' + q:<32}{ppl:>9.3f}{100 * (ppl / hf_base - 1):>+8.1f}%"
+        print(f"{'transformers+bnb ' + q:<40}{ppl:>9.3f}{100 * (ppl / hf_base - 1):>+8.1f}%"
               f"{'':>20}{model.get_memory_footprint() / 1e6:>10.1f}", flush=True)
         del model
     return rows
