@@ -6,11 +6,20 @@ only to this process and its children, so `/etc/fleetserve/server.yaml` of one
 pod never shows up in another pod or on the host.  Mount points that do not
 exist on the host are created there as empty directories (or empty files for a
 file mount): a bind mount needs a mount point.
+
+The host's fleetserve installation stands in for the container image, so a
+volume must not hide it: when a mountPath covers one of the spec's ``keep``
+directories (the interpreter and the fleetserve packages, see
+:func:`runtime_paths`; e.g. the server pods' emptyDir at ``/tmp`` over a venv in
+``/tmp/...``), that directory is bound back on top of the volume. Without this the
+container's ``execve`` fails with ENOENT and the pod crash-loops.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
 import json
 import os
 import sys
@@ -20,6 +29,8 @@ MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+# Top-level packages of the fleetserve distribution (an editable install keeps them outside the venv).
+FLEETSERVE_PACKAGES = ("fleetserve_cli", "fleetserve_server", "fleetserve_operator", "fleetserve_devcluster")
 
 
 def _mount(source: str, target: str, flags: int) -> None:
@@ -42,16 +53,59 @@ def bind(source: str, target: str, read_only: bool) -> None:
         _mount(source, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
 
+@functools.cache
+def runtime_paths(executable: str) -> list[str]:
+    """Host directories that ``executable`` (the agent's ``fleetserve``) runs from: its own directory,
+    this interpreter's prefixes (the venv and the base Python) and the fleetserve packages' roots."""
+    paths = {os.path.dirname(os.path.abspath(executable)), sys.prefix, sys.exec_prefix, sys.base_prefix,
+             sys.base_exec_prefix}
+    for name in FLEETSERVE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None:
+            paths.update(os.path.dirname(location) for location in spec.submodule_search_locations or [])
+    return sorted(os.path.abspath(p) for p in paths if p and os.path.isdir(p))
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def hidden_paths(keep: list[str], targets: list[str]) -> list[str]:
+    """The ``keep`` directories a mount at one of ``targets`` would hide, outermost only
+    (binding one back brings back everything inside it)."""
+    covered = sorted({k for k in map(os.path.normpath, keep)
+                      if any(_under(k, os.path.normpath(t)) for t in targets)}, key=len)
+    out: list[str] = []
+    for path in covered:
+        if not any(_under(path, outer) for outer in out):
+            out.append(path)
+    return out
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     try:
+        # Opened before the volumes go on top, bound back right after the mount that covers them
+        # (so a deeper volume mounted later still goes on top): the program must stay reachable.
+        held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY)
+                for path in hidden_paths(spec.get("keep") or [], [m["target"] for m in spec["mounts"]])}
         for m in spec["mounts"]:
             bind(m["source"], m["target"], m["read_only"])
+            for path in hidden_paths(list(held), [m["target"]]):
+                Path(path).mkdir(parents=True, exist_ok=True)
+                _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
+        for fd in held.values():
+            os.close(fd)
         os.chdir(spec.get("workingDir") or "/")
     except OSError as exc:
         print(f"fleetserve dev-cluster: cannot set up the container: {exc}", file=sys.stderr)
         sys.exit(128)
-    os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    try:
+        os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    except OSError as exc:
+        print(f"fleetserve dev-cluster: cannot run {spec['argv'][0]!r} in the container: {exc.strerror}",
+              file=sys.stderr)
+        sys.exit(127)
 
 
 if __name__ == "__main__":

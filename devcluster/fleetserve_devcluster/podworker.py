@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .kube import Kube, KubeError, ns_path
+from .launch import runtime_paths
 from .pods import (
     NOT_RUNNABLE_REASON,
     ContainerConfigError,
@@ -300,7 +301,7 @@ class PodWorker(threading.Thread):
             return
         argv = [c.argv[0], *(expand_vars(a, env) for a in c.argv[1:])]
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
-                "mounts": [m.__dict__ for m in mounts]}
+                "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin)}
         spec_file = self.dir / f"{c.spec['name']}.launch.json"
         spec_file.write_text(json.dumps(spec))
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)

@@ -214,9 +214,6 @@ class Timeline:
             self._stop.wait(1.0)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "passes alone (2026-11-26, 184 s) but its first replica never became Ready when run after "
-    "test_autoscaler_fleet.py in the same session; cause not yet found — see the closing note"))
 def test_fleet_grows_onto_new_gpu_nodes_and_shrinks_off_them_with_zero_failed_requests(
         ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
     cluster, namespace = ca_cluster, "ca-fleet"
@@ -226,10 +223,23 @@ def test_fleet_grows_onto_new_gpu_nodes_and_shrinks_off_them_with_zero_failed_re
     log = tmp_path / "operator.log"
     try:
         with running_operator(cluster, namespace, log):
-            run_scenario(cluster, namespace, model_dir)
+            try:
+                run_scenario(cluster, namespace, model_dir)
+            except BaseException:
+                sys.stderr.write(pods_and_container_logs(cluster))  # before the cleanup deletes the pods
+                raise
     finally:
         if log.exists():
             sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-6000:]}\n")
+
+
+def pods_and_container_logs(cluster: DevClusterHandle, lines: int = 15) -> str:
+    """`kubectl get pods -A -o wide` and the last lines of every container log the node agent keeps."""
+    out = [cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout]
+    for path in sorted((cluster.state_dir / "pods").glob("*/*.log")):
+        tail = "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        out.append(f"--- {path.parent.name}/{path.name} (tail) ---\n{tail}")
+    return "\n".join(out) + "\n"
 
 
 def run_scenario(cluster: DevClusterHandle, namespace: str, model_dir: Path) -> None:
