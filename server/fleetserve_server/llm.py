@@ -30,33 +30,15 @@ Message = dict[str, str]
 class LLM:
     """A model with a continuously batched engine over a paged KV cache.
 
-    Arguments mirror ``fleetserve serve``; see ``create_engine``. ``seed``
-    seeds the sampling of requests that do not carry their own seed.
+    ``LLM(model, **engine_args)``: the keyword arguments and their defaults are
+    ``create_engine``'s (the options of ``fleetserve serve``: ``quantization``,
+    ``dtype``, ``max_model_len``, ``kv_cache_tokens``, ...), so the offline API
+    and the server build their engines one way. ``seed`` seeds the sampling of
+    requests that do not carry their own seed.
     """
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        quantization: str = "none",
-        dtype: str = "auto",
-        device: str = "auto",
-        max_model_len: int = 2048,
-        max_num_seqs: int = 32,
-        max_batch_tokens: int = 2048,
-        kv_cache_tokens: int | None = None,
-        kv_cache_memory_fraction: float = 0.9,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        cache_ttl_seconds: float = 600.0,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        self.loaded: LoadedEngine = create_engine(
-            model, quantization=quantization, dtype=dtype, device=device, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, kv_cache_tokens=kv_cache_tokens,
-            kv_cache_memory_fraction=kv_cache_memory_fraction, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, cache_ttl_seconds=cache_ttl_seconds, seed=seed, **kwargs,
-        )
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args: Any) -> None:
+        self.loaded: LoadedEngine = create_engine(model, **engine_args)
         self.engine = self.loaded.engine
         self.tokenizer = self.loaded.tokenizer
         self._ids = itertools.count()
