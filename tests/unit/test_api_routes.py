@@ -234,10 +234,15 @@ async def test_model_sampling_defaults_apply_when_the_request_omits_them() -> No
 
 def test_sampling_defaults_from_generation_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from fleetserve_server.api.server import sampling_defaults
+    from fleetserve_server.runner.builtin import BUILTIN_MODELS, write_sampling_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95,
                                                                  "top_k": 20, "eos_token_id": 2}))
-    assert sampling_defaults(str(tmp_path), str(tmp_path)) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
-    assert sampling_defaults(None, "builtin:smollm2-135m-instruct") == {"temperature": 0.2, "top_p": 0.9}
+    assert sampling_defaults(str(tmp_path)) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert sampling_defaults(None) == {}
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
-    assert sampling_defaults(str(tmp_path), str(tmp_path)) == {}
+    assert sampling_defaults(str(tmp_path)) == {}
+    # what the builtin conversion writes is what the server reads back (SmolLM2's card: 0.2 / 0.9)
+    write_sampling_defaults(tmp_path, BUILTIN_MODELS["smollm2-135m-instruct"].sampling)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["do_sample"] is True
+    assert sampling_defaults(str(tmp_path)) == {"temperature": 0.2, "top_p": 0.9}

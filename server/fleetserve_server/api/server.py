@@ -36,31 +36,21 @@ _ENGINE_KEYS = ("model", "quantization", "dtype", "max_model_len", "max_num_seqs
                 "cache_ttl_seconds")
 
 
-# Sampling defaults from the model card, for builtin models whose converted
-# generation_config.json carries none (SmolLM2's card recommends these; at
-# OpenAI's temperature 1 a 135M model rambles).
-BUILTIN_SAMPLING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "builtin:smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
-}
-
-
-def sampling_defaults(model_path: str | None, spec: str) -> dict[str, Any]:
-    """temperature / top_p / top_k a request gets when it omits them.
-
-    The model directory's generation_config.json wins (as in vLLM); a
-    builtin model falls back to its model card's recommendation.
-    """
-    defaults = dict(BUILTIN_SAMPLING_DEFAULTS.get(spec, {}))
-    if model_path:
-        path = Path(model_path) / "generation_config.json"
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError):
-            config = {}
-        if config.get("do_sample") is not False:
-            defaults.update({k: config[k] for k in ("temperature", "top_p", "top_k")
-                             if isinstance(config.get(k), int | float) and not isinstance(config.get(k), bool)})
-    return defaults
+def sampling_defaults(model_path: str | None) -> dict[str, Any]:
+    """temperature / top_p / top_k a request gets when it omits them: the model
+    directory's generation_config.json (as in vLLM), unless it says ``do_sample:
+    false``. Builtin models get their model card's values written there when
+    they are converted."""
+    if not model_path:
+        return {}
+    try:
+        config = json.loads((Path(model_path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if config.get("do_sample") is False:
+        return {}
+    return {k: config[k] for k in ("temperature", "top_p", "top_k")
+            if isinstance(config.get(k), int | float) and not isinstance(config.get(k), bool)}
 
 
 class _Server(uvicorn.Server):
@@ -173,7 +163,7 @@ async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
         served_name=config.resolved_served_name(), max_model_len=int(loaded.max_model_len),
         quantization=str(loaded.quantization), dtype=_dtype_name(loaded.dtype), source=config.model,
         engine_config={**{k: getattr(config, k) for k in _ENGINE_KEYS}, "device": str(loaded.device)},
-        default_sampling=sampling_defaults(getattr(loaded, "model_path", None), config.model),
+        default_sampling=sampling_defaults(getattr(loaded, "model_path", None)),
     )
     if model.default_sampling:
         log.info("sampling defaults for requests that omit them: %s", model.default_sampling)

