@@ -13,7 +13,10 @@ The arithmetic, in bytes:
   byte per parameter plus a uint8 absmax per 32-value block, itself quantized
   with one float32 scale per 256 blocks (bitsandbytes' nested "double"
   quantization). Embeddings, norms, biases and the lm_head stay at the dtype's
-  size; tied embeddings are counted once.
+  size; tied embeddings are counted once — except unquantized on CPU in
+  float32, where the runner packs the lm_head for oneDNN
+  (``runner.model.pack_cpu_linears``) and a tied lm_head's packed copy adds
+  ``vocab x hidden x 4`` bytes.
 * KV per token: ``2 (K and V) x layers x kv_heads x head_dim x dtype bytes``.
 * KV capacity: ``(device memory x fraction - weights - activation reserve) /
   KV per token``, rounded down to whole blocks.
@@ -309,8 +312,12 @@ def weight_bytes(arch: ModelArchitecture, quantization: str, dtype: str, device:
     """Bytes of the loaded model's parameters and quantization state."""
     q = _check_quantization(quantization)
     elem = dtype_bytes(dtype, device)
+    packed_lm_head = 0
+    if q == "none" and device.lower() == "cpu" and resolved_dtype(dtype, device) == "float32" \
+            and arch.tie_word_embeddings:
+        packed_lm_head = arch.vocab_size * arch.hidden_size * elem  # the packed copy of the tied lm_head
     if q == "none":
-        return arch.num_parameters * elem
+        return arch.num_parameters * elem + packed_lm_head
     linear = arch.linear_parameters
     unquantized = (arch.num_parameters - linear) * elem
     if q == "int8":

@@ -137,3 +137,53 @@ def test_bad_scheduled_input_raises_value_error(tmp_path) -> None:
         runner.execute(ScheduledBatch([ScheduledSequence(0, [10_000], 0, [0], True, GREEDY)]))
     with pytest.raises(ValueError, match="block_table"):
         runner.execute(ScheduledBatch([ScheduledSequence(0, [5] * 9, 0, [0, 1], True, GREEDY)]))
+
+
+def test_cpu_fp32_linears_are_packed_and_match_f_linear(tmp_path) -> None:
+    from fleetserve_server.runner.loader import model_bytes
+    from fleetserve_server.runner.model import PackedLinear, cpu_packing_supported
+
+    assert cpu_packing_supported(torch.device("cpu"), torch.float32)
+    assert not cpu_packing_supported(torch.device("cpu"), torch.bfloat16)
+    path = make_tiny_llama(tmp_path / "tied", architecture="qwen2")  # q/k/v biases, tied lm_head
+    loaded = load_model(path, dtype="float32", device=torch.device("cpu"), quantization="none", max_positions=64)
+    model = loaded.model
+    plain = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+             for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    before = model_bytes(model)
+    import gc
+    import weakref
+
+    originals = [weakref.ref(model.layers[0].o_proj), weakref.ref(model.layers[0].down)]
+    runner = TorchModelRunner(model, num_blocks=8, block_size=4, eos_token_ids=frozenset())
+    gc.collect()
+    assert all(ref() is None for ref in originals), "a plain weight outlived its packed copy"
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    assert set(packed) == set(plain) and len(packed) == 4 * model.num_layers + 1
+    assert model.pack_cpu_linears() == 0  # idempotent
+    # the tied lm_head's packed copy is the only growth; everything else swapped plain for packed
+    assert model_bytes(model) - before == model.vocab_size * model.embed.weight.shape[1] * 4
+    gen = torch.Generator().manual_seed(0)
+    for name, module in packed.items():
+        weight, bias = plain[name]
+        for rows in (1, 7, 32, 33):
+            x = torch.randn(rows, weight.shape[1], generator=gen)
+            ref = torch.nn.functional.linear(x, weight, bias)
+            torch.testing.assert_close(module(x), ref, rtol=1e-5, atol=1e-5)
+            residual = torch.randn(rows, weight.shape[0], generator=gen)
+            assert torch.equal(module.forward_add(x, residual), residual + module(x))
+    assert runner.execute(ScheduledBatch([ScheduledSequence(0, [5, 6, 7], 0, [0], True, GREEDY)]))
+
+
+def test_quantized_model_keeps_its_tied_lm_head_plain(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from fleetserve_server.runner.loader import model_bytes
+    from fleetserve_server.runner.model import PackedLinear
+
+    path = make_tiny_llama(tmp_path / "q", architecture="llama")
+    loaded = load_model(path, dtype="float32", device=torch.device("cpu"), quantization="int8", max_positions=64)
+    before = model_bytes(loaded.model)
+    TorchModelRunner(loaded.model, num_blocks=8, block_size=4, eos_token_ids=frozenset())
+    assert type(loaded.model.lm_head) is torch.nn.Linear  # tied: packing it would add memory
+    assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
+    assert model_bytes(loaded.model) == before

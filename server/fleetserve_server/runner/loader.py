@@ -177,7 +177,7 @@ def model_bytes(model: nn.Module) -> int:
         nonlocal total
         if t is None or not isinstance(t, torch.Tensor):
             return
-        key = t.data_ptr()
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # a oneDNN-packed weight has no data_ptr
         if key in seen or t.numel() == 0:
             return
         seen.add(key)

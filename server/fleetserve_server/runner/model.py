@@ -7,15 +7,35 @@ attention, SwiGLU, tied embeddings, Qwen2's q/k/v biases and Qwen3's q/k norm.
 It reuses the weights of a loaded HF model (no copy for unfused layers).
 
 All sequences of a step run as one flat token batch through the projections;
-only attention is per sequence: a decode token (one new token) attends through
-one batched, padded gather of its blocks; a prefill chunk attends with SDPA
-(causal; plus the cached prefix when it does not start at position 0).
+only attention is per sequence: decode tokens (one new token each) attend
+through one batched, padded gather of their blocks and two batched matmuls; a
+prefill chunk attends with SDPA (causal; plus the cached prefix when it does
+not start at position 0).
 
 KV cache layout: ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``;
 position ``p`` of a sequence lives in slot ``block_table[p // block_size] *
-block_size + p % block_size``. Heads outermost, so that one ``index_select``
-of a batch's slots yields ``[kv_heads, B, S, head_dim]``, ready for a batched
-matmul without another copy (the decode step's main memory traffic).
+block_size + p % block_size``. Heads outermost, so that a layer's cache is a
+stack of ``2 * kv_heads * num_blocks`` contiguous blocks: one ``index_select``
+of a batch's *blocks* (rows of ``block_size * head_dim`` values) yields
+``[2, kv_heads, B, S, head_dim]`` (the decode step's main memory traffic),
+ready for a batched matmul without another copy.
+
+CPU float32 linears run through oneDNN with a weight packed once at load
+(``pack_cpu_linears``, called by the runner): MKL's fp32 GEMM is poor at the
+small M of a decode step (batch 32: ~30-80 GFLOPS on a 2-core EPYC against
+~110-120 packed, lm_head 34 vs 82), and the packed weight serves every M
+(prefill too) with max relative error ~1e-6 against ``F.linear``. Memory
+trade-off: packing copies the weight into oneDNN's blocked layout; for
+untied layers (q/k/v/o, gate/up/down, an untied lm_head) the plain weight is
+dropped (nothing else references it once the HF model object is gone), so
+their memory is unchanged. A *tied* lm_head shares its weight with the
+embedding, whose lookup needs the plain ``[vocab, hidden]`` matrix, so
+packing it costs ``vocab x hidden x 4`` bytes more (SmolLM2-135M: 113 MB,
++21 % of its weights) for ~2.4x on the largest matmul of a decode step;
+``model_bytes`` counts the packed copy and ``memory.weight_bytes`` predicts
+it (CPU float32, tied embeddings, no quantization). A quantized model (the
+user asked for less memory) keeps its tied lm_head plain. bfloat16 (needs AVX512-BW/-VL/-DQ or
+AVX-NE-CONVERT in oneDNN), bitsandbytes layers and CUDA keep ``F.linear``.
 """
 
 from __future__ import annotations
@@ -33,18 +53,20 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 class StepMetadata:
     """Tensors describing one step's flat token batch (built by the runner).
 
-    A layer's cache is addressed as rows ``[2 * kv_heads * num_slots, head_dim]``;
-    an index over slots ``s`` becomes the rows ``c * num_slots + s`` for every
-    ``c`` in K/V x heads (``rows_for`` in the runner).
+    A layer's cache is addressed as rows ``[2 * kv_heads * num_slots, head_dim]``
+    for writes (an index over slots ``s`` becomes the rows ``c * num_slots + s``
+    for every ``c`` in K/V x heads) and as block rows ``[2 * kv_heads *
+    num_blocks, block_size * head_dim]`` for reads (one row per block: 16x
+    fewer, 16x longer copies than per-slot rows).
     Decode sequences (one new token each) come first: tokens ``0 .. B-1``.
-    ``write_index``: rows receiving this step's K/V ([2, kv, T] order).
-    ``decode_index``: rows of each decode sequence's first S positions (S =
-    longest decode context, padded with slot 0), [2, kv, B, S] order;
-    ``decode_mask`` [B, 1, S] is additive (0 where position < context length,
-    a large negative number elsewhere).
+    ``write_index``: slot rows receiving this step's K/V ([2, kv, T] order).
+    ``decode_index``: block rows of each decode sequence's blocks (padded with
+    block 0 to the longest), [2, kv, B, blocks] order; ``decode_mask``
+    [B, 1, blocks * block_size] is additive (0 where position < context
+    length, a large negative number elsewhere).
     Prefill part: one entry per multi-token chunk: (token slice start, length,
-    start_pos, rows of positions 0 .. start_pos + length - 1, or None when
-    start_pos == 0).
+    start_pos, block rows of the blocks of positions 0 .. start_pos + length - 1,
+    or None when start_pos == 0).
     ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
     """
 
@@ -55,6 +77,7 @@ class StepMetadata:
     decode_mask: torch.Tensor | None
     prefills: list[tuple[int, int, int, torch.Tensor | None]]
     logits_idx: torch.Tensor
+    block_size: int
 
 
 def _fuse_linear(parts: list[nn.Module]) -> nn.Module:
@@ -78,6 +101,42 @@ class _Split(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def cpu_packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``pack_cpu_linears`` packs on this device/dtype (CPU float32 with oneDNN)."""
+    return (
+        device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` over a oneDNN-packed copy of its weight (CPU only).
+
+    Holds only the packed weight (an opaque mkldnn tensor, a buffer so that
+    ``model_bytes`` counts it) and the bias; the plain weight is not kept.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)`` in one oneDNN call (a sum post-op; bit-identical)."""
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed_weight, self.bias, "add")
+
+
+def _add_linear(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(linear, PackedLinear):
+        return linear.forward_add(x, residual)
+    return residual + linear(x)
 
 
 class _Layer(nn.Module):
@@ -137,6 +196,32 @@ class PagedCausalLM(nn.Module):
         self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
         self.max_positions = max_positions
 
+    def pack_cpu_linears(self) -> int:
+        """Replace every plain ``nn.Linear`` (fused qkv/gate_up, o_proj, down,
+        lm_head; a tied lm_head only when no layer is quantized) by a
+        ``PackedLinear`` where ``cpu_packing_supported``; returns
+        how many were packed (0 elsewhere; idempotent). See the module docstring
+        for the memory trade-off."""
+        if not cpu_packing_supported(self.device, self.dtype):
+            return 0
+        count = 0
+        for layer in self.layers:
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                if type(getattr(layer, name)) is nn.Linear:
+                    setattr(layer, name, PackedLinear(getattr(layer, name)))
+                    count += 1
+        quantized = any(type(getattr(layer, name)) is not PackedLinear
+                        for layer in self.layers for name in ("qkv", "o_proj", "gate_up", "down"))
+        # a tied lm_head's packed copy is extra memory: not for a model quantized to save memory
+        if type(self.lm_head) is nn.Linear and not (quantized and self.lm_head.weight is self.embed.weight):
+            self.lm_head = PackedLinear(self.lm_head)
+            count += 1
+        if count:
+            import gc
+
+            gc.collect()  # free the replaced plain weights now, should a reference cycle hold them
+        return count
+
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
@@ -156,50 +241,54 @@ class PagedCausalLM(nn.Module):
         for li, layer in enumerate(self.layers):
             x = self._rms(h, layer.in_norm)
             qkv = layer.qkv(x)
-            q = qkv[:, : nh * hd].view(num_tokens, nh, hd)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(num_tokens, nkv, hd)
             v = qkv[:, (nh + nkv) * hd :].view(num_tokens, nkv, hd)
             if layer.q_norm is not None:
-                q = self._rms(q, layer.q_norm)
-                k = self._rms(k, layer.k_norm)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
+                q = self._rope(self._rms(qkv[:, : nh * hd].view(num_tokens, nh, hd), layer.q_norm), cos, sin)
+                k = self._rope(self._rms(qkv[:, nh * hd : (nh + nkv) * hd].view(num_tokens, nkv, hd),
+                                         layer.k_norm), cos, sin)
+            else:
+                # q and k heads rotated together: one set of elementwise ops instead of two
+                qk = self._rope(qkv[:, : (nh + nkv) * hd].view(num_tokens, nh + nkv, hd), cos, sin)
+                q, k = qk[:, :nh], qk[:, nh:]
             # rows of [2 * kv * slots, hd]: dim-0 index ops are plain row copies
             # (index_select/index_copy_ on an inner dim take a slow generic path on CPU)
             kv_rows = kv_cache[li].view(-1, hd)
             new_kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1))).to(kv_cache.dtype)  # [2, kv, T, hd]
             kv_rows.index_copy_(0, meta.write_index, new_kv.view(-1, hd))
-            out = self._attention(q, k, v, kv_rows, meta)
-            h = h + layer.o_proj(out.view(num_tokens, nh * hd))
+            out = self._attention(q, k, v, kv_cache[li], meta)
+            h = _add_linear(h, layer.o_proj, out.view(num_tokens, nh * hd))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            h = _add_linear(h, layer.down, F.silu(gate) * up)
         h = self._rms(h[meta.logits_idx], self.norm)
         return self.lm_head(h).float()
 
     def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor, meta: StepMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
         nkv, hd, g = self.num_kv_heads, self.head_dim, self.group
-        out = torch.empty_like(q)
+        blocks = layer_cache.view(-1, meta.block_size * hd)
+        out = q.new_empty(q.shape)  # contiguous even when q is a view of the q|k block
         b = meta.num_decode
         if b:
-            # One gather of K and V for every decode sequence: [2, kv, B*S, hd].
-            kv = kv_rows.index_select(0, meta.decode_index).view(2, nkv, b, -1, hd)  # type: ignore[arg-type]
+            # One gather of every decode sequence's K and V blocks: [2, kv, B, S, hd], then
+            # batched matmuls over (kv head, sequence) with the g query heads of a group as
+            # rows (faster on CPU than SDPA, whose masked path is ~5x slower here).
+            kv = blocks.index_select(0, meta.decode_index).view(2, nkv, b, -1, hd)  # type: ignore[arg-type]
             keys, vals = kv[0], kv[1]
             qd = (q[:b] * self.scale).view(b, nkv, g, hd).transpose(0, 1)  # [kv, B, g, hd]
             scores = torch.matmul(qd, keys.transpose(-1, -2)).add_(meta.decode_mask)  # [kv, B, g, S]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
             out[:b] = torch.matmul(probs, vals).transpose(0, 1).reshape(b, -1, hd)
-        for start, n, start_pos, slots in meta.prefills:
+        for start, n, start_pos, rows in meta.prefills:
             qs = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
-            if slots is None:
+            if rows is None:
                 ks = k[start : start + n].transpose(0, 1).unsqueeze(0)
                 vs = v[start : start + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
             else:
                 total = start_pos + n
-                kv = kv_rows.index_select(0, slots).view(2, nkv, total, hd).to(qs.dtype)
+                kv = blocks.index_select(0, rows).view(2, nkv, -1, hd)[:, :, :total].to(qs.dtype)
                 qpos = torch.arange(start_pos, total, device=q.device)[:, None]
                 allowed = torch.arange(total, device=q.device)[None, :] <= qpos
                 o = F.scaled_dot_product_attention(

@@ -9,6 +9,8 @@ is the costliest matmul of a decode step).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence
@@ -36,6 +38,7 @@ class TorchModelRunner:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.model = model
+        model.pack_cpu_linears()
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -47,6 +50,7 @@ class TorchModelRunner:
         )
         self.sampler = Sampler(self.device, base_seed=seed)
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
+        self._block_base = torch.arange(2 * model.num_kv_heads, device=self.device) * num_blocks
         self._neg_inf = torch.finfo(model.dtype).min
 
     @property
@@ -82,16 +86,24 @@ class TorchModelRunner:
         in [2, kv, len(slots)] order."""
         return (self._row_base[:, None] + slots[None, :]).view(-1)
 
+    def _block_rows(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Block ids -> row indices of a layer's cache viewed as [2 * kv * num_blocks,
+        block_size * hd], in [2, kv, len(blocks)] order."""
+        return (self._block_base[:, None] + blocks[None, :]).view(-1)
+
     def _prepare(self, batch: ScheduledBatch):  # type: ignore[no-untyped-def]
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_slots: list[list[int]] = []
-        prefills: list[tuple[int, int, int, list[int] | None]] = []
+        decode_tables: list[Sequence[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, int, Sequence[int] | None]] = []
         logits_idx: list[int] = []
         sample_ids: list[int] = []
         sample_params = []
+        max_positions = self.model.max_positions
+        num_blocks = self.num_blocks
         # decode sequences (one token) first, so the model addresses them as q[:B]
         ordered = sorted(batch.sequences, key=lambda s: len(s.token_ids) != 1)
         for seq in ordered:
@@ -99,30 +111,32 @@ class TorchModelRunner:
             if n == 0:
                 raise ValueError(f"sequence {seq.seq_id}: a scheduled chunk must have at least one token")
             start = len(ids)
-            end_pos = seq.start_pos + n
-            if end_pos > self.model.max_positions:
+            start_pos = seq.start_pos
+            end_pos = start_pos + n
+            if end_pos > max_positions:
                 raise ValueError(
-                    f"sequence {seq.seq_id}: position {end_pos - 1} exceeds max_model_len "
-                    f"{self.model.max_positions}"
+                    f"sequence {seq.seq_id}: position {end_pos - 1} exceeds max_model_len {max_positions}"
                 )
-            table = seq.block_table
+            # the blocks of positions 0 .. end_pos-1: the whole context attention reads
+            # (for a decode or a later chunk), ending with the ones written now
+            table = seq.block_table[: (end_pos + bs - 1) // bs]
             if len(table) * bs < end_pos:
                 raise ValueError(
-                    f"sequence {seq.seq_id}: block_table covers {len(table) * bs} positions, needs {end_pos}"
+                    f"sequence {seq.seq_id}: block_table covers {len(seq.block_table) * bs} positions, "
+                    f"needs {end_pos}"
                 )
-            if max(table) >= self.num_blocks or min(table) < 0:
-                raise ValueError(f"sequence {seq.seq_id}: block_table names a block outside [0, {self.num_blocks})")
+            if max(table) >= num_blocks or min(table) < 0:
+                raise ValueError(f"sequence {seq.seq_id}: block_table names a block outside [0, {num_blocks})")
             ids.extend(seq.token_ids)
-            positions.extend(range(seq.start_pos, end_pos))
-            # slots of positions 0 .. end_pos-1: the whole context attention reads
-            # (for a decode or a later chunk) ending with the ones written now
-            seq_slots = [blk * bs + off for blk in table[: (end_pos + bs - 1) // bs] for off in range(bs)]
-            del seq_slots[end_pos:]
-            slots.extend(seq_slots[seq.start_pos :])
             if n == 1:
-                decode_slots.append(seq_slots)
+                positions.append(start_pos)
+                slots.append(table[start_pos // bs] * bs + start_pos % bs)
+                decode_tables.append(table)
+                decode_lens.append(end_pos)
             else:
-                prefills.append((start, n, seq.start_pos, seq_slots if seq.start_pos else None))
+                positions.extend(range(start_pos, end_pos))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start_pos, end_pos))
+                prefills.append((start, n, start_pos, table if start_pos else None))
             if seq.sample:
                 logits_idx.append(start + n - 1)
                 sample_ids.append(seq.seq_id)
@@ -132,26 +146,29 @@ class TorchModelRunner:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.model.vocab_size})")
         dindex = dmask = None
-        if decode_slots:
-            width = max(len(t) for t in decode_slots)
-            lens = torch.tensor([len(t) for t in decode_slots], device=dev)
-            dslots = torch.tensor([t + [0] * (width - len(t)) for t in decode_slots], dtype=torch.long, device=dev)
-            dmask = torch.zeros(len(decode_slots), 1, width, dtype=self.model.dtype, device=dev)
-            dmask.masked_fill_((torch.arange(width, device=dev)[None, :] >= lens[:, None])[:, None, :], self._neg_inf)
-            dindex = self._rows(dslots.view(-1))
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            dblocks = torch.tensor([[*t, *[0] * (width - len(t))] for t in decode_tables], dtype=torch.long, device=dev)
+            lens = torch.tensor(decode_lens, device=dev)
+            dmask = torch.zeros(len(decode_tables), 1, width * bs, dtype=self.model.dtype, device=dev)
+            dmask.masked_fill_((torch.arange(width * bs, device=dev) >= lens[:, None])[:, None, :],
+                               self._neg_inf)
+            dindex = self._block_rows(dblocks.view(-1))
         meta = StepMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             write_index=self._rows(torch.tensor(slots, dtype=torch.long, device=dev)),
-            num_decode=len(decode_slots),
+            num_decode=len(decode_tables),
             decode_index=dindex,
             decode_mask=dmask,
             prefills=[
-                (s, n, sp, None if t is None else self._rows(torch.tensor(t, dtype=torch.long, device=dev)))
+                (s, n, sp, None if t is None else self._block_rows(torch.tensor(t, dtype=torch.long, device=dev)))
                 for s, n, sp, t in prefills
             ],
             logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            block_size=bs,
         )
         return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_ids, sample_params
+
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zero-filled tensor. On CPU it comes from calloc'd (lazily mapped) pages, so
