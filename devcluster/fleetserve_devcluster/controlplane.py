@@ -282,7 +282,8 @@ def register(component: Component) -> None:
 # ---------------------------------------------------------------- lifecycle
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:`port` (a port in TIME_WAIT counts as free, as for the servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -366,7 +367,7 @@ def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> C
             argvs[comp.name] = comp.argv(cluster)
         except tools.ToolMissingError as exc:
             raise DevClusterError(str(exc)) from None
-        if comp.port is not None and not _port_free(cluster.port(comp.port)):
+        if comp.port is not None and not port_free(cluster.port(comp.port)):
             raise DevClusterError(
                 f"port {cluster.port(comp.port)} on 127.0.0.1 (for {comp.name}) is in use by another process; "
                 f"stop it, or run `fleetserve dev-cluster up --port-base N` to move the dev cluster's ports "

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import controlplane, tools
+
+T = TypeVar("T")
 
 
 class KubectlError(AssertionError):
@@ -85,8 +89,6 @@ def create_namespace(handle: DevClusterHandle, name: str, timeout: float = 120.0
     it exists is refused ("serviceaccount \"default\" not found"), and on a
     control plane that has just started that window can last many seconds.
     """
-    import time
-
     handle.kubectl("create", "namespace", name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,3 +97,24 @@ def create_namespace(handle: DevClusterHandle, name: str, timeout: float = 120.0
         time.sleep(0.5)
     raise TimeoutError(f"namespace {name}: no default ServiceAccount after {timeout:g}s "
                        "(is kube-controller-manager running? see `fleetserve dev-cluster status`)")
+
+
+def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
+    """Poll ``fn`` until it returns something truthy; fail naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+
+
+def free_port_base(start: int, stop: int) -> int:
+    """The first port base in ``start..stop`` (steps of 100) whose dev-cluster ports are all free,
+    for a second dev cluster next to the ones already running on this machine."""
+    for base in range(start, stop, 100):
+        if all(controlplane.port_free(p) for p in controlplane.ClusterConfig(port_base=base).ports.values()):
+            return base
+    raise controlplane.DevClusterError(f"no port base in {start}..{stop} has all of its dev-cluster ports free")

@@ -20,27 +20,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from fleetserve_devcluster.testing import DevClusterHandle
+from fleetserve_devcluster.testing import DevClusterHandle, wait_until
 
-T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 PROXY_ANNOTATION = "fleetserve.io/proxy-address"
 SERVED_NAME = "tiny"
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``fn`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
 
 
 def free_port() -> int:

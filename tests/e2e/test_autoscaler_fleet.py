@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from fleetserve_devcluster.testing import DevClusterHandle
+from fleetserve_devcluster.testing import DevClusterHandle, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent))
 from autoscaler_harness import (  # noqa: E402 - the harness sits next to this file
@@ -34,7 +34,6 @@ from autoscaler_harness import (  # noqa: E402 - the harness sits next to this f
     pod_queue,
     read_url,
     running_operator,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow

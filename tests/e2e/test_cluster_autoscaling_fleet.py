@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +28,13 @@ from typing import Any
 
 import pytest
 from fleetserve_devcluster import tools
-from fleetserve_devcluster.controlplane import ClusterConfig
-from fleetserve_devcluster.testing import DevClusterHandle, cluster_env, create_namespace
+from fleetserve_devcluster.testing import (
+    DevClusterHandle,
+    cluster_env,
+    create_namespace,
+    free_port_base,
+    wait_until,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from autoscaler_harness import (  # noqa: E402 - the harness sits next to this file
@@ -41,7 +45,6 @@ from autoscaler_harness import (  # noqa: E402 - the harness sits next to this f
     make_model,
     pod_metric,
     running_operator,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,15 +55,6 @@ DOWN_WINDOW_S = 20
 POD_READY_S = 300  # a pod imports torch and loads the model on a shared CPU
 STATIC_NODE = "fs-node-0"
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _fleetserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -74,10 +68,7 @@ def ca_cluster() -> Iterator[DevClusterHandle]:
     missing = tools.missing_tools()
     if missing:
         pytest.fail(f"dev cluster tools not provisioned: {', '.join(missing)}; run `make install`", pytrace=False)
-    base = next((b for b in range(21000, 22000, 100)
-                 if all(_free(p) for p in ClusterConfig(port_base=b).ports.values())), None)
-    if base is None:
-        pytest.fail("no free block of loopback ports for the cluster-autoscaling dev cluster")
+    base = free_port_base(21000, 22000)
     # Not under /tmp: the server pods mount their own emptyDir there and would not see the model.
     from fleetserve_devcluster.controlplane import default_state_dir
 
