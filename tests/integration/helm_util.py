@@ -1,31 +1,17 @@
-"""Helpers of the Helm integration tests: polling with a deadline, helm and kubectl JSON on the dev cluster."""
+"""Helpers of the Helm integration tests: helm and kubectl JSON on the dev cluster (and `wait_until`, from fleetserve_devcluster.testing)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from fleetserve_devcluster.testing import DevClusterHandle
+from fleetserve_devcluster.testing import DevClusterHandle, wait_until
 from fleetserve_devcluster.tools import ToolMissingError, tool_path
 
-T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 1.0) -> T:
-    """Poll `fn` until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+__all__ = ["get_json", "helm", "wait_until"]  # wait_until: the shared one, for the Helm tests' imports
 
 
 def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,

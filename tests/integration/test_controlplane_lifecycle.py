@@ -7,31 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from fleetserve_devcluster import processes, tools
-from fleetserve_devcluster.controlplane import ClusterConfig
-
-
-def _free_port_base() -> int:
-    for base in range(18000, 30000, 100):
-        ports = ClusterConfig(port_base=base).ports.values()
-        if all(_free(p) for p in ports):
-            return base
-    pytest.fail("no free block of loopback ports for a second dev cluster")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+from fleetserve_devcluster.testing import free_port_base
 
 
 def fleetserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,7 +27,7 @@ def second_cluster(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     if missing:
         pytest.fail(f"dev cluster tools not provisioned: {missing}; run `make install`", pytrace=False)
     state = tmp_path_factory.mktemp("devcluster") / "state"
-    base = _free_port_base()
+    base = free_port_base(18000, 30000)
     up = fleetserve("dev-cluster", "up", "--state-dir", str(state), "--port-base", str(base),
                     "--nodes", "1", "--gpus-per-node", "3")
     try:
