@@ -94,6 +94,7 @@ class ServiceProxy:
         self.state_file = state_dir / "proxy.json"
         self.loop = asyncio.new_event_loop()
         self.listeners: dict[str, Listener] = {}
+        self._connections: set[asyncio.Task[None]] = set()  # live client connections (see _open)
         self.remembered: dict[str, str] = self._load()
         self._thread = threading.Thread(target=self.loop.run_forever, name="proxy-io", daemon=True)
 
@@ -131,7 +132,18 @@ class ServiceProxy:
         holder: dict[str, Listener] = {}
 
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            await self._handle(holder["l"], r, w)
+            # Hold the connection's task strongly while it runs: asyncio keeps only
+            # weak references to tasks, and while both directions wait with reading
+            # paused (flow control) nothing else in the loop refers to this
+            # connection, so the garbage collector destroyed pending handlers
+            # ("Task was destroyed but it is pending!") and cut live requests.
+            task = asyncio.current_task()
+            if task is not None:
+                self._connections.add(task)
+            try:
+                await self._handle(holder["l"], r, w)
+            finally:
+                self._connections.discard(task)  # type: ignore[arg-type]
 
         try:
             server = await asyncio.start_server(handle, PROXY_HOST, wanted_port)
