@@ -98,6 +98,7 @@ def test_proxy_listener_round_robins_over_backends() -> None:
         threading.Thread(target=s.serve_forever, daemon=True).start()
     proxy = ServiceProxy.__new__(ServiceProxy)  # the data path only: no API server involved
     proxy.loop = asyncio.new_event_loop()
+    proxy._connections = set()
     io_thread = threading.Thread(target=proxy.loop.run_forever, daemon=True)
     io_thread.start()
     try:
