@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
+from fleetserve_devcluster import testing
 from fleetserve_devcluster.testing import DevClusterHandle
 
-T = TypeVar("T")
 # Not 8000: on a shared machine a stray server bound to 0.0.0.0:8000 would block every pod IP's port 8000.
 PORT = 8400
 ECHO = ["fleetserve", "dev-cluster", "echo", "--port", str(PORT)]
 
 
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll `fn` until it returns something truthy; fail with `what` and the last value after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+# the shared poller, at this file's poll interval
+wait_until = functools.partial(testing.wait_until, interval=0.2)
 
 
 def get_json(cluster: DevClusterHandle, *args: str) -> Any:

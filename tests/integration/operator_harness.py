@@ -4,36 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
+from fleetserve_devcluster import testing
 from fleetserve_devcluster.testing import DevClusterHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
 EXAMPLES = ROOT / "examples"
-T = TypeVar("T")
 
 # Pods of these specs never get a node, so no test accidentally starts model servers.
 NOWHERE = {"nodeSelector": {"fleetserve.io/test-no-such-node": "true"}}
 
 
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
-    """Poll ``fn`` until it returns something truthy; fail with ``what`` and the last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last value: {last!r}")
+# the shared poller, at this file's poll interval
+wait_until = functools.partial(testing.wait_until, interval=0.25)
 
 
 def install_crds(cluster: DevClusterHandle) -> None:
