@@ -20,6 +20,10 @@ def test_nodes_are_ready_gpu_nodes(dev_cluster: DevClusterHandle) -> None:
                               r"custom-columns=NAME:.metadata.name,GPU:.status.capacity.nvidia\.com/gpu").stdout
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert {n: rows.get(n) for n in names} == {n: str(cfg["gpus_per_node"]) for n in names}, out
+    # The node-lifecycle controller lifts the `not-ready` taint asynchronously once a node
+    # reports Ready; on a cluster started a moment ago this test would otherwise race it.
+    wait_until(lambda: all(not get_json(dev_cluster, "node", n)["spec"].get("taints") for n in names), 60,
+               "the node-lifecycle controller to lift the nodes' not-ready taints")
     for name in names:
         node = get_json(dev_cluster, "node", name)
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
