@@ -1,9 +1,16 @@
 """Container launcher: runs inside a fresh private mount namespace, bind-mounts the pod's volumes, execs.
 
 The agent starts `unshare --mount --propagation private <python> -m
-fleetserve_devcluster.launch <spec.json>`; the mounts made here are visible
+fleetserve_devcluster.launch` and writes the spec (JSON) to its stdin, which the
+launcher then points at /dev/null: the spec carries the container's env, secret
+values included, so it never touches the disk.  The mounts made here are visible
 only to this process and its children, so `/etc/fleetserve/server.yaml` of one
-pod never shows up in another pod or on the host.  Mount points that do not
+pod never shows up in another pod or on the host.  A mount with a `sub_path` is
+resolved beneath its volume's root by `subpath.open_beneath` and bound from the
+opened descriptor (no symlink can lead it out of the volume).
+
+The launcher asks the kernel for SIGKILL when the agent dies (PR_SET_PDEATHSIG),
+here rather than in a `preexec_fn`, which is not safe in the threaded agent.  Mount points that do not
 exist on the host are created there as empty directories (or empty files for a
 file mount): a bind mount needs a mount point.
 
@@ -22,13 +29,17 @@ import functools
 import importlib.util
 import json
 import os
+import signal
 import sys
 from pathlib import Path
+
+from .subpath import open_beneath
 
 MS_RDONLY = 1
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+PR_SET_PDEATHSIG = 1
 # Top-level packages of the fleetserve distribution (an editable install keeps them outside the venv).
 FLEETSERVE_PACKAGES = ("fleetserve_cli", "fleetserve_server", "fleetserve_operator", "fleetserve_devcluster")
 
@@ -40,10 +51,10 @@ def _mount(source: str, target: str, flags: int) -> None:
         raise OSError(err, f"mount {source} -> {target}: {os.strerror(err)}")
 
 
-def bind(source: str, target: str, read_only: bool) -> None:
+def bind(source: str, target: str, read_only: bool, is_dir: bool | None = None) -> None:
     """Bind `source` at `target` (creating the mount point), then make it read-only if asked."""
     tgt = Path(target)
-    if Path(source).is_dir():
+    if is_dir if is_dir is not None else Path(source).is_dir():
         tgt.mkdir(parents=True, exist_ok=True)
     elif not tgt.exists():
         tgt.parent.mkdir(parents=True, exist_ok=True)
@@ -82,15 +93,45 @@ def hidden_paths(keep: list[str], targets: list[str]) -> list[str]:
     return out
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def die_with_parent(parent: int | None) -> None:
+    """SIGKILL this process when its parent (the agent) dies; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:  # the agent died before the prctl
+        sys.exit(137)
+
+
+def bind_sub_path(volume: str, sub_path: str, target: str, read_only: bool) -> None:
+    """Bind `volume/sub_path`, resolved beneath `volume`, at `target` (through the descriptor)."""
+    fd = open_beneath(volume, sub_path)
+    try:
+        bind(f"/proc/self/fd/{fd}", target, read_only, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
+    finally:
+        os.close(fd)
+
+
+def read_spec() -> dict:  # type: ignore[type-arg]
+    """The spec from stdin; stdin then becomes /dev/null, as a container's is."""
+    spec = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return spec  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    spec = read_spec()
+    die_with_parent(spec.get("parent"))
     try:
         # Opened before the volumes go on top, bound back right after the mount that covers them
         # (so a deeper volume mounted later still goes on top): the program must stay reachable.
         held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY)
                 for path in hidden_paths(spec.get("keep") or [], [m["target"] for m in spec["mounts"]])}
         for m in spec["mounts"]:
-            bind(m["source"], m["target"], m["read_only"])
+            if m.get("sub_path"):
+                bind_sub_path(m["source"], m["sub_path"], m["target"], m["read_only"])
+            else:
+                bind(m["source"], m["target"], m["read_only"])
             for path in hidden_paths(list(held), [m["target"]]):
                 Path(path).mkdir(parents=True, exist_ok=True)
                 _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
@@ -109,4 +150,4 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

@@ -8,7 +8,6 @@ pod's IP), probes, restarts with back-off, status, and graceful termination
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -66,11 +65,6 @@ def local_addresses(prefix: str) -> list[str]:
     return [f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4] if f.startswith(prefix)]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL if the agent thread that started us dies."""
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 @dataclass(frozen=True)
 class AgentContext:
     """What every pod worker shares."""
@@ -100,6 +94,8 @@ class Container:
     kill_reason: str = ""
     probes: dict[str, ProbeTracker] = field(default_factory=dict)
     done: bool = False  # exited and will not be restarted
+    # The running process's launch spec (env with secret values): kept in memory only, for exec probes/hooks.
+    launched: JsonObj = field(default_factory=dict)
 
 
 class PodWorker(threading.Thread):
@@ -302,19 +298,25 @@ class PodWorker(threading.Thread):
         argv = [c.argv[0], *(expand_vars(a, env) for a in c.argv[1:])]
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
                 "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin)}
-        spec_file = self.dir / f"{c.spec['name']}.launch.json"
-        spec_file.write_text(json.dumps(spec))
+        spec["parent"] = os.getpid()
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)
-        cmd = ["unshare", "--mount", "--propagation", "private",
-               sys.executable, "-m", "fleetserve_devcluster.launch", str(spec_file)]
+        # The spec goes through a pipe, never a file: its env holds the pod's secret values.
+        cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "fleetserve_devcluster.launch"]
         try:
-            c.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                      start_new_session=True, preexec_fn=_die_with_parent)
+            c.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logfile, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
         except OSError as exc:  # e.g. no `unshare` on this machine
             c.view.waiting, c.next_start = ("RunContainerError", f"cannot start {cmd[0]}: {exc}"), retry_at
             return
         finally:
             logfile.close()
+        try:
+            assert c.proc.stdin is not None
+            c.proc.stdin.write(json.dumps(spec).encode())
+            c.proc.stdin.close()
+        except OSError:  # the launcher died at once: its exit is handled as the container's
+            pass
+        c.launched = spec
         if c.view.running_since is not None or c.view.last_terminated is not None:
             c.view.restart_count += 1
         c.started_mono = time.monotonic()
@@ -373,7 +375,7 @@ class PodWorker(threading.Thread):
         def run(argv: list[str], timeout: float) -> tuple[bool, str]:
             if c.proc is None:
                 return False, "container is not running"
-            spec = json.loads((self.dir / f"{c.spec['name']}.launch.json").read_text())
+            spec = c.launched
             try:
                 done = subprocess.run(["nsenter", "--target", str(c.proc.pid), "--mount", "--", *argv],
                                       env=spec["env"], cwd=spec["workingDir"], capture_output=True,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .pods import ContainerConfigError, PodNetwork, field_value, resource_value
+from .subpath import SubPathError, open_beneath
 
 JsonObj = dict[str, Any]
 Files = dict[str, tuple[bytes, int]]  # relative path -> (contents, mode)
@@ -42,6 +43,7 @@ class Mount:
     source: str
     target: str
     read_only: bool
+    sub_path: str = ""  # resolved beneath `source` by the launcher (subpath.open_beneath)
 
 
 def _object_files(obj: JsonObj, kind: str, items: list[JsonObj] | None, default_mode: int,
@@ -187,8 +189,10 @@ def plan_mounts(container: JsonObj, volume_dirs: dict[str, Path], volumes: list[
     """The bind mounts of one container, in volumeMounts order.
 
     ConfigMap/Secret/projected/downward volumes are always read-only, as in Kubernetes;
-    a `subPath` mount binds one entry, resolved now (it does not follow later updates,
-    exactly like the kubelet's subPath mounts).
+    a `subPath` mount binds one entry (it does not follow later updates, exactly like the
+    kubelet's subPath mounts).  The subPath is checked here, for a clear
+    CreateContainerConfigError, and resolved again by the launcher when it mounts it: beneath
+    the volume's root, so a symlink planted in the volume never leads out of it.
     """
     by_name = {v["name"]: v for v in volumes}
     mounts: list[Mount] = []
@@ -197,8 +201,13 @@ def plan_mounts(container: JsonObj, volume_dirs: dict[str, Path], volumes: list[
         if name not in volume_dirs:
             raise ContainerConfigError(f"volumeMounts: volume {name!r} is not in spec.volumes")
         source = volume_dirs[name]
-        if vm.get("subPath"):
-            source = Path(os.path.realpath(source / vm["subPath"]))
+        sub_path = vm.get("subPath") or ""
+        if sub_path:
+            try:
+                os.close(open_beneath(str(source), sub_path))
+            except SubPathError as exc:
+                raise ContainerConfigError(f"volumeMounts {vm['mountPath']!r} of volume {name!r}: "
+                                           f"{exc.strerror}") from None
         read_only = bool(vm.get("readOnly")) or any(k in by_name.get(name, {}) for k in ATOMIC_KINDS)
-        mounts.append(Mount(str(source), vm["mountPath"], read_only))
+        mounts.append(Mount(str(source), vm["mountPath"], read_only, sub_path))
     return mounts

@@ -48,11 +48,9 @@ def _launch(tmp_path: Path, keep: list[str]) -> subprocess.CompletedProcess[str]
 
 
 def _run_launcher(tmp_path: Path, spec: dict[str, object]) -> subprocess.CompletedProcess[str]:
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-                           "fleetserve_devcluster.launch", str(spec_file)], capture_output=True, text=True,
+                           "fleetserve_devcluster.launch"], input=json.dumps(spec), capture_output=True, text=True,
                           env=env, timeout=30)
 
 

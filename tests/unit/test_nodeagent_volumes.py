@@ -90,7 +90,7 @@ def test_prepare_and_plan_mounts(tmp_path: Path) -> None:
     mounts = plan_mounts(container, dirs, volumes)
     assert [(m.target, m.read_only) for m in mounts] == [("/etc/fleetserve", True), ("/scratch", False),
                                                          ("/ro", True), ("/etc/one.yaml", True)]
-    assert Path(mounts[3].source).read_bytes() == b"port: 1\n" and not Path(mounts[3].source).is_symlink()
+    assert (mounts[3].source, mounts[3].sub_path) == (str(dirs["cfg"]), "server.yaml")
     with pytest.raises(ContainerConfigError, match="'nope' is not in spec.volumes"):
         plan_mounts({"volumeMounts": [{"name": "nope", "mountPath": "/x"}]}, dirs, volumes)
     with pytest.raises(VolumeNotSupported, match="persistentVolumeClaim"):
@@ -107,12 +107,68 @@ def test_launcher_mounts_are_private_to_the_process(tmp_path: Path) -> None:
              "\ntry:\n  p.joinpath('new').write_text('x'); print('writable')\nexcept OSError: print('read-only')")
     spec = {"argv": [sys.executable, "-c", probe, str(target)], "env": {"PATH": os.environ["PATH"]},
             "workingDir": str(tmp_path), "mounts": [{"source": str(vol), "target": str(target), "read_only": True}]}
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-                          "fleetserve_devcluster.launch", str(spec_file)], capture_output=True, text=True,
+                          "fleetserve_devcluster.launch"], input=json.dumps(spec), capture_output=True, text=True,
                          env=env, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "port: 8000\nread-only\n"
     assert target.is_dir() and not any(target.iterdir())  # on the host: only the empty mount point
+
+
+def _plant(tmp_path: Path) -> tuple[Path, Path]:
+    """An emptyDir-like volume in which a container planted symlinks out of it (CVE-2017-1002101)."""
+    outside = tmp_path / "host-secret"
+    outside.mkdir()
+    (outside / "shadow").write_text("host data")
+    volume = tmp_path / "vol"
+    volume.mkdir()
+    (volume / "escape").symlink_to(outside)                       # absolute, out of the volume
+    (volume / "up").symlink_to(os.path.relpath(outside, volume))  # relative, climbing out
+    (volume / "inside").mkdir()
+    (volume / "inside" / "ok").write_text("volume data")
+    (volume / "alias").symlink_to("inside")                       # stays inside: allowed, as in the kubelet
+    return volume, outside
+
+
+@pytest.mark.parametrize("sub_path", ["escape/shadow", "escape", "up/shadow", "inside/../../host-secret/shadow"])
+def test_a_sub_path_through_a_planted_symlink_is_refused(tmp_path: Path, sub_path: str) -> None:
+    volume, _ = _plant(tmp_path)
+    container = {"volumeMounts": [{"name": "data", "mountPath": "/etc/x", "subPath": sub_path}]}
+    with pytest.raises(ContainerConfigError, match=r"subPath .* (leads out of the volume|must not contain '\.\.')"):
+        plan_mounts(container, {"data": volume}, [{"name": "data", "emptyDir": {}}])
+
+
+def test_a_sub_path_inside_the_volume_resolves_through_its_own_symlinks(tmp_path: Path) -> None:
+    volume, _ = _plant(tmp_path)
+    container = {"volumeMounts": [{"name": "data", "mountPath": "/etc/x", "subPath": "alias/ok"}]}
+    [mount] = plan_mounts(container, {"data": volume}, [{"name": "data", "emptyDir": {}}])
+    assert (mount.source, mount.sub_path) == (str(volume), "alias/ok")
+    with pytest.raises(ContainerConfigError, match="'missing' does not exist in the volume"):
+        plan_mounts({"volumeMounts": [{"name": "data", "mountPath": "/y", "subPath": "missing"}]},
+                    {"data": volume}, [{"name": "data", "emptyDir": {}}])
+
+
+def _launch(spec: dict) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
+                           "fleetserve_devcluster.launch"], input=json.dumps(spec), capture_output=True, text=True,
+                          env=env, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_the_launcher_refuses_a_symlink_swapped_in_after_the_check(tmp_path: Path) -> None:
+    """The launcher resolves the subPath again when it mounts: a symlink planted after plan_mounts is refused."""
+    volume, _ = _plant(tmp_path)
+    target = tmp_path / "mnt" / "shadow"
+    read = [sys.executable, "-c", f"print(open({str(target)!r}).read())"]
+    good = {"argv": read, "env": {}, "workingDir": "/",
+            "mounts": [{"source": str(volume), "sub_path": "alias/ok", "target": str(target), "read_only": True}]}
+    done = _launch(good)
+    assert (done.returncode, done.stdout) == (0, "volume data\n"), done.stderr
+    (volume / "inside" / "ok").unlink()
+    (volume / "inside" / "ok").symlink_to(tmp_path / "host-secret" / "shadow")  # swapped in after the check
+    done = _launch(good)
+    assert done.returncode == 128
+    assert "subPath 'alias/ok' leads out of the volume" in done.stderr
+    assert "host data" not in done.stdout
