@@ -105,7 +105,9 @@ def desired_children(
         out["PrometheusRule"] = build_prometheus_rule(name, namespace, spec.engine.max_queue_length)
     for obj in out.values():
         if obj is not None:
-            kopf.adopt(obj, owner=cr, nested="spec.template")  # type: ignore[arg-type]
+            # Owner reference only: kopf.adopt() would also copy every label of the CR into the
+            # children and the pod template, so relabelling it (or a Helm chart bump) rolled the pods.
+            kopf.append_owner_reference(obj, owner=cr)  # type: ignore[arg-type]
     return out
 
 
