@@ -68,6 +68,11 @@ def from_engine_error(exc: Exception) -> APIError:
     """Map an exception raised by the engine client to the response the client should see."""
     if isinstance(exc, engine_errors.RequestValidationError):
         return invalid(str(exc), param=exc.param)
+    if isinstance(exc, engine_errors.RequestFailedError):
+        # The engine failed this request alone; its own input (param named) or a server-side fault.
+        if exc.param is not None:
+            return invalid(str(exc), param=exc.param)
+        return APIError(500, f"the request failed in the engine: {exc}", code="internal_error")
     if isinstance(exc, engine_errors.QueueFullError):
         retry = max(1, math.ceil(exc.retry_after))
         return APIError(429, f"{exc} (the waiting queue is full; retry after {retry}s)",

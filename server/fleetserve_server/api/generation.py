@@ -28,6 +28,7 @@ from fleetserve_server.api.errors import APIError, from_engine_error, invalid
 from fleetserve_server.api.logs import RequestLogger
 from fleetserve_server.api.protocol import UsageInfo, _SamplingFields
 from fleetserve_server.api.state import Phase, ServerState, Serving
+from fleetserve_server.engine.errors import RequestFailedError
 from fleetserve_server.engine.interfaces import RequestOutputDelta
 from fleetserve_server.engine.sampling_params import SamplingParams
 from fleetserve_server.metrics import ServerMetrics
@@ -164,10 +165,16 @@ class GenerationRun:
         except StopAsyncIteration:
             self._first = None
         except Exception as exc:
-            # Refused at admission (queue full, invalid, draining, dead): the error
-            # handler counts the rejection; this is not a finished request.
-            self._end(aborted=True, record=False)
-            raise from_engine_error(exc) from exc
+            error = from_engine_error(exc)
+            if error.reject_reason is None and isinstance(exc, RequestFailedError):
+                # Admitted, then failed alone in the engine (not the client's input): a finished request.
+                self.finish_reason = "error"
+                self._end(aborted=False)
+            else:
+                # Refused at admission (queue full, invalid, draining, dead): the error
+                # handler counts the rejection; this is not a finished request.
+                self._end(aborted=True, record=False)
+            raise error from exc
         except BaseException:
             self._end(aborted=True)
             raise

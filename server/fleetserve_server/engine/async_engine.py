@@ -19,6 +19,7 @@ from fleetserve_server.engine.errors import (
     EngineDeadError,
     EngineDrainingError,
     QueueFullError,
+    RequestFailedError,
     RequestValidationError,
 )
 from fleetserve_server.engine.interfaces import EngineClient, EngineStats, RequestOutputDelta
@@ -43,7 +44,9 @@ class AsyncEngine:
     The thread sleeps on a condition while there is no work, waking every
     ``idle_wake_seconds`` to expire idle prefix-cache blocks. If a step raises,
     the thread records the error, fails every in-flight request with
-    ``EngineDeadError`` and exits; ``check_health`` raises from then on.
+    ``EngineDeadError`` and exits; ``check_health`` raises from then on. A
+    request the engine failed alone (its final delta has ``finish_reason ==
+    "error"``) gets ``RequestFailedError`` instead; nobody else notices.
 
     Invariants: only the engine thread touches the ``LLMEngine`` (except its
     thread-safe ``make_sequence`` and ``stats``); a request id is in
@@ -122,7 +125,9 @@ class AsyncEngine:
 
         Raises on the first iteration, before yielding anything:
         ``RequestValidationError``, ``QueueFullError``, ``EngineDrainingError``,
-        ``EngineDeadError``.
+        ``EngineDeadError``. Later (or on the first iteration, if nothing came
+        before): ``RequestFailedError`` when the engine failed this request
+        alone, ``EngineDeadError`` when the engine loop died.
         """
         if self._thread is None and not self._stop:
             self.start()
@@ -240,7 +245,14 @@ class AsyncEngine:
                     self._inflight.discard(delta.request_id)
                 stream = self._streams.get(delta.request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, delta))
+                    item: _Item = delta
+                    if delta.finish_reason == "error":
+                        if delta.text or delta.token_ids:  # what it produced before failing still goes out
+                            by_loop.setdefault(stream.loop, []).append(
+                                (stream.queue, RequestOutputDelta(delta.request_id, delta.text, delta.token_ids)))
+                        item = RequestFailedError(delta.error or "the request failed in the engine",
+                                                  param=delta.error_param)
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, items in by_loop.items():
             self._call_in_loop(loop, items)
 

@@ -2,7 +2,13 @@
 
 The HTTP layer maps them onto status codes: ``RequestValidationError`` -> 400,
 ``QueueFullError`` -> 429 with ``Retry-After``, ``EngineDrainingError`` and
-``EngineDeadError`` -> 503.
+``EngineDeadError`` -> 503; ``RequestFailedError`` -> 400 when the request's own
+input caused it (``param`` set), else 500.
+
+Fault isolation: the model runner (its sampler above all) raises
+``SequenceError`` for a failure that belongs to some rows of a batch; the
+engine fails those requests alone and keeps serving the others. Any other
+exception from a step cannot be attributed and stops the engine.
 """
 
 from __future__ import annotations
@@ -34,3 +40,38 @@ class EngineDeadError(RuntimeError):
 
 class EngineDrainingError(RuntimeError):
     """The engine is draining (shutdown requested) and admits no new requests."""
+
+
+class SequenceError(Exception):
+    """A failure that belongs to the sequences ``seq_ids`` of a batch, not to the batch.
+
+    Raised by the model runner (e.g. the sampler cannot seed a row's generator)
+    *before* it consumed any per-row randomness, so the engine may run the
+    step again without those rows and the others sample exactly what they would
+    have. ``param`` names the request field at fault when it was the client's
+    input (the HTTP layer answers 400 naming it); None means a server-side
+    fault confined to those rows (500).
+    """
+
+    def __init__(self, seq_ids: list[int], cause: BaseException | str, *, param: str | None = None) -> None:
+        self.seq_ids = list(seq_ids)
+        self.cause = cause
+        self.param = param
+        detail = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
+        super().__init__(f"sequence(s) {self.seq_ids}: {detail}")
+
+    @property
+    def reason(self) -> str:
+        """The cause in words, without the sequence ids (what the client is told)."""
+        return str(self.cause)
+
+
+class RequestFailedError(Exception):
+    """One request failed inside the engine after admission; the engine itself is fine.
+
+    ``param`` is set when the request's own input caused it (-> 400), else None (-> 500).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

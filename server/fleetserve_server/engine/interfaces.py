@@ -104,6 +104,8 @@ class RequestOutputDelta:
     time_to_first_token: float | None = None
     e2e_latency: float | None = None
     error: str | None = None
+    # with finish_reason "error": the request field at fault (its own input -> a 400), else None
+    error_param: str | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -10,17 +11,20 @@ from dataclasses import dataclass, field
 from fleetserve_server.engine.block_manager import BlockManager
 from fleetserve_server.engine.config import EngineConfig
 from fleetserve_server.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from fleetserve_server.engine.errors import QueueFullError, RequestValidationError
+from fleetserve_server.engine.errors import QueueFullError, RequestValidationError, SequenceError
 from fleetserve_server.engine.interfaces import (
     EngineStats,
     FinishReason,
     ModelRunner,
     RequestOutputDelta,
+    ScheduledBatch,
 )
 from fleetserve_server.engine.sampling_params import SamplingParams
 from fleetserve_server.engine.scheduler import Scheduler
 from fleetserve_server.engine.sequence import Sequence, SequenceStatus
 from fleetserve_server.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,7 +45,12 @@ class LLMEngine:
     Not thread-safe, except ``stats()`` and ``make_sequence()``, which may be
     called from another thread while ``step()`` runs (``AsyncEngine`` does).
     Invalid requests raise ``RequestValidationError`` from ``add_request`` and
-    never reach the scheduler, so one bad request cannot affect others.
+    never reach the scheduler, so one bad request cannot affect others. A
+    failure inside a step that belongs to some requests (``SequenceError`` from
+    the runner, an exception while turning one request's token into text)
+    finishes those requests with ``finish_reason="error"`` and ``error`` set;
+    the others keep their progress. Any other exception from the runner
+    propagates: the step cannot be attributed to a request.
     """
 
     def __init__(
@@ -179,15 +188,59 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 self.prompt_tokens += seq.num_prompt_tokens
-        sampled = self.runner.execute(out.batch)
+        sampled = self._execute(out.batch, {seq.seq_id: seq for seq, _ in out.scheduled}, deltas)
         got_token = self.scheduler.update(out, sampled)
         now = self.clock()
         self.num_steps += 1
         with self._stats_lock:
             self._recent_batch_sizes.append(len(out.scheduled))
         for seq in got_token:
-            deltas.append(self._process_token(self._requests[seq.request_id], now))
+            state = self._requests[seq.request_id]
+            try:
+                deltas.append(self._process_token(state, now))
+            except Exception as exc:  # noqa: BLE001 - this request's output alone is broken
+                log.exception("processing the output of request %s failed", seq.request_id)
+                deltas.append(self._fail(state, f"internal error while processing the output "
+                                                f"({type(exc).__name__}); the request was stopped", None))
         return deltas
+
+    def _execute(self, batch: ScheduledBatch, by_id: dict[int, Sequence],
+                 deltas: list[RequestOutputDelta]) -> dict[int, int]:
+        """Run the batch; on a ``SequenceError`` fail the rows it names and run the rest again.
+
+        Running again is safe: the forward rewrites the same KV at the same
+        slots, and the runner raises ``SequenceError`` before it draws any
+        per-row randomness, so the surviving rows sample what they would have.
+        An error naming no row of this batch is not attributable: it propagates.
+        """
+        for _ in range(len(batch.sequences)):
+            try:
+                return self.runner.execute(batch)
+            except SequenceError as exc:
+                in_batch = {s.seq_id for s in batch.sequences}
+                bad = [i for i in dict.fromkeys(exc.seq_ids) if i in in_batch and i in by_id]
+                if not bad:
+                    raise
+                log.warning("failing %d request(s) alone: %s", len(bad), exc)
+                for seq_id in bad:
+                    state = self._requests.get(by_id[seq_id].request_id)
+                    if state is not None:
+                        deltas.append(self._fail(state, exc.reason, exc.param))
+                remaining = [s for s in batch.sequences if s.seq_id not in bad]
+                if not remaining:
+                    return {}
+                batch = ScheduledBatch(remaining)
+        return self.runner.execute(batch)
+
+    def _fail(self, state: _RequestState, message: str, param: str | None) -> RequestOutputDelta:
+        """Finish one request with ``finish_reason="error"``: blocks freed, runner state released."""
+        if state.seq.request_id in self._requests:
+            self._finish(state, "error")
+        delta = self._delta(state, finished=True)
+        delta.finish_reason = "error"
+        delta.error = message
+        delta.error_param = param
+        return delta
 
     def expire_cache(self) -> int:
         """Free prefix-cache blocks idle past ``cache_ttl_seconds``."""
@@ -241,7 +294,7 @@ class LLMEngine:
         seq = state.seq
         if seq.finish_time is None:
             seq.finish_time = self.clock()
-        if reason != "abort":
+        if reason not in ("abort", "error"):
             e2e = seq.finish_time - seq.arrival_time
             self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
         self.scheduler.finish(seq, reason)
