@@ -129,6 +129,7 @@ class NodeAgent:
         self.finished: set[str] = set()
         self.next_lease = 0.0
         self.next_status = 0.0
+        self.logs: LogServer | None = None  # `kubectl logs`, on the nodes' own addresses only
 
     @property
     def kube(self) -> Kube:
@@ -219,6 +220,15 @@ class NodeAgent:
                 self.finished.add(uid)
         self.finished &= seen
 
+    def serve_logs(self) -> None:
+        """The log endpoint listens on the address of every node this agent runs (own and adopted)."""
+        if self.logs is None:
+            return
+        wanted = {a.host_ip for a in self.nodes.values()} | {a.host_ip for a in self.adopter.allocators.values()}
+        for ip in wanted - set(self.logs.servers):
+            add_address(ip)
+        self.logs.serve_on(wanted)
+
     def running_on(self, node: str) -> int:
         """Pods of `node` whose processes this agent still runs (or is stopping)."""
         return sum(1 for w in self.workers.values() if w.node == node and w.is_alive())
@@ -237,6 +247,7 @@ class NodeAgent:
             try:
                 self.heartbeat(time.monotonic())
                 self.adopter.sync(time.monotonic(), self.running_on)
+                self.serve_logs()
                 self.sync_pods()
                 on_pass()
             except (KubeError, OSError) as exc:
@@ -297,13 +308,13 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
     block, _held = claim_network_block()  # held until this process exits
     logs: LogServer | None = None
     try:
-        logs = LogServer(state_dir, LOG_BASE_PORT + block)
-        logs.start()
+        logs = LogServer(state_dir, LOG_BASE_PORT + block, client_ca=state_dir / "pki" / "ca.crt")
     except (OSError, subprocess.CalledProcessError) as exc:
         log.warning("no `kubectl logs` endpoint (port %d): %s", LOG_BASE_PORT + block, exc)
     cfg = NodeConfig(gpus=gpus_per_node, kubelet_port=logs.port if logs else 0)
     agent = NodeAgent(ctx, nodes, cfg, net=block,
                       adopt_delay_s=provision_delay(state_dir))
+    agent.logs = logs
     proxy = ServiceProxy(kube, state_dir)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -5,16 +5,27 @@ presenting its kubelet-client certificate.  One server per agent (port
 10250 + its network block) answers for all of its nodes from the pods' log
 files `<state>/pods/<ns>_<pod>_<uid>/<container>.log`.  Supported: `tailLines`,
 `follow` (until the pod's directory goes), `limitBytes`; not `previous`
-(restarts append to one file) nor `timestamps`.  The serving certificate is
-self-signed: the dev cluster's API server does not verify kubelets
-(no --kubelet-certificate-authority), and this server does not authorize
-callers — it listens only on the agent's pod-network addresses.
+(restarts append to one file) nor `timestamps`.
+
+Safety on a shared machine, as a kubelet with `--client-ca-file`:
+* it listens only on its nodes' own addresses, which live on `lo` (never 0.0.0.0);
+* it answers only a client certificate signed by the cluster CA (the API
+  server's kubelet-client identity), so another local user cannot read logs;
+* it serves one pod's own log by exact name: namespace, pod and container must
+  be valid Kubernetes names (no `/`, `..`, `*` or `[`), the pod directory is
+  matched by exact string comparison (no globbing) and the file must be a
+  regular file directly in it (no symlink followed).
+The serving certificate is self-signed: the dev cluster's API server does not
+verify kubelets (no --kubelet-certificate-authority).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -24,13 +35,38 @@ from pathlib import Path
 
 log = logging.getLogger("fleetserve.devcluster.agent")
 BASE_PORT = 10250
+# A DNS-1123 subdomain (pod and namespace names), a DNS-1123 label (container names), and a pod uid.
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_UID = re.compile(r"[0-9a-f-]{1,64}")
 
 
 def log_file(state_dir: Path, namespace: str, pod: str, container: str) -> Path | None:
-    """The newest log file of that container (pods of one name but different uids may coexist)."""
-    candidates = sorted((state_dir / "pods").glob(f"{namespace}_{pod}_*/{container}.log"),
-                        key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    """The newest log file of that container (pods of one name but different uids may coexist).
+
+    None for anything that is not a valid name or not a regular file directly in a pod's directory.
+    """
+    if not (_SUBDOMAIN.fullmatch(namespace) and _SUBDOMAIN.fullmatch(pod) and _LABEL.fullmatch(container)):
+        return None
+    if len(namespace) > 63 or len(pod) > 253 or len(container) > 63:
+        return None
+    prefix = f"{namespace}_{pod}_"
+    found: list[tuple[float, Path]] = []
+    try:
+        entries = os.listdir(state_dir / "pods")
+    except FileNotFoundError:
+        return None
+    for entry in entries:
+        if not (entry.startswith(prefix) and _UID.fullmatch(entry[len(prefix):])):
+            continue
+        path = state_dir / "pods" / entry / f"{container}.log"
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append((st.st_mtime, path))
+    return max(found)[1] if found else None
 
 
 def tail(data: bytes, lines: int | None) -> bytes:
@@ -79,8 +115,12 @@ def make_handler(state_dir: Path) -> type[BaseHTTPRequestHandler]:
             if path is None:
                 self._fail(404, f"no logs of container {parts[3]!r} in pod {parts[1]}/{parts[2]} on this node agent")
                 return
-            lines = int(query["tailLines"]) if "tailLines" in query else None
-            limit = int(query["limitBytes"]) if "limitBytes" in query else None
+            try:
+                lines = int(query["tailLines"]) if "tailLines" in query else None
+                limit = int(query["limitBytes"]) if "limitBytes" in query else None
+            except ValueError:
+                self._fail(400, "tailLines and limitBytes must be whole numbers")
+                return
             data = tail(path.read_bytes(), lines)
             if limit is not None:
                 data = data[:limit]
@@ -117,20 +157,37 @@ def make_handler(state_dir: Path) -> type[BaseHTTPRequestHandler]:
 
 
 class LogServer:
-    """HTTPS on 0.0.0.0:`port` in a daemon thread."""
+    """HTTPS on `port` of each node address given to `serve_on`, one daemon thread per address.
 
-    def __init__(self, state_dir: Path, port: int) -> None:
+    Only clients with a certificate from `client_ca` (the cluster CA) get an answer.
+    """
+
+    def __init__(self, state_dir: Path, port: int, client_ca: Path) -> None:
         crt, key = _self_signed(state_dir / "node-agent")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(crt, key)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(crt, key)
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx.load_verify_locations(cafile=str(client_ca))
         self.port = port
-        self.server = ThreadingHTTPServer(("0.0.0.0", port), make_handler(state_dir))
-        self.server.daemon_threads = True
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.handler = make_handler(state_dir)
+        self.servers: dict[str, ThreadingHTTPServer] = {}
 
-    def start(self) -> None:
-        threading.Thread(target=self.server.serve_forever, name="kubelet-logs", daemon=True).start()
-        log.info("kubelet log endpoint on port %d (kubectl logs)", self.port)
+    def serve_on(self, addresses: set[str]) -> None:
+        """Listen on exactly `addresses` (each must be a local address already)."""
+        for address in set(self.servers) - addresses:
+            self.servers.pop(address).shutdown()
+        for address in addresses - set(self.servers):
+            server = ThreadingHTTPServer((address, self.port), self.handler)
+            server.daemon_threads = True
+            # The handshake runs in the connection's thread: a client that never sends one blocks nothing.
+            server.socket = self.ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+            server.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
+            self.servers[address] = server
+            threading.Thread(target=server.serve_forever, name=f"kubelet-logs-{address}", daemon=True).start()
+            log.info("kubelet log endpoint on %s:%d (kubectl logs)", address, self.port)
 
     def close(self) -> None:
-        self.server.shutdown()
+        for server in self.servers.values():
+            server.shutdown()
+            server.server_close()
+        self.servers.clear()

@@ -134,19 +134,3 @@ def test_proxy_listener_round_robins_over_backends() -> None:
         proxy.loop.close()
         for s in servers:
             s.shutdown()
-
-
-def test_log_tail_and_file_choice(tmp_path) -> None:
-    from fleetserve_devcluster.logserver import log_file, tail
-
-    assert tail(b"a\nb\nc\n", 2) == b"b\nc\n" and tail(b"a\nb", None) == b"a\nb" and tail(b"a\n", 0) == b""
-    old = tmp_path / "pods" / "ns_web_uid1" / "echo.log"
-    new = tmp_path / "pods" / "ns_web_uid2" / "echo.log"
-    for path in (old, new):
-        path.parent.mkdir(parents=True)
-        path.write_text(path.parent.name)
-    import os
-
-    os.utime(old, (1, 1))
-    assert log_file(tmp_path, "ns", "web", "echo") == new
-    assert log_file(tmp_path, "ns", "web", "other") is None
