@@ -31,7 +31,7 @@ CRD_FILENAME = f"{GROUP}_{PLURAL}.yaml"
 
 _KEEP = {
     "type", "description", "default", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-    "format", "minItems", "maxItems",
+    "format", "minItems", "maxItems", "minProperties", "maxProperties",
 }
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -107,6 +107,8 @@ def _schema_of(model: type[Any]) -> dict[str, Any]:
         if info.default_factory is not None:
             default = info.default_factory()  # type: ignore[call-arg]
             alias = info.alias or name
+            if default in ([], {}):
+                continue  # an empty list/map needs no default: it would only clutter every stored object
             out["properties"][alias]["default"] = (
                 default.to_wire() if hasattr(default, "to_wire") else default
             )

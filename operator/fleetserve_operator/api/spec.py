@@ -8,11 +8,22 @@ Field names and meanings are fixed in ``ARCHITECTURE.md``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, StringConstraints, WithJsonSchema
+from pydantic import Field
 
 from .base import ApiModel, Rule
+from .pod import (
+    EnvFromSource,
+    EnvVar,
+    LocalObjectReference,
+    ModelCache,
+    Strategy,
+    pod_settings_rules,
+)
+from .quantity import QUANTITY_PATTERN, Quantity
+
+__all__ = ["QUANTITY_PATTERN", "Quantity"]  # re-exported: older imports name them here
 
 GROUP = "fleetserve.io"
 VERSION = "v1alpha1"
@@ -23,24 +34,6 @@ SHORT_NAMES = ("llmd",)
 CATEGORIES = ("fleetserve",)
 
 DEFAULT_IMAGE = "ghcr.io/fleetserve/fleetserve:0.1.0"
-
-# Kubernetes resource.Quantity, as the API server's own pattern spells it.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-
-
-def _quantity_to_str(value: Any) -> Any:
-    # YAML `cpu: 2` arrives as an int; Kubernetes quantities are int-or-string.
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-Quantity = Annotated[
-    str,
-    BeforeValidator(_quantity_to_str),
-    StringConstraints(pattern=QUANTITY_PATTERN),
-    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
-]
 
 Quantization = Literal["none", "int8", "nf4", "fp4"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -72,6 +65,12 @@ class Resources(ApiModel):
              "resources.memory is required when resources.gpus is 0: the server runs on CPU and the "
              "model and its KV cache must fit in it (e.g. memory: 4Gi)",
              lambda r: r.gpus > 0 or r.memory is not None, field="memory"),
+        Rule("(!has(self.requests) || !(self.gpuResourceName in self.requests)) && "
+             "(!has(self.limits) || !(self.gpuResourceName in self.limits))",
+             "resources.requests/limits may not name the GPU resource: set resources.gpus (it is also the "
+             "server's tensor-parallel size)",
+             lambda r: r.gpu_resource_name not in r.requests and r.gpu_resource_name not in r.limits,
+             field="limits"),
     )
 
     gpus: int = Field(1, ge=0, le=64, description="GPUs per replica; 0 runs the server on CPU")
@@ -83,6 +82,16 @@ class Resources(ApiModel):
     gpu_resource_name: str = Field(
         "nvidia.com/gpu", max_length=253, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?/[A-Za-z0-9]([A-Za-z0-9._-]*)$",
         description="extended resource that schedules GPUs (nvidia.com/gpu, amd.com/gpu, ...)",
+    )
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=16,
+        description="extra container requests (e.g. ephemeral-storage), or cpu/memory requests below the limits; "
+                    "they override the cpu/memory shortcuts",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, max_length=16,
+        description="extra container limits (e.g. ephemeral-storage, hugepages-2Mi); they override the "
+                    "cpu/memory shortcuts",
     )
 
 
@@ -190,6 +199,8 @@ class Monitoring(ApiModel):
 class LLMDeploymentSpec(ApiModel):
     """Desired state of a fleet of fleetserve inference servers."""
 
+    RULES = pod_settings_rules()
+
     model: ModelSource = Field(description="the model to serve")
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="server container image")
     quantization: Quantization = Field("none", description="bitsandbytes weight quantization")
@@ -208,6 +219,37 @@ class LLMDeploymentSpec(ApiModel):
         None, description="Secret holding the API key clients must send as a Bearer token"
     )
     monitoring: Monitoring = Field(default_factory=lambda: Monitoring.model_validate({}), description="Prometheus Operator integration")
+    # Pod settings (api/pod.py). None of them is copied from the LLMDeployment's own metadata:
+    # only podLabels/podAnnotations reach the pod template, so relabelling the CR rolls no pod.
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets (by name) to pull the server image"
+    )
+    service_account_name: str | None = Field(
+        None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="ServiceAccount of the server pods (its token is not mounted)",
+    )
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="extra server environment variables")
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list, max_length=16,
+        description="ConfigMaps/Secrets whose keys become environment variables (e.g. HF_TOKEN from a Secret)",
+    )
+    model_cache: ModelCache = Field(
+        default_factory=lambda: ModelCache.model_validate({}),
+        description="volume for downloaded/converted weights: emptyDir (default), a shared persistentVolumeClaim, "
+                    "or hostPath",
+    )
+    strategy: Strategy = Field(
+        default_factory=lambda: Strategy.model_validate({}),
+        description="rolling update: maxSurge 1/maxUnavailable 0 (default) needs a spare GPU; 0/1 does not",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="extra annotations on the server pods"
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, max_length=64,
+        description="extra labels on the server pods (the only labels besides the selector; the "
+                    "LLMDeployment's own labels are never copied, so relabelling it restarts nothing)",
+    )
 
 
 def spec_from_body(body: dict[str, Any] | Any) -> LLMDeploymentSpec:

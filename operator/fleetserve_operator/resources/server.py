@@ -89,8 +89,16 @@ def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
         amounts["memory"] = res.memory
     if res.gpus > 0:
         amounts[res.gpu_resource_name] = str(res.gpus)
-    # requests == limits: Guaranteed QoS, and extended resources must match anyway
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    # requests == limits: Guaranteed QoS, and extended resources must match anyway; the explicit
+    # requests/limits maps add resources (ephemeral-storage, ...) or lower a request below its limit.
+    requests = {**amounts, **res.requests}
+    limits = {**amounts, **res.limits}
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
 
 
 def _probe(path: str, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
@@ -114,6 +122,7 @@ def _container(name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
         ref = spec.api_key_secret_ref
         env.append({"name": "FLEETSERVE_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    env.extend(var.to_wire() for var in spec.env)
     container: dict[str, Any] = {
         "name": "server",
         "image": spec.image,
@@ -140,10 +149,38 @@ def _container(name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if spec.env_from:
+        container["envFrom"] = [source.to_wire() for source in spec.env_from]
     resources = _resources(spec)
     if resources:
         container["resources"] = resources
     return container
+
+
+def _model_cache_volume(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    cache = spec.model_cache
+    if cache.persistent_volume_claim is not None:
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.persistent_volume_claim.claim_name}}
+    if cache.host_path is not None:
+        return {"name": "model-cache", "hostPath": {"path": cache.host_path.path, "type": cache.host_path.type}}
+    empty_dir = cache.empty_dir.to_wire() if cache.empty_dir is not None else {}
+    return {"name": "model-cache", "emptyDir": empty_dir}
+
+
+def _pod_metadata(name: str, spec: LLMDeploymentSpec, config_text: str) -> dict[str, Any]:
+    """Only the selector labels and spec.podLabels/podAnnotations: never the CR's own labels, so
+    relabelling the LLMDeployment (or a Helm chart bump stamping helm.sh/chart on it) rolls no pod.
+    The operator's keys win (the CRD's CEL rules reject podLabels/podAnnotations that name them)."""
+    return {
+        "labels": {**spec.pod_labels, **child_labels(name), LABEL_COMPONENT: "server"},
+        "annotations": {
+            **spec.pod_annotations,
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(SERVER_PORT),
+            "prometheus.io/path": "/metrics",
+            CONFIG_HASH: content_hash(config_text),
+        },
+    }
 
 
 def build_pod_template(name: str, spec: LLMDeploymentSpec, config_text: str) -> dict[str, Any]:
@@ -165,7 +202,7 @@ def build_pod_template(name: str, spec: LLMDeploymentSpec, config_text: str) -> 
         "containers": [_container(name, spec)],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(name)}},
-            {"name": "model-cache", "emptyDir": {}},
+            _model_cache_volume(spec),
             {"name": "tmp", "emptyDir": {}},
         ],
     }
@@ -177,18 +214,11 @@ def build_pod_template(name: str, spec: LLMDeploymentSpec, config_text: str) -> 
         pod_spec["affinity"] = dict(scheduling.affinity)
     if scheduling.priority_class_name:
         pod_spec["priorityClassName"] = scheduling.priority_class_name
-    template: dict[str, Any] = {
-        "metadata": {
-            "labels": {**child_labels(name), LABEL_COMPONENT: "server"},
-            "annotations": {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(SERVER_PORT),
-                "prometheus.io/path": "/metrics",
-                CONFIG_HASH: content_hash(config_text),
-            },
-        },
-        "spec": pod_spec,
-    }
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [ref.to_wire() for ref in spec.image_pull_secrets]
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    template: dict[str, Any] = {"metadata": _pod_metadata(name, spec, config_text), "spec": pod_spec}
     template["metadata"]["annotations"][TEMPLATE_HASH] = content_hash(template)
     return template
 
@@ -205,8 +235,10 @@ def build_deployment(
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector_labels(name)},
-            # Never below the wanted capacity during a roll-out: one extra pod at a time.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            # Default 1/0: never below the wanted capacity, one extra pod (and GPU) at a time;
+            # spec.strategy 0/1 rolls on a cluster without a spare GPU.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
+                "maxSurge": spec.strategy.max_surge, "maxUnavailable": spec.strategy.max_unavailable}},
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": STARTUP_BUDGET_SECONDS + 600,
             "template": template,
