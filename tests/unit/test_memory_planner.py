@@ -20,6 +20,7 @@ from fleetserve_server.memory import (
     plan_memory,
     weight_bytes,
 )
+from fleetserve_server.sharding import rank_shards
 
 LLAMA_8B = "hf:meta-llama/Llama-3.1-8B-Instruct"
 
@@ -227,3 +228,120 @@ def test_cli_bad_input(capsys):
     assert code == 2 and "known models" in err
     code, _, err = _run_cli(["--gpu-memory", "lots", "--max-model-len", "8"], capsys)
     assert code == 2 and "'lots'" in err
+
+
+# --- per device: tensor-parallel shards ---------------------------------------------------------
+
+LLAMA_70B = "hf:meta-llama/Llama-3.1-70B-Instruct"
+
+
+def _nf4_bytes(unquantized_params: int, linear: int, elem: int = 2) -> int:
+    blocks = -(-linear // 32)
+    return unquantized_params * elem + -(-linear // 2) + blocks + (-(-blocks // 256)) * 4
+
+
+def test_70b_nf4_on_two_24gib_gpus_is_planned_per_device_by_hand():
+    """The issue's case: 2 x 24 GiB is two 24 GiB devices, never one 48 GiB one."""
+    arch = known_architecture(LLAMA_70B)
+    assert arch is not None
+    one = plan_memory(arch, quantization="nf4", dtype="auto", device="cuda", device_memory_bytes=24 * GiB,
+                      max_model_len=8192, max_num_seqs=16)
+    # the whole model on one device: 37.8 GiB of nf4 weights cannot fit 21.6 GiB usable
+    assert one.tensor_parallel_size == 1 and not one.fits and one.kv_capacity_tokens == 0
+    assert one.weights_bytes == _nf4_bytes(arch.num_parameters - arch.linear_parameters, arch.linear_parameters)
+    assert "does not fit on one device" in one.message and "37.8 GiB for weights" in one.message
+    assert "19.4 GiB short per device" in one.message
+    assert "use 2 GPUs (tensor-parallel size 2" in one.message  # the way out, checked below
+
+    two = plan_memory(arch, quantization="nf4", dtype="auto", device="cuda", device_memory_bytes=24 * GiB,
+                      max_model_len=8192, max_num_seqs=16, tensor_parallel_size=2)
+    # rank 0: 32 of 64 heads, 4 of 8 KV heads, 14336 of 28672 MLP rows, 64128 of 128256 vocab rows
+    linear = 80 * (8192 * (32 + 2 * 4) * 128 + 32 * 128 * 8192 + 3 * 8192 * 14336)
+    unquantized = 64128 * 8192 * 2 + 80 * 2 * 8192 + 8192  # embedding + lm_head shards, replicated norms
+    assert two.weights_bytes == _nf4_bytes(unquantized, linear)
+    assert [r.weights_bytes for r in two.ranks] == [two.weights_bytes] * 2
+    assert two.kv_bytes_per_token == 2 * 80 * 4 * 128 * 2 == 160 * 1024  # half of one device's 320 KiB
+    # 2048 tokens x (2 hidden + rank's q,k,v + 3 x MLP shard + all-reduce buffer) x 2 bytes, logits on rank 0
+    # (gathered full vocab + probs + its shard), 256 MiB allocator + 256 MiB NCCL
+    reserve = (2048 * (2 * 8192 + (32 + 8) * 128 + 3 * 14336 + 8192) * 2
+               + 16 * (2 * 128256 + 64128) * 4 + 512 * 2**20)
+    assert two.activation_reserve_bytes == reserve
+    usable = int(24 * GiB * 0.9)
+    assert two.kv_capacity_tokens == (usable - two.weights_bytes - reserve) // (160 * 1024) // 16 * 16 == 12416
+    assert two.fits and two.max_concurrent_sequences == 1
+    assert "fits on each of 2 devices" in two.message
+    # the old answer (2 x 24 GiB added up: one 48 GiB device) claimed more KV than any device holds
+    pooled = plan_memory(arch, quantization="nf4", dtype="auto", device="cuda", device_memory_bytes=48 * GiB,
+                         max_model_len=8192, max_num_seqs=16)
+    assert pooled.kv_capacity_tokens == 15360 != two.kv_capacity_tokens
+
+
+def test_shards_conserve_the_model_and_rank_zero_is_largest():
+    """Uneven splits: rank 0 takes the remainder rows, and the shards add up to the whole model."""
+    config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 173,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1001, "tie_word_embeddings": True}
+    arch = architecture_from_config(config, name="odd")
+    shards = rank_shards(arch, 4)
+    assert [s.intermediate_size for s in shards] == [44, 43, 43, 43]
+    assert [s.vocab_rows for s in shards] == [251, 250, 250, 250]
+    assert [s.kv_heads for s in shards] == [1, 1, 1, 1]  # 2 KV heads over 4 ranks: each replicated twice
+    # 4 KV heads held where the model has 2: 2 layers x hidden 64 x (K and V) x 2 extra heads x head_dim 8
+    assert sum(s.linear_parameters for s in shards) == arch.linear_parameters + 2 * 64 * 2 * 2 * 8
+    plan = plan_memory(arch, quantization="none", dtype="float32", device="cpu", device_memory_bytes=GiB,
+                       max_model_len=64, tensor_parallel_size=4)
+    weights = [r.weights_bytes for r in plan.ranks]
+    assert weights[0] == max(weights) > weights[1] == weights[3]
+    assert plan.weights_bytes == weights[0] and plan.kv_capacity_tokens == min(r.kv_capacity_tokens
+                                                                            for r in plan.ranks)
+    assert plan.kv_bytes_per_token == 2 * 2 * 1 * 8 * 4
+    assert plan.to_dict()["ranks"][1]["rank"] == 1
+
+
+def test_kv_heads_split_then_replicated():
+    arch = known_architecture(LLAMA_8B)  # 32 heads, 8 KV heads
+    assert arch is not None
+    per = [kv_bytes_per_token(arch, "bfloat16", "cuda", tensor_parallel_size=n) for n in (1, 2, 4, 8, 16, 32)]
+    one_head = 2 * 32 * 128 * 2
+    assert per == [8 * one_head, 4 * one_head, 2 * one_head, one_head, one_head, one_head]
+
+
+def test_tensor_parallel_size_must_split_the_heads():
+    arch = known_architecture(LLAMA_8B)
+    assert arch is not None
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 cannot split .* valid sizes: 1, 2, 4, 8, 16, 32"):
+        plan_memory(arch, quantization="none", dtype="auto", device="cuda", device_memory_bytes=80 * GiB,
+                    max_model_len=8192, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        weight_bytes(arch, "none", "auto", "cuda", tensor_parallel_size=0)
+
+
+def test_fits_only_when_every_rank_fits_and_suggests_no_more_gpus_than_allowed():
+    arch = known_architecture(LLAMA_70B)
+    assert arch is not None
+    plan = plan_memory(arch, quantization="nf4", dtype="auto", device="cuda", device_memory_bytes=24 * GiB,
+                       max_model_len=65536, max_num_seqs=16, tensor_parallel_size=2)
+    assert not plan.fits and 0 < plan.kv_capacity_tokens < 65536
+    assert "does not fit on each of 2 devices" in plan.message
+    assert "use 4 GPUs (tensor-parallel size 4" in plan.message
+    assert f"lower maxModelLen to {plan.kv_capacity_tokens}" in plan.message
+    capped = plan_memory(arch, quantization="nf4", dtype="auto", device="cuda", device_memory_bytes=24 * GiB,
+                         max_model_len=8192, max_num_seqs=16, max_tensor_parallel_size=1)
+    assert not capped.fits and "GPUs" not in capped.message.split(" — ")[1].replace("a GPU", "")
+
+
+def test_cli_prints_per_device_rows(capsys):
+    code, out, _ = _run_cli(["--model", "Llama-3.1-70B-Instruct", "--quantization", "nf4", "--gpu-memory", "24GiB",
+                             "--max-model-len", "8192", "--max-num-seqs", "16", "--tensor-parallel-size", "2"],
+                            capsys)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith("rank ")]
+    assert [r[:2] for r in rows] == [["rank", "0"], ["rank", "1"]]
+    assert "fits on each of 2 devices" in out and "12416" in out
+    assert "does not implement tensor parallelism" in out  # honest about the server
+    code, out, _ = _run_cli(["--model", "Llama-3.1-70B-Instruct", "--quantization", "nf4", "--gpu-memory", "24GiB",
+                             "--max-model-len", "8192", "--tensor-parallel-size", "2", "--output", "json"], capsys)
+    data = json.loads(out)
+    assert data["tensor_parallel_size"] == 2 and len(data["ranks"]) == 2
+    code, _, err = _run_cli(["--model", "Llama-3.1-70B-Instruct", "--gpu-memory", "24GiB", "--max-model-len", "8",
+                             "--tensor-parallel-size", "3"], capsys)
+    assert code == 2 and "valid sizes" in err

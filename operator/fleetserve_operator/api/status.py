@@ -31,13 +31,17 @@ class Condition(ApiModel):
 
 
 class MemoryStatus(ApiModel):
-    """The memory-fit proof for one replica (sizes in bytes)."""
+    """The memory-fit proof for one replica, per device: what one GPU holds (sizes in bytes)."""
 
-    fits: bool | None = Field(None, description="one full-length sequence fits; absent when unknown")
+    fits: bool | None = Field(None, description="one full-length sequence fits on every device; absent when unknown")
     device: str | None = Field(None, description="cuda or cpu: where the numbers were computed for")
-    available_bytes: int | None = Field(None, ge=0, description="device memory (gpuMemory x gpus, or memory)")
-    weights_bytes: int | None = Field(None, ge=0, description="model weights incl. quantization state")
-    kv_bytes_per_token: int | None = Field(None, ge=0, description="K and V of every layer for one token")
+    devices: int | None = Field(None, ge=0, description="GPUs in each pod (resources.gpus; 1 on cpu)")
+    tensor_parallel_size: int | None = Field(
+        None, ge=0, description="devices the server splits the model across (1: the whole model on one GPU)"
+    )
+    available_bytes: int | None = Field(None, ge=0, description="one device's memory (gpuMemory, or memory)")
+    weights_bytes: int | None = Field(None, ge=0, description="weights on one device (the largest shard)")
+    kv_bytes_per_token: int | None = Field(None, ge=0, description="K and V of every layer for one token, per device")
     kv_capacity_tokens: int | None = Field(None, ge=0, description="KV-cache tokens the server allocates")
     max_concurrent_sequences: int | None = Field(
         None, ge=0, description="full-length (maxModelLen) sequences the KV cache holds at once"

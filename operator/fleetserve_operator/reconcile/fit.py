@@ -3,6 +3,13 @@
 Computed before any pod exists, from the spec alone, with the server's own
 planner (``fleetserve_server.memory``), so the KV-cache size written into the
 server's config is the number the proof was made with.
+
+The proof is per device: GPU memory is never pooled. ``resources.gpus`` N is
+the server's tensor-parallel size, but `fleetserve serve` does not shard a
+model yet (``memory.SERVER_MAX_TENSOR_PARALLEL_SIZE`` is 1): it loads the whole
+model onto one GPU and the other N - 1 stay idle. So the proof plans what the
+server will really do — one device holding everything — and says so, rather
+than the sum of the GPUs' memory, which no process can use.
 """
 
 from __future__ import annotations
@@ -10,7 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fleetserve_server.memory import GiB, MemoryPlan, known_architecture, parse_quantity, plan_memory
+from fleetserve_server.memory import (
+    SERVER_MAX_TENSOR_PARALLEL_SIZE,
+    GiB,
+    MemoryPlan,
+    known_architecture,
+    parse_quantity,
+    plan_memory,
+)
 
 from ..api.spec import LLMDeploymentSpec
 
@@ -34,16 +48,19 @@ class MemoryFit:
     reason: str
     message: str
     device: str
-    available_bytes: int | None
+    available_bytes: int | None  # one device's memory (or the CPU's, after the runtime reserve)
     plan: MemoryPlan | None = None
+    devices: int = 1  # GPUs in the pod (1 on CPU)
+    tensor_parallel_size: int = 1  # how many of them the server splits the model across
 
     @property
     def fits(self) -> bool | None:
         return {"True": True, "False": False}.get(self.status)
 
     def to_status(self) -> dict[str, Any]:
-        """``status.memory`` (camelCase)."""
-        out: dict[str, Any] = {"device": self.device, "message": self.message}
+        """``status.memory`` (camelCase); every size is what one device holds."""
+        out: dict[str, Any] = {"device": self.device, "message": self.message, "devices": self.devices,
+                               "tensorParallelSize": self.tensor_parallel_size}
         if self.fits is not None:
             out["fits"] = self.fits
         if self.available_bytes is not None:
@@ -78,16 +95,24 @@ def _bytes(field: str, quantity: str, device: str) -> int | MemoryFit:
 
 
 def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
-    """Run the planner for one replica of ``spec``; never raises for a valid spec."""
+    """Run the planner for one device of one replica of ``spec``; never raises for a valid spec."""
     res = spec.resources
+    devices, tp, idle_note = 1, 1, ""
     if res.gpus > 0:
         device = "cuda"
         assert res.gpu_memory is not None  # guaranteed by the Resources rule
         per_gpu = _bytes("resources.gpuMemory", res.gpu_memory, device)
         if isinstance(per_gpu, MemoryFit):
             return per_gpu
-        available = per_gpu * res.gpus
-        where = f"{res.gpus} x {res.gpu_memory} GPU memory"
+        available, devices = per_gpu, res.gpus
+        tp = min(res.gpus, SERVER_MAX_TENSOR_PARALLEL_SIZE)
+        where = f"one {res.gpu_memory} GPU" if tp == 1 else f"each of {tp} x {res.gpu_memory} GPUs"
+        if res.gpus > tp:
+            idle_note = (
+                f"resources.gpus is {res.gpus}, but the server does not shard a model across GPUs yet (no "
+                f"tensor parallelism): it loads the whole model onto one GPU and the other {res.gpus - tp} stay "
+                f"idle, so GPU memory does not add up; "
+            )
     else:
         device = "cpu"
         assert res.memory is not None  # guaranteed by the Resources rule
@@ -107,10 +132,10 @@ def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
     if arch is None:
         return MemoryFit(
             "Unknown", "ModelConfigUnknown",
-            f"the memory planner has no config for {spec.model.source!r} offline (it knows the builtin "
-            f"model, a catalog of common models and local directories with a config.json); pods are "
+            f"{idle_note}the memory planner has no config for {spec.model.source!r} offline (it knows the "
+            f"builtin model, a catalog of common models and local directories with a config.json); pods are "
             f"created and the server sizes its KV cache when it loads the model",
-            device, available,
+            device, available, None, devices, tp,
         )
     try:
         plan = plan_memory(
@@ -124,10 +149,14 @@ def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
             max_num_seqs=spec.engine.max_num_seqs,
             block_size=spec.engine.block_size,
             max_batch_tokens=spec.engine.effective_max_batch_tokens,
+            tensor_parallel_size=tp,
+            # never suggest more GPUs than the server can split a model across
+            max_tensor_parallel_size=SERVER_MAX_TENSOR_PARALLEL_SIZE,
         )
     except ValueError as exc:
         return MemoryFit("Unknown", "PlannerError", f"the memory planner rejected the spec: {exc}",
-                         device, available)
+                         device, available, None, devices, tp)
+    message = f"{idle_note}{arch.name} on {where}: {plan.message}"
     if plan.fits:
-        return MemoryFit("True", "Fits", f"{arch.name} on {where}: {plan.message}", device, available, plan)
-    return MemoryFit("False", "DoesNotFit", f"{arch.name} on {where}: {plan.message}", device, available, plan)
+        return MemoryFit("True", "Fits", message, device, available, plan, devices, tp)
+    return MemoryFit("False", "DoesNotFit", message, device, available, plan, devices, tp)
