@@ -9,7 +9,6 @@ On a real cluster the kubelet does all of this.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import platform
@@ -22,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from . import locks
 from .adopt import DEFAULT_PROVISION_DELAY_S, Adopter, provision_delay
 from .kube import Kube, KubeError, ns_path
 from .logserver import BASE_PORT as LOG_BASE_PORT
@@ -279,22 +279,35 @@ def component_healthy(cluster: Any) -> bool:
         return False
 
 
-def claim_network_block(lock_dir: Path | None = None) -> tuple[int, IO[str]]:
-    """The lowest pod-network block no other running agent holds, and the open lock file holding it.
+LEGACY_NET_LOCKS = Path(tempfile.gettempdir()) / "fleetserve-devcluster-net"  # agents before the private lock dir
 
-    The lock is an flock: it lasts as long as the returned file stays open, and the
-    kernel drops it when the process dies (even by SIGKILL), so a block is never leaked.
+
+@dataclass
+class NetworkBlock:
+    """A pod-network block this process holds (an flock, dropped by the kernel if the process dies)."""
+
+    index: int
+    fd: int
+    path: Path
+
+    def release(self) -> None:
+        locks.release(self.fd, self.path)
+
+
+def claim_network_block(lock_dir: Path | None = None) -> NetworkBlock:
+    """The lowest pod-network block no other running agent holds, locked for this process.
+
+    The lock file lives in the dev cluster's private lock directory (locks.py); a block
+    an older agent still holds through its lock in the temporary directory counts as taken.
     """
-    directory = lock_dir or Path(tempfile.gettempdir()) / "fleetserve-devcluster-net"
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = locks.private_dir(lock_dir or locks.lock_dir())
     for block in range(NETWORK_BLOCKS):
-        f = open(directory / f"{block}.lock", "w")  # noqa: SIM115 (held for the agent's lifetime)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
+        if locks.held_elsewhere(LEGACY_NET_LOCKS / f"{block}.lock"):
             continue
-        return block, f
+        path = directory / f"net-{block}.lock"
+        fd = locks.acquire(path, blocking=False)
+        if fd is not None:
+            return NetworkBlock(block, fd, path)
     raise RuntimeError(f"all {NETWORK_BLOCKS} pod-network blocks are held by running dev-cluster node agents "
                        "(run `fleetserve dev-cluster down` on clusters you no longer need)")
 
@@ -305,7 +318,8 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
                        api_port=kube.server.port, state_dir=state_dir)
-    block, _held = claim_network_block()  # held until this process exits
+    held = claim_network_block()  # until this process exits
+    block = held.index
     logs: LogServer | None = None
     try:
         logs = LogServer(state_dir, LOG_BASE_PORT + block, client_ca=state_dir / "pki" / "ca.crt")
@@ -332,4 +346,5 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
         logs.close()
     proxy.close()
     heartbeat.unlink(missing_ok=True)
+    held.release()
     return 0

@@ -22,7 +22,6 @@ or raises, so `down()` can always stop it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import json
 import shutil
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import pki, processes, tools
+from . import locks, pki, processes, tools
 
 DEFAULT_PORT_BASE = 16000
 
@@ -321,15 +320,21 @@ def _wait_healthy(cluster: Cluster, comp: Component, proc_pid: int, log: Callabl
 
 @contextlib.contextmanager
 def _locked(state_dir: Path) -> Iterator[None]:
-    """Serialize `up`/`down` on one state dir across processes (parallel test sessions)."""
-    lock = state_dir.parent / f".{state_dir.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Serialize `up`/`down` on one state dir across processes (parallel test sessions).
+
+    The lock file is in the dev cluster's private lock directory (locks.py), never next to a state
+    dir that may sit in a world-writable directory such as /tmp; it is removed on release.
+    """
+    try:
+        path = locks.state_lock_path(state_dir)
+        fd = locks.acquire(path)
+    except locks.LockDirError as exc:
+        raise DevClusterError(str(exc)) from None
+    assert fd is not None
+    try:
+        yield
+    finally:
+        locks.release(fd, path)
 
 
 def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = print) -> Cluster:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-from fleetserve_devcluster.agent import claim_network_block
 from fleetserve_devcluster.pods import (
     ContainerConfigError,
     NodeAllocator,
@@ -183,14 +182,3 @@ def test_fleetserve_serve_binds_the_host_the_agent_sets(tmp_path) -> None:
     assert build_config({}, config_file=cfg, environ=env).host == "198.18.0.2"
     assert build_config({"host": "198.18.0.9"}, config_file=cfg, environ=env).host == "198.18.0.9"
     assert build_config({}, config_file=cfg, environ={}).host == "0.0.0.0"
-
-
-def test_network_blocks_are_exclusive_while_held(tmp_path) -> None:
-    first, held = claim_network_block(tmp_path)
-    second, held2 = claim_network_block(tmp_path)
-    assert (first, second) == (0, 1)
-    held.close()  # the first agent exits: its block is free again
-    third, held3 = claim_network_block(tmp_path)
-    assert third == 0
-    held2.close()
-    held3.close()
