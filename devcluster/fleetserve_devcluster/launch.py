@@ -110,17 +110,21 @@ def bind_sub_path(volume: str, sub_path: str, target: str, read_only: bool) -> N
         os.close(fd)
 
 
-def read_spec() -> dict:  # type: ignore[type-arg]
-    """The spec from stdin; stdin then becomes /dev/null, as a container's is."""
-    spec = json.loads(sys.stdin.buffer.read())
+def read_spec(argv: list[str]) -> dict:  # type: ignore[type-arg]
+    """The spec from stdin; stdin then becomes /dev/null, as a container's is.
+
+    (A path argument is read instead: how an agent started before this change, still running on a
+    shared machine while the code on disk is updated, launches its containers.)
+    """
+    spec = json.loads(Path(argv[0]).read_text() if argv else sys.stdin.buffer.read())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
     return spec  # type: ignore[no-any-return]
 
 
-def main() -> None:
-    spec = read_spec()
+def main(argv: list[str]) -> None:
+    spec = read_spec(argv)
     die_with_parent(spec.get("parent"))
     try:
         # Opened before the volumes go on top, bound back right after the mount that covers them
@@ -150,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
