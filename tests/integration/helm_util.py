@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from fleetserve_devcluster.testing import DevClusterHandle, wait_until
-from fleetserve_devcluster.tools import ToolMissingError, tool_path
+from fleetserve_devcluster.tools import ToolMissingError, cache_dir, tool_path
 
-__all__ = ["get_json", "helm", "wait_until"]  # wait_until: the shared one, for the Helm tests' imports
+__all__ = ["get_json", "helm", "prometheus_operator_crds", "wait_until"]  # wait_until: the shared one, for the Helm tests' imports
 
 
 def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,
@@ -29,3 +29,15 @@ def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,
 
 def get_json(cluster: DevClusterHandle, *args: str) -> Any:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+PROMETHEUS_OPERATOR_VERSION = "v0.85.0"  # the pin of hack/prometheus-operator-crds.sh
+
+
+def prometheus_operator_crds() -> Path:
+    """The Prometheus Operator's CRDs at the pinned version, as `make install` provisioned them."""
+    out = cache_dir() / "prometheus-operator-crds" / PROMETHEUS_OPERATOR_VERSION
+    if not (out / ".complete").is_file():
+        pytest.fail(f"the Prometheus Operator CRDs {PROMETHEUS_OPERATOR_VERSION} are not provisioned in {out}: "
+                    "run `hack/install-tools.sh prometheus-operator-crds` (part of `make install`)", pytrace=False)
+    return out

@@ -29,6 +29,15 @@ def can_i(cluster: DevClusterHandle, subject: str, verb: str, resource: str, nam
     return answer == "yes"
 
 
+@pytest.fixture(autouse=True)
+def restricted(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    """Every release lands in a namespace that enforces the restricted Pod Security profile: the API
+    server's PodSecurity admission refuses any pod of the chart (operator, hooks, model servers)
+    that violates it."""
+    dev_cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                        "pod-security.kubernetes.io/enforce-version=latest")
+
+
 @pytest.fixture
 def crds(dev_cluster: DevClusterHandle) -> None:
     """The repo's CRDs, as `helm install` would create them from the chart's crds/."""
@@ -105,6 +114,8 @@ def test_operator_service_account_has_least_privilege(
         # Server-side apply of a new child is authorized as create.
         ("create", "deployments.apps"), ("create", "services"), ("create", "configmaps"),
         ("create", "poddisruptionbudgets.policy"),
+        # With the defaults: the operator creates these whenever the Prometheus Operator's CRDs exist.
+        ("create", "servicemonitors.monitoring.coreos.com"), ("patch", "prometheusrules.monitoring.coreos.com"),
         ("list", "pods"), ("watch", "pods"), ("create", "events"), ("create", "events.events.k8s.io"),
     ]
     for verb, resource in allowed:
@@ -113,7 +124,6 @@ def test_operator_service_account_has_least_privilege(
         ("get", "secrets", namespace), ("list", "secrets", namespace),
         ("delete", "pods", namespace), ("create", "pods/exec", namespace),
         ("delete", "llmdeployments.fleetserve.io", namespace), ("update", "llmdeployments.fleetserve.io/scale", namespace),
-        ("patch", "servicemonitors.monitoring.coreos.com", namespace),
         ("create", "roles.rbac.authorization.k8s.io", namespace),
         # Namespaced mode: nothing in other namespaces.
         ("list", "llmdeployments.fleetserve.io", "default"), ("patch", "deployments.apps", "default"),

@@ -231,9 +231,9 @@ def test_rbac_is_least_privilege() -> None:
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
             ("", "namespaces"): {"list", "watch"},
         }
-        if by_kind(objs, "PrometheusRule") or by_kind(objs, "ServiceMonitor"):
-            expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "create", "patch", "delete"}
-            expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "create", "patch", "delete"}
+        # Always: the operator creates them per LLMDeployment whenever their CRDs exist.
+        expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "create", "patch", "delete"}
+        expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "create", "patch", "delete"}
         actual: dict[tuple[str, str], set[str]] = {}
         for group, resource, verb in granted:
             actual.setdefault((group, resource), set()).add(verb)
@@ -256,11 +256,14 @@ def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     assert all(b["subjects"][0]["namespace"] == "fleetserve-system" for b in bindings)
 
 
-def test_rbac_monitoring_rights_only_when_enabled() -> None:
+def test_rbac_grants_the_monitoring_children_with_default_values() -> None:
+    """With the defaults (chart monitoring off) the operator still creates a ServiceMonitor and a
+    PrometheusRule per LLMDeployment on a cluster with the Prometheus Operator's CRDs: granted."""
     plain = _granted(_rules_of(render(), "ClusterRole"))
-    assert not any(g == "monitoring.coreos.com" for g, _, _ in plain)
-    monitored = _granted(_rules_of(render("--set", "monitoring.prometheusRule.enabled=true"), "ClusterRole"))
-    assert ("monitoring.coreos.com", "prometheusrules", "patch") in monitored
+    for resource in ("servicemonitors", "prometheusrules"):
+        assert {("monitoring.coreos.com", resource, v) for v in ("get", "create", "patch", "delete")} <= plain
+    off = _granted(_rules_of(render("--set", "rbac.monitoringChildren=false"), "ClusterRole"))
+    assert not any(g == "monitoring.coreos.com" for g, _, _ in off)
 
 
 @pytest.mark.parametrize(
