@@ -312,12 +312,12 @@ def claim_network_block(lock_dir: Path | None = None) -> NetworkBlock:
                        "(run `fleetserve dev-cluster down` on clusters you no longer need)")
 
 
-def run_agent(state_dir: Path, nodes: int, gpus_per_node: int) -> int:
+def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: tuple[str, ...] = ()) -> int:
     """The node agent and the service proxy in one process, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
-                       api_port=kube.server.port, state_dir=state_dir)
+                       api_port=kube.server.port, state_dir=state_dir, host_path_allow=host_path_allow)
     held = claim_network_block()  # until this process exits
     block = held.index
     logs: LogServer | None = None

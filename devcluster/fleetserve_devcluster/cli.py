@@ -38,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="nvidia.com/gpu capacity of each node (default 2)")
     up.add_argument("--port-base", type=int, default=None,
                     help="first of the loopback ports used (apiserver = base+443, etcd = base+379, ...; default 16000)")
+    up.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
+                    help="a host directory pods may mount as a hostPath volume (repeatable; default: none, "
+                         "and a pod with any other hostPath fails with reason HostPathNotAllowed)")
     _state_dir_arg(up)
     up.set_defaults(handler=run_up)
 
@@ -80,7 +83,7 @@ def run_agent(args: argparse.Namespace) -> int:
         config = ClusterConfig.load(state_dir)
     except DevClusterError as exc:
         return main_error(exc)
-    return agent_main(state_dir, config.nodes, config.gpus_per_node)
+    return agent_main(state_dir, config.nodes, config.gpus_per_node, config.host_path_allow)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -99,7 +102,9 @@ def run_up(args: argparse.Namespace) -> int:
 
     try:
         config = ClusterConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                               port_base=args.port_base if args.port_base is not None else DEFAULT_PORT_BASE)
+                               port_base=args.port_base if args.port_base is not None else DEFAULT_PORT_BASE,
+                               host_path_allow=tuple(str(Path(p).expanduser().resolve())
+                                                     for p in args.allow_host_path))
         up(_state_dir(args), config)
     except DevClusterError as exc:
         return main_error(exc)

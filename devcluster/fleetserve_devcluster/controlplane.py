@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -55,6 +56,8 @@ class ClusterConfig:
     port_base: int = DEFAULT_PORT_BASE
     k8s_version: str = tools.K8S_VERSION
     ports: dict[str, int] = field(default_factory=dict)
+    # Host directories pods may mount as hostPath volumes (`up --allow-host-path`); none by default.
+    host_path_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.nodes < 0:
@@ -63,6 +66,11 @@ class ClusterConfig:
             raise DevClusterError(f"--gpus-per-node must be >= 0, got {self.gpus_per_node}")
         if not 1024 <= self.port_base <= 65000:
             raise DevClusterError(f"--port-base must be in 1024..65000, got {self.port_base}")
+        allowed = tuple(self.host_path_allow)
+        for path in allowed:
+            if not path.startswith("/") or path.rstrip("/") == "":
+                raise DevClusterError(f"--allow-host-path must be an absolute directory other than /, got {path!r}")
+        object.__setattr__(self, "host_path_allow", allowed)
         if not self.ports:
             b = self.port_base
             object.__setattr__(self, "ports", {
@@ -337,6 +345,16 @@ def _locked(state_dir: Path) -> Iterator[None]:
         locks.release(fd, path)
 
 
+def _private_state_dir(state_dir: Path) -> None:
+    """The state dir holds keys, tokens and pod volumes: ours alone, 0700."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    st = state_dir.lstat()
+    if st.st_uid != os.geteuid():
+        raise DevClusterError(f"state dir {state_dir} belongs to uid {st.st_uid}, not to this user "
+                              f"({os.geteuid()}): pick another with --state-dir")
+    state_dir.chmod(0o700)
+
+
 def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = print) -> Cluster:
     """Start every component that is not running and wait until each is healthy.
 
@@ -351,10 +369,11 @@ def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = prin
 def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> Cluster:
     if (state_dir / "cluster.json").exists():
         stored = ClusterConfig.load(state_dir)
-        if (stored.nodes, stored.gpus_per_node, stored.port_base) != (config.nodes, config.gpus_per_node,
-                                                                       config.port_base):
+        if (stored.nodes, stored.gpus_per_node, stored.port_base, stored.host_path_allow) != (
+                config.nodes, config.gpus_per_node, config.port_base, config.host_path_allow):
             log(f"note: the dev cluster in {state_dir} was created with --nodes {stored.nodes} "
-                f"--gpus-per-node {stored.gpus_per_node} --port-base {stored.port_base}; keeping that "
+                f"--gpus-per-node {stored.gpus_per_node} --port-base {stored.port_base} "
+                f"--allow-host-path {list(stored.host_path_allow)}; keeping that "
                 "(run `fleetserve dev-cluster down` first to change it)")
         config = stored
     cluster = Cluster(state_dir, config)
@@ -377,7 +396,7 @@ def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> C
                 f"port {cluster.port(comp.port)} on 127.0.0.1 (for {comp.name}) is in use by another process; "
                 f"stop it, or run `fleetserve dev-cluster up --port-base N` to move the dev cluster's ports "
                 f"(now {config.port_base}+offset)")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _private_state_dir(state_dir)
     config.save(state_dir)
     _prepare(cluster)
     for comp in COMPONENTS:

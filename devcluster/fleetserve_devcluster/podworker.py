@@ -38,7 +38,15 @@ from .pods import (
 )
 from .probes import Probe, ProbeTracker, run_action
 from .status import ContainerView, PodView, build_status, now_rfc3339, same_status
-from .volumes import ATOMIC_KINDS, VolumeNotSupported, plan_mounts, prepare_volume, volume_files, write_atomic
+from .volumes import (
+    ATOMIC_KINDS,
+    HostPathNotAllowed,
+    VolumeNotSupported,
+    plan_mounts,
+    prepare_volume,
+    volume_files,
+    write_atomic,
+)
 
 JsonObj = dict[str, Any]
 log = logging.getLogger("fleetserve.devcluster.agent")
@@ -76,6 +84,7 @@ class AgentContext:
     state_dir: Path
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+    host_path_allow: tuple[str, ...] = ()  # directories hostPath volumes may use (ClusterConfig)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -196,10 +205,14 @@ class PodWorker(threading.Thread):
                     "node agent runs only fleetserve commands as local processes (command or args must start "
                     "with `fleetserve`)"))
             self.containers.append(Container(c, rewrite_bind_host(argv, self.view.pod_ip), view))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Logs and volumes (secrets, tokens) of the pod: nobody else on the machine enters.
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
         try:
             for volume in spec.get("volumes") or []:
-                self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir)
+                self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow)
+        except HostPathNotAllowed as exc:
+            return self._fail("HostPathNotAllowed", str(exc))
         except VolumeNotSupported as exc:
             return self._fail("VolumeNotSupported", str(exc))
         except ContainerConfigError as exc:

@@ -36,6 +36,10 @@ class VolumeNotSupported(Exception):
     """A volume type the dev-cluster node agent cannot provide (the pod is failed with this message)."""
 
 
+class HostPathNotAllowed(VolumeNotSupported):
+    """A hostPath outside the directories the dev cluster's config allows (`up --allow-host-path`)."""
+
+
 @dataclass(frozen=True)
 class Mount:
     """One bind mount inside the container's mount namespace."""
@@ -126,8 +130,11 @@ def write_atomic(target: Path, files: Files) -> bool:
     for rel, (content, mode) in files.items():
         path = ts_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-        os.chmod(path, mode)
+        # Created with its final mode (0600 until then): a secret is never readable under a looser one.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            os.fchmod(f.fileno(), mode)
     ts_dir.mkdir(exist_ok=True)  # an empty volume still gets its directory
     old = os.readlink(data_link) if data_link.is_symlink() else None
     tmp_link = target / "..data_tmp"
@@ -161,16 +168,35 @@ def read_atomic(target: Path) -> Files:
     return out
 
 
-def prepare_volume(volume: JsonObj, pod_dir: Path) -> Path:
-    """The host directory of a volume that needs no API data (emptyDir, hostPath), or of an atomic one."""
+def allowed_host_path(path: str, allow: tuple[str, ...]) -> Path:
+    """`path` with symlinks resolved, if that lies in one of the `allow` directories (resolved too)."""
+    real = Path(os.path.realpath(path))
+    for root in allow:
+        if real.is_relative_to(os.path.realpath(root)):
+            return real
+    allowed = ", ".join(allow) or "none"
+    raise HostPathNotAllowed(
+        f"hostPath {path}" + (f" (resolving to {real})" if str(real) != os.path.normpath(path) else "")
+        + f" is outside the dev cluster's allowed host paths ({allowed}); start the cluster with "
+        "`fleetserve dev-cluster up --allow-host-path DIR` to allow a directory")
+
+
+def prepare_volume(volume: JsonObj, pod_dir: Path, host_path_allow: tuple[str, ...] = ()) -> Path:
+    """The host directory of a volume that needs no API data (emptyDir, hostPath), or of an atomic one.
+
+    An emptyDir is 0777 (as the kubelet makes it) so a container running as any user can write it;
+    it is still private, inside the pod's 0700 directory.  A hostPath must lie in `host_path_allow`.
+    """
     name = volume["name"]
     if "emptyDir" in volume or any(k in volume for k in ATOMIC_KINDS):
         path = pod_dir / "volumes" / name
         path.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            path.chmod(0o777)
         return path
     if "hostPath" in volume:
         spec = volume["hostPath"]
-        path = Path(spec["path"])
+        path = allowed_host_path(str(spec["path"]), host_path_allow)
         kind = spec.get("type", "")
         if kind in ("", "DirectoryOrCreate") and not path.exists():
             path.mkdir(parents=True, exist_ok=True)

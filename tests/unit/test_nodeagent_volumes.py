@@ -172,3 +172,28 @@ def test_the_launcher_refuses_a_symlink_swapped_in_after_the_check(tmp_path: Pat
     assert done.returncode == 128
     assert "subPath 'alias/ok' leads out of the volume" in done.stderr
     assert "host data" not in done.stdout
+
+
+def test_a_host_path_outside_the_allow_list_is_refused(tmp_path: Path) -> None:
+    from fleetserve_devcluster.volumes import HostPathNotAllowed
+
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    (allowed / "escape").symlink_to("/etc")
+    inside = prepare_volume({"name": "m", "hostPath": {"path": str(allowed / "cache")}}, tmp_path, (str(allowed),))
+    assert inside == allowed / "cache" and inside.is_dir()
+    for path in ("/etc", str(allowed / "escape"), str(allowed / ".." / "other"), str(tmp_path)):
+        with pytest.raises(HostPathNotAllowed, match="outside the dev cluster's allowed host paths"):
+            prepare_volume({"name": "m", "hostPath": {"path": path}}, tmp_path, (str(allowed),))
+    with pytest.raises(HostPathNotAllowed, match=r"allowed host paths \(none\).*--allow-host-path DIR"):
+        prepare_volume({"name": "m", "hostPath": {"path": str(allowed)}}, tmp_path)
+    assert not (tmp_path / "other").exists()  # nothing created outside the list either
+
+
+def test_secret_files_are_created_with_their_mode(tmp_path: Path) -> None:
+    target = tmp_path / "sec"
+    write_atomic(target, {"token": (b"s3cret", 0o400), "sub/key": (b"k", 0o440)})
+    assert (target / "token").stat().st_mode & 0o777 == 0o400
+    assert (target / "sub" / "key").stat().st_mode & 0o777 == 0o440
+    empty = prepare_volume({"name": "scratch", "emptyDir": {}}, tmp_path)
+    assert empty.stat().st_mode & 0o777 == 0o777  # any runAsUser may write it; the pod dir (0700) keeps others out
