@@ -11,8 +11,11 @@ from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
     build_sampling_params,
     check_unsupported,
+    off_loop,
+    openai_finish_reason,
     require_serving,
     start_run,
+    vocab_size,
 )
 from fleetserve_server.api.protocol import (
     ChatChoice,
@@ -59,15 +62,15 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     serving = require_serving(ctx.state, req.model)
     offending = [name for name, on in (
         ("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
-        ("tools", bool(req.tools)),
-        ("response_format", req.response_format is not None and req.response_format.get("type") != "text"),
+        ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none")),
+        ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
-    prompt_ids = render_chat_prompt(ctx, req)
+    prompt_ids = await off_loop(render_chat_prompt, ctx, req)  # CPU-heavy for long chats: not on the loop
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="messages",
-                                   defaults=serving.model.default_sampling)
+                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving))
     log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None
     run = await start_run(ctx, request, serving, endpoint="chat", prompt_ids=prompt_ids, params=params,
                           log_prompt=log_prompt)
@@ -85,7 +88,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
 
         return stream_response(
             run, req.stream_options, opening=chunk(DeltaMessage(role="assistant", content="")),
-            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), delta.finish_reason),
+            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), openai_finish_reason(delta.finish_reason)),
             usage_event=lambda usage: chunk(DeltaMessage(), usage=usage, choices=False),
         )
     async for _ in run.deltas():
@@ -94,7 +97,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
         id=response_id, created=run.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
         choices=[ChatChoice(message=ChatResponseMessage(content="".join(run.text)),
-                            finish_reason=run.finish_reason)],  # type: ignore[arg-type]
+                            finish_reason=openai_finish_reason(run.finish_reason))],  # type: ignore[arg-type]
         usage=run.usage,
     )
 

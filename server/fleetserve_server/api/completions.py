@@ -11,8 +11,11 @@ from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
     build_sampling_params,
     check_unsupported,
+    off_loop,
+    openai_finish_reason,
     require_serving,
     start_run,
+    vocab_size,
 )
 from fleetserve_server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
@@ -50,12 +53,13 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     offending = [name for name, on in (
         ("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
         ("best_of", req.best_of not in (None, 1)), ("suffix", bool(req.suffix)),
+        ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
-    prompt_ids = prompt_token_ids(serving, req.prompt)
+    prompt_ids = await off_loop(prompt_token_ids, serving, req.prompt)  # CPU-heavy: not on the event loop
     params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="prompt",
-                                   defaults=serving.model.default_sampling)
+                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving))
     run = await start_run(ctx, request, serving, endpoint="completions", prompt_ids=prompt_ids, params=params,
                           log_prompt=req.prompt if ctx.request_log.log_prompts else None)
     response_id = f"cmpl-{run.engine_id}"
@@ -67,7 +71,8 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
 
         return stream_response(
             run, req.stream_options,
-            delta_event=lambda delta: chunk([CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)]),
+            delta_event=lambda delta: chunk([CompletionChoice(
+                text=delta.text, finish_reason=openai_finish_reason(delta.finish_reason))]),
             usage_event=lambda usage: chunk([], usage=usage),
         )
     async for _ in run.deltas():
@@ -75,7 +80,8 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     return CompletionResponse(
         id=response_id, created=run.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
-        choices=[CompletionChoice(text="".join(run.text), finish_reason=run.finish_reason)],  # type: ignore[arg-type]
+        choices=[CompletionChoice(text="".join(run.text),
+                                  finish_reason=openai_finish_reason(run.finish_reason))],  # type: ignore[arg-type]
         usage=run.usage,
     )
 

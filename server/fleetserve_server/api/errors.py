@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleetserve_server.api.protocol import ErrorInfo, ErrorResponse
+from fleetserve_server.api.protocol import HARMLESS_FIELDS, ErrorInfo, ErrorResponse
 from fleetserve_server.engine import errors as engine_errors
 
 log = logging.getLogger("fleetserve.server")
@@ -114,6 +114,9 @@ def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request body"}
         param = _param_from_loc(tuple(first.get("loc", ())))
         message = f"{param}: {first.get('msg', 'invalid value')}"
+        if first.get("type") == "extra_forbidden":
+            message = (f"{param} is not a parameter fleetserve supports; remove it (fields accepted and "
+                       f"ignored: {', '.join(sorted(HARMLESS_FIELDS))})")
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
         on_reject("invalid")

@@ -38,7 +38,9 @@ log = logging.getLogger("fleetserve.server")
 # Strong references to fire-and-forget abort tasks (the loop keeps only weak ones).
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
-_PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop_token_ids", "stop",
+                "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                "logprobs", "prompt_logprobs")
 
 
 def require_serving(state: ServerState, model_name: str | None = None) -> Serving:
@@ -57,28 +59,31 @@ def require_serving(state: ServerState, model_name: str | None = None) -> Servin
     return serving
 
 
+def vocab_size(serving: Serving) -> int | None:
+    """How many token ids the tokenizer knows (ids at or above it are a 400)."""
+    tokenizer = serving.tokenizer
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    return getattr(tokenizer, "vocab_size", None)
+
+
 def check_unsupported(req: _SamplingFields, offending: list[str]) -> None:
     """Reject parameters fleetserve would otherwise silently ignore.
 
     ``offending`` names endpoint-specific fields the caller found set to a
-    value other than "off" (e.g. ``logprobs``, ``echo``).
+    value other than "off" (e.g. ``tools``, ``suffix``).
     """
     if req.n is not None and req.n != 1:
         raise invalid(f"n={req.n} is not supported: fleetserve returns exactly one choice; "
                       "send n=1 (or omit it) and issue several requests instead", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise invalid(f"{name}={value} is not supported; omit it or send 0", param=name)
-    if req.logit_bias:
-        offending = ["logit_bias", *offending]
     if offending:
         raise invalid(f"{offending[0]} is not supported by fleetserve; omit it", param=offending[0])
 
 
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, prompt_len: int,
                           max_model_len: int, prompt_param: str,
-                          defaults: dict[str, Any] | None = None) -> SamplingParams:
+                          defaults: dict[str, Any] | None = None, vocab_size: int | None = None,
+                          logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Validate sampling fields against the model's context limit; 400s name the field.
 
     Fields the request leaves out take the model's ``defaults`` (its
@@ -102,15 +107,32 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, promp
     top_k = req.top_k if req.top_k is not None else int(defaults.get("top_k", 0))
     if top_k == -1:  # vLLM's spelling of "disabled"
         top_k = 0
+    logit_bias = tuple((int(k), v) for k, v in (req.logit_bias or {}).items())
+    stop_token_ids = tuple(req.stop_token_ids or ())
+    if vocab_size is not None:
+        for name, ids in (("logit_bias", [t for t, _ in logit_bias]), ("stop_token_ids", stop_token_ids)):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise invalid(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param=name)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=float(defaults.get("temperature", 1.0)) if req.temperature is None else req.temperature,
             top_p=float(defaults.get("top_p", 1.0)) if req.top_p is None else req.top_p,
             top_k=top_k,
+            min_p=float(defaults.get("min_p", 0.0)) if req.min_p is None else req.min_p,
             seed=req.seed,
             stop=stop,
+            stop_token_ids=stop_token_ids,
             ignore_eos=bool(req.ignore_eos),
+            min_tokens=req.min_tokens or 0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=(float(defaults.get("repetition_penalty", 1.0)) if req.repetition_penalty is None
+                                else req.repetition_penalty),
+            logit_bias=logit_bias,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         message = str(exc)
@@ -277,6 +299,15 @@ class GenerationRun:
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             arrival=self.arrival, prompt=self.log_prompt, completion="".join(self.text),
         )
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """The finish reason as OpenAI spells it; an aborted or failed request raises instead
+    (``abort``: the server stopped it, e.g. a drain that ran out of time; the client is told so)."""
+    if reason in ("abort", "error"):
+        raise APIError(503, "the server stopped this request before it finished (it is draining or the "
+                       "request failed); retry it", code="aborted", headers={"Retry-After": "1"})
+    return reason
 
 
 async def start_run(ctx: APIContext, http_request: Request, serving: Serving, *, endpoint: str,
