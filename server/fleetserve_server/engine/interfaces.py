@@ -35,8 +35,10 @@ class ScheduledSequence:
     block_table: Sequence[int]
     sample: bool
     params: SamplingParams
-    # all tokens generated so far (for repetition-free stop checks by the runner if needed)
+    # tokens generated so far (min_tokens; the prompt is history[: len(history) - num_generated])
     num_generated: int = 0
+    # the sequence's tokens so far (prompt + output), only when its params need them (penalties)
+    history: Sequence[int] = ()
 
 
 @dataclass(frozen=True)

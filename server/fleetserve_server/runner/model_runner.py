@@ -48,7 +48,7 @@ class TorchModelRunner:
             (model.num_layers, 2, model.num_kv_heads, num_blocks * block_size, model.head_dim),
             model.dtype, self.device,
         )
-        self.sampler = Sampler(self.device, base_seed=seed)
+        self.sampler = Sampler(self.device, base_seed=seed, eos_token_ids=self.eos_token_ids)
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
         self._block_base = torch.arange(2 * model.num_kv_heads, device=self.device) * num_blocks
         self._neg_inf = torch.finfo(model.dtype).min
@@ -74,12 +74,12 @@ class TorchModelRunner:
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         if not batch.sequences:
             return {}
-        input_ids, meta, sample_ids, sample_params = self._prepare(batch)
+        input_ids, meta, sample_rows = self._prepare(batch)
         logits = self.model(input_ids, meta, self.kv_cache)
-        if not sample_ids:
+        if not sample_rows:
             return {}
-        tokens = self.sampler.sample(logits, sample_ids, sample_params)
-        return dict(zip(sample_ids, tokens, strict=True))
+        tokens = self.sampler.sample(logits, sample_rows)
+        return {row.seq_id: token for row, token in zip(sample_rows, tokens, strict=True)}
 
     def _rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Slot indices -> row indices of a layer's cache viewed as [2 * kv * slots, hd],
@@ -100,8 +100,7 @@ class TorchModelRunner:
         decode_lens: list[int] = []
         prefills: list[tuple[int, int, int, Sequence[int] | None]] = []
         logits_idx: list[int] = []
-        sample_ids: list[int] = []
-        sample_params = []
+        sample_rows: list[ScheduledSequence] = []
         max_positions = self.model.max_positions
         num_blocks = self.num_blocks
         # decode sequences (one token) first, so the model addresses them as q[:B]
@@ -139,8 +138,7 @@ class TorchModelRunner:
                 prefills.append((start, n, start_pos, table if start_pos else None))
             if seq.sample:
                 logits_idx.append(start + n - 1)
-                sample_ids.append(seq.seq_id)
-                sample_params.append(seq.params)
+                sample_rows.append(seq)
         dev = self.device
         if max(ids) >= self.model.vocab_size or min(ids) < 0:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
@@ -167,7 +165,7 @@ class TorchModelRunner:
             logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
             block_size=bs,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_ids, sample_params
+        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_rows
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
