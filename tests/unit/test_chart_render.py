@@ -212,7 +212,12 @@ def test_rbac_is_least_privilege() -> None:
                 assert "*" not in (group, resource, verb), f"{kind} grants a wildcard"
                 assert resource not in ("secrets", "pods/exec", "clusterroles", "roles", "rolebindings"), resource
                 if resource in ("endpointslices", "customresourcedefinitions", "namespaces", "nodes"):
-                    assert verb in ("get", "list", "watch"), f"{resource} must be read-only, got {verb}"
+                    assert verb in ("get", "list", "watch") or (resource, verb) == ("customresourcedefinitions", "patch"), \
+                        f"{resource} must be read-only, got {verb}"
+        # The one CRD write: the operator's own CRD, by name (operator.applyCRD).
+        for rule in _rules_of(objs, "ClusterRole"):
+            if "customresourcedefinitions" in rule["resources"] and set(rule["verbs"]) - {"list", "watch"}:
+                assert rule["resourceNames"] == ["llmdeployments.fleetserve.io"] and rule["verbs"] == ["get", "patch"]
                 if resource == "pods":  # patch: the pod-deletion-cost annotation before a scale-down
                     assert verb in ("get", "list", "watch", "patch"), f"pods: unexpected verb {verb}"
         granted = _granted(_rules_of(objs, "ClusterRole") + _rules_of(objs, "Role"))
@@ -228,7 +233,7 @@ def test_rbac_is_least_privilege() -> None:
             ("", "nodes"): {"list"},
             ("", "events"): {"create"},
             ("events.k8s.io", "events"): {"create"},
-            ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+            ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch", "get", "patch"},
             ("", "namespaces"): {"list", "watch"},
         }
         # Always: the operator creates them per LLMDeployment whenever their CRDs exist.
@@ -245,9 +250,9 @@ def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     roles = by_kind(objs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-batch", "ml-serving"]
     cluster = _granted(_rules_of(objs, "ClusterRole"))
-    # Cluster-wide the operator may only list/watch CRDs and namespaces and list nodes; everything
-    # namespaced is in the Roles.
-    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
+    # Cluster-wide the operator may only list/watch CRDs and namespaces, apply its own CRD (by name)
+    # and list nodes; everything namespaced is in the Roles.
+    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch", "get", "patch")} | {
         ("", "nodes", "list"), ("", "namespaces", "list"), ("", "namespaces", "watch")}
     command = operator_container(objs)["command"]
     assert "--namespace=ml-serving" in command and "--namespace=ml-batch" in command
@@ -360,3 +365,16 @@ def test_uninstall_hook_deletes_the_release_llmdeployments_first() -> None:
     assert role["metadata"]["namespace"] == "ml"
     assert _granted(role["rules"]) == {("fleetserve.io", "llmdeployments", v) for v in ("list", "delete")}
     assert not by_kind(render(), "Pod"), "no hook without llmDeployments"
+
+
+def test_operator_applies_its_own_crd_by_default_and_only_when_asked() -> None:
+    """Helm never upgrades crds/: by default the operator applies its CRD at start (--apply-crd) and
+    may patch exactly that CRD; with operator.applyCRD=false neither the flag nor the grant."""
+    objs = render()
+    assert "--apply-crd" in operator_container(objs)["command"]
+    named = [r for r in _rules_of(objs, "ClusterRole") if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                      "resourceNames": ["llmdeployments.fleetserve.io"], "verbs": ["get", "patch"]}]
+    off = render("--set", "operator.applyCRD=false")
+    assert "--apply-crd" not in operator_container(off)["command"]
+    assert not [r for r in _rules_of(off, "ClusterRole") if r.get("resourceNames")]

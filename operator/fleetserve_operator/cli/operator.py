@@ -16,6 +16,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                         help="port of /healthz and /metrics (default %(default)s; 0 disables them)")
     parser.add_argument("--metrics-host", default="0.0.0.0", help="address of /healthz and /metrics")
+    parser.add_argument("--apply-crd", action="store_true",
+                        help="server-side apply this operator's LLMDeployment CRD before watching (Helm never "
+                             "upgrades crds/); an older operator never downgrades a newer CRD")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every handler run")
     parser.add_argument("--debug", action="store_true", help="log kopf's internals too")
     parser.set_defaults(handler=run)
@@ -31,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
     handlers.OPTIONS.metrics_port = args.metrics_port
     handlers.OPTIONS.metrics_host = args.metrics_host
     kopf.configure(debug=args.debug, verbose=args.verbose or args.debug)
+    if args.apply_crd:
+        from fleetserve_operator.crdsync import apply_own_crd
+        from fleetserve_operator.kube import KubeError
+
+        try:
+            print(f"fleetserve operator: {apply_own_crd(handlers.kube())}", flush=True)
+        except KubeError as exc:
+            raise SystemExit(f"fleetserve operator: --apply-crd failed: {exc}") from None
     namespaces = list(args.namespace)
     kopf.run(
         registry=handlers.registry,
