@@ -67,7 +67,12 @@ class ServerConfig(BaseModel):
     prefix_caching: bool = Field(True, description="reuse the KV of shared prompt prefixes")
     cache_ttl_seconds: float = Field(600.0, gt=0.0, description="idle seconds before a cached prefix is freed")
     max_queue_length: int | None = Field(
-        None, ge=1, description="waiting requests before new ones get 429 (default: unbounded)"
+        None, ge=1, description="waiting requests before new ones get 429 (default: derived from the KV "
+                                "capacity: 4 x the max_model_len sequences it holds, at least max_num_seqs)"
+    )
+    max_request_bytes: int | None = Field(
+        None, ge=1, description="largest request body accepted; larger ones get 413 (default: 1 MiB + "
+                                "32 bytes per token of max_model_len)"
     )
     api_key: str | None = Field(
         None, description=f"require `Authorization: Bearer KEY` (also from ${API_KEY_ENV})", repr=False

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetserve_server.api import chat, completions, health, models
@@ -40,6 +41,16 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 # Only the OpenAI API needs the key; probes, scrapers and the schema stay open.
 _PROTECTED_PREFIX = "/v1/"
 
+# The default request body limit: room for a max_model_len prompt written the costliest way JSON
+# allows (\uXXXX escapes of multi-character tokens, or token ids with separators) plus the other fields.
+REQUEST_BYTES_PER_TOKEN = 32
+REQUEST_BYTES_HEADROOM = 1 << 20
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    """The body limit when none is configured: 1 MiB + 32 bytes per token of context (1.06 MiB at 2048)."""
+    return REQUEST_BYTES_HEADROOM + REQUEST_BYTES_PER_TOKEN * max_model_len
+
 
 def create_app(
     engine: EngineClient | None,
@@ -50,12 +61,21 @@ def create_app(
     api_key: str | None = None,
     log_prompts: bool = False,
     stats_refresh_interval: float = 2.0,
+    max_request_bytes: int | None = None,
+    first_output_grace: float = 0.25,
+    sse_keepalive_seconds: float = 5.0,
 ) -> FastAPI:
-    """Build the HTTP app; see the module docstring for the two ways to start it."""
+    """Build the HTTP app; see the module docstring for the two ways to start it.
+
+    ``max_request_bytes`` bounds request bodies (413 beyond it; None = no limit). A streamed
+    answer's headers go out with its first output or after ``first_output_grace`` seconds,
+    whichever is first, then an SSE comment every ``sse_keepalive_seconds`` until the first token.
+    """
     state = ServerState()
     metrics = ServerMetrics(served_name, lambda: _stats_or_none(state))
     ctx = APIContext(state=state, metrics=metrics, request_log=RequestLogger(served_name, log_prompts),
-                     api_key=api_key)
+                     api_key=api_key, first_output_grace=first_output_grace,
+                     sse_keepalive_seconds=sse_keepalive_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,7 +99,10 @@ def create_app(
     install_error_handlers(app, metrics.observe_rejected)
     for module in (chat, completions, models, health):
         app.include_router(module.router)
-    # Outermost first: the request id must be on every response, 401s included.
+    # Outermost first: the request id must be on every response, 401s and 413s included;
+    # an unauthenticated client must not make us read its body.
+    if max_request_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, ctx=ctx, max_bytes=max_request_bytes)
     app.add_middleware(AuthMiddleware, ctx=ctx)
     app.add_middleware(RequestIdMiddleware)
     if engine is not None:
@@ -161,6 +184,70 @@ class AuthMiddleware:
                    else "invalid API key in the Authorization header")
         response = APIError(401, message, code="invalid_api_key",
                             headers={"WWW-Authenticate": "Bearer"}).response()
+        await response(scope, receive, send)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body over the limit, found while reading it (FastAPI re-raises HTTPExceptions
+    from body reading as they are, so the app's handler answers it in OpenAI's shape)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, body_too_large_message(limit))
+
+
+def body_too_large_message(limit: int, length: int | None = None) -> str:
+    size = f" ({length} bytes)" if length is not None else ""
+    return (f"the request body{size} is over this server's limit of {limit} bytes; send a shorter prompt "
+            "(the limit follows --max-model-len and is set with --max-request-bytes)")
+
+
+class BodyLimitMiddleware:
+    """413 for a request body over ``max_bytes``: at once from ``Content-Length`` (the body is
+    never read), or as soon as a chunked body's running total passes the limit."""
+
+    def __init__(self, app: ASGIApp, ctx: APIContext, max_bytes: int) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, "content-length")
+        length = int(declared) if declared and declared.strip().isdigit() else None
+        if length is not None and length > self.max_bytes:
+            await self._reject(scope, receive, send, length)
+            return
+        total = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await self._reject(scope, receive, send, None)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, length: int | None) -> None:
+        self.ctx.metrics.observe_rejected("invalid")
+        response = APIError(413, body_too_large_message(self.max_bytes, length), param=None,
+                            code="request_too_large", headers={"Connection": "close"}).response()
         await response(scope, receive, send)
 
 

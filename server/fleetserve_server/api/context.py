@@ -19,6 +19,10 @@ class APIContext:
     metrics: ServerMetrics
     request_log: RequestLogger
     api_key: str | None = None
+    # streamed answers: how long to wait for the first output before the headers and an SSE
+    # comment go out, and the interval of keep-alive comments while a request is still queued
+    first_output_grace: float = 0.25
+    sse_keepalive_seconds: float = 5.0
 
 
 def get_context(request: Request) -> APIContext:

@@ -27,6 +27,7 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -124,6 +125,10 @@ def install_error_handlers(app: FastAPI, on_reject: Any) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 413:  # the body limit, found while reading a chunked body
+            on_reject("invalid")
+            return APIError(413, str(exc.detail), code="request_too_large",
+                            headers={"Connection": "close"}).response()
         return APIError(exc.status_code, str(exc.detail), code=None,
                         headers=dict(exc.headers or {})).response()
 

@@ -13,11 +13,13 @@ its KV blocks are freed within one engine step, whether or not it streamed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,16 @@ log = logging.getLogger("fleetserve.server")
 
 # Strong references to fire-and-forget abort tasks (the loop keeps only weak ones).
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+# Tokenizing and chat-templating cost time in proportion to the prompt (about a second for 1 MB):
+# they run here, off the event loop, so other requests' streams keep flowing meanwhile. One thread,
+# because a Hugging Face fast tokenizer may raise "Already borrowed" when two threads encode at once.
+_TOKENIZER_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetserve-tokenize")
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the tokenizer thread; its exceptions (APIError 400s) propagate as they are."""
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, functools.partial(fn, *args))
 
 _PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop_token_ids", "stop",
                 "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
@@ -172,10 +184,16 @@ class GenerationRun:
     _iterator: AsyncIterator[RequestOutputDelta] | None = None
     _watcher: asyncio.Task[None] | None = None
     _first: RequestOutputDelta | None = None
+    _first_task: asyncio.Future[RequestOutputDelta | None] | None = None
     _done: bool = False
+    # how long start() waits for the first output; a streamed answer starts after it regardless
+    first_output_grace: float = 0.25
+    sse_keepalive_seconds: float = 5.0
 
     async def start(self) -> None:
-        """Admit the request and wait for its first output (errors raise APIError, nothing sent yet)."""
+        """Admit the request and wait for its first output, for at most ``first_output_grace``
+        seconds (errors in that time raise APIError, nothing sent yet). Admission errors (queue
+        full, invalid, draining) always come in that time: the engine raises them at once."""
         self.state.admit(self.engine_id)
         self._watcher = asyncio.create_task(self._watch_disconnect())
         try:
@@ -183,9 +201,10 @@ class GenerationRun:
             if inspect.isawaitable(result):
                 result = await result
             self._iterator = result
-            self._first = await anext(result)
-        except StopAsyncIteration:
-            self._first = None
+            self._first_task = asyncio.ensure_future(_first_item(result))
+            await asyncio.wait({self._first_task}, timeout=max(self.first_output_grace, 0.001))
+            if self._first_task.done():
+                self._first, self._first_task = self._first_task.result(), None
         except Exception as exc:
             error = from_engine_error(exc)
             if error.reject_reason is None and isinstance(exc, RequestFailedError):
@@ -209,6 +228,9 @@ class GenerationRun:
         """
         ended = False
         try:
+            if self._first_task is not None:  # still queued when start() returned
+                self._first = await self._first_task
+                self._first_task = None
             if self._first is not None:
                 first, self._first = self._first, None
                 self._accept(first)
@@ -232,6 +254,19 @@ class GenerationRun:
         finally:
             self._end(aborted=not ended)
 
+    @property
+    def first_pending(self) -> bool:
+        """The request has produced nothing yet (it is queued, or its prompt is being computed)."""
+        return self._first_task is not None and not self._first_task.done()
+
+    async def wait_first(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the first output (or error); True once it is there."""
+        task = self._first_task
+        if task is None or task.done():
+            return True
+        await asyncio.wait({task}, timeout=timeout)
+        return task.done()
+
     def _accept(self, delta: RequestOutputDelta) -> None:
         if delta.text:
             self.text.append(delta.text)
@@ -252,6 +287,8 @@ class GenerationRun:
     async def _abort_in_engine(self) -> None:
         try:
             await self.serving.engine.abort(self.engine_id)
+            if self._first_task is not None:  # cancelled by _end: let it unwind before closing the iterator
+                await asyncio.wait({self._first_task}, timeout=5)
             if self._iterator is not None and hasattr(self._iterator, "aclose"):
                 await self._iterator.aclose()
         except Exception:
@@ -279,6 +316,8 @@ class GenerationRun:
         self._done = True
         if self._watcher is not None and self._watcher is not asyncio.current_task():
             self._watcher.cancel()
+        if self._first_task is not None and not self._first_task.done():
+            self._first_task.cancel()
         if aborted or self.finish_reason is None:
             task = asyncio.get_running_loop().create_task(self._abort_in_engine())
             _BACKGROUND.add(task)
@@ -317,7 +356,16 @@ async def start_run(ctx: APIContext, http_request: Request, serving: Serving, *,
         serving=serving, state=ctx.state, metrics=ctx.metrics, request_log=ctx.request_log,
         http_request=http_request, client_request_id=request_id_of(http_request), endpoint=endpoint,
         prompt_ids=prompt_ids, params=params, log_prompt=log_prompt,
+        first_output_grace=ctx.first_output_grace, sse_keepalive_seconds=ctx.sse_keepalive_seconds,
     )
     await run.start()
     return run
 
+
+
+async def _first_item(iterator: AsyncIterator[RequestOutputDelta]) -> RequestOutputDelta | None:
+    """The iterator's first delta, or None if it ends at once."""
+    try:
+        return await anext(iterator)
+    except StopAsyncIteration:
+        return None

@@ -23,7 +23,7 @@ from typing import Any
 
 import uvicorn
 
-from fleetserve_server.api.app import APIContext, app_context, attach, create_app
+from fleetserve_server.api.app import APIContext, app_context, attach, create_app, default_max_request_bytes
 from fleetserve_server.api.state import ModelInfo, Phase
 from fleetserve_server.config import ServerConfig
 from fleetserve_server.engine.sampling_params import SamplingParams
@@ -153,9 +153,14 @@ async def _load_in_thread(config: ServerConfig) -> Any:
 async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
     """Load, start the engine loop, warm up, attach, mark ready. Returns the async engine."""
     from fleetserve_server.engine.async_engine import AsyncEngine
+    from fleetserve_server.engine.config import default_max_queue_length
 
     loaded = await _load_in_thread(config)
     print_memory_plan(loaded, config)
+    if config.max_queue_length is None and hasattr(loaded.engine, "set_max_queue_length"):
+        # Bounded by default: past it clients get 429 + Retry-After instead of an ever-growing wait.
+        loaded.engine.set_max_queue_length(default_max_queue_length(loaded.engine.config))
+    log.info("waiting queue bound: %s requests", loaded.engine.config.max_queue_length)
     engine = AsyncEngine(loaded.engine)
     await _maybe_await(engine.start())
     await warm_up(engine, loaded.tokenizer)
@@ -176,7 +181,9 @@ async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
 async def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM/SIGINT (exit 0 after draining) or a fatal error (exit 1)."""
     served_name = config.resolved_served_name()
-    app = create_app(None, served_name=served_name, api_key=config.api_key, log_prompts=config.log_prompts)
+    max_request_bytes = config.max_request_bytes or default_max_request_bytes(config.max_model_len)
+    app = create_app(None, served_name=served_name, api_key=config.api_key, log_prompts=config.log_prompts,
+                     max_request_bytes=max_request_bytes)
     ctx = app_context(app)
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                                     access_log=False, timeout_graceful_shutdown=5, lifespan="on"))

@@ -27,6 +27,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "invalid request (the message names the parameter)"),
         (401, "missing or wrong API key"),
+        (413, "the request body is over the server's limit (--max-request-bytes)"),
         (429, "the waiting queue is full; see Retry-After"),
         (500, "internal error (never caused by client input)"),
         (503, "the model is loading or the server is draining"),
@@ -47,12 +48,19 @@ def sse_error(exc: APIError) -> str:
 def stream_response(run: GenerationRun, stream_options: StreamOptions | None, *,
                     delta_event: Callable[[RequestOutputDelta], str], usage_event: Callable[[UsageInfo], str],
                     opening: str | None = None) -> StreamingResponse:
-    """The answer to ``stream: true``: ``opening`` if any, one event per delta that carries text or the
+    """The answer to ``stream: true``: SSE comments while the request is still queued (see
+    ``GenerationRun.first_pending``), ``opening`` if any, one event per delta that carries text or the
     finish reason, the usage event if ``stream_options.include_usage``, then ``[DONE]``; an engine error
     after the first token becomes an error event followed by ``[DONE]``."""
     include_usage = bool(stream_options and stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
+        if run.first_pending:
+            # Queued: headers and a comment now, then a comment every few seconds, so proxies with
+            # header or idle timeouts keep the stream open (SSE clients ignore comment lines).
+            yield ": queued\n\n"
+            while not await run.wait_first(run.sse_keepalive_seconds):
+                yield ": keep-alive\n\n"
         if opening is not None:
             yield opening
         try:

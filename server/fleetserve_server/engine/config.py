@@ -67,3 +67,15 @@ class EngineConfig:
     def kv_capacity_tokens(self) -> int:
         """Tokens the block pool can hold."""
         return self.num_blocks * self.block_size
+
+
+def default_max_queue_length(config: EngineConfig) -> int:
+    """The server's waiting-queue bound when none is configured.
+
+    Four times the number of ``max_model_len`` sequences the KV cache holds (a
+    queued request then waits at most about four "rounds" of the cache), and
+    never below ``max_num_seqs``. Past it a client gets 429 + Retry-After at
+    once instead of a queue that only grows (and an autoscaler or router can
+    send it elsewhere).
+    """
+    return max(config.max_num_seqs, 4 * config.kv_capacity_tokens // config.max_model_len)

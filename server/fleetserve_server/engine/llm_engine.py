@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -158,6 +159,11 @@ class LLMEngine:
             return
         self._finish(state, "abort")
         self._pending.append(self._delta(state, finished=True))
+
+    def set_max_queue_length(self, max_queue_length: int | None) -> None:
+        """Change the waiting-queue bound (the server sets its default once the KV cache is sized)."""
+        self.config = dataclasses.replace(self.config, max_queue_length=max_queue_length)
+        self.scheduler.config = self.config
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
