@@ -56,7 +56,16 @@ class ServerConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available, else CPU")
     max_model_len: int = Field(2048, ge=1, description="context limit in tokens: prompt + completion")
     max_num_seqs: int = Field(32, ge=1, description="sequences scheduled together in one step")
-    max_batch_tokens: int = Field(2048, ge=1, description="tokens computed in one engine step")
+    max_batch_tokens: int | None = Field(
+        None, ge=1,
+        description="tokens computed in one engine step (default: 2048 on CUDA; on CPU sized so one step "
+                    "takes about a second on the usable cores, e.g. 240 for the builtin on 2 cores)",
+    )
+    threads: int | None = Field(
+        None, ge=1,
+        description="torch's CPU threads (default: OMP_NUM_THREADS if set, else the cores the cgroup CPU "
+                    "quota and the CPU affinity allow; never more than those)",
+    )
     kv_cache_memory_fraction: float = Field(
         0.9, gt=0.0, le=1.0, description="share of free device memory given to weights + KV cache"
     )

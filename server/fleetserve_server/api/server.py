@@ -73,6 +73,7 @@ def load_engine(config: ServerConfig) -> Any:
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
         max_batch_tokens=config.max_batch_tokens,
+        threads=config.threads,
         kv_cache_tokens=config.kv_cache_tokens,
         kv_cache_memory_fraction=config.kv_cache_memory_fraction,
         block_size=config.block_size,

@@ -5,6 +5,16 @@ The KV cache is sized with ``memory.plan_memory`` — the same function the
 operator and ``fleetserve plan`` use — so prediction and allocation agree:
 ``LoadedEngine.memory_plan.kv_capacity_tokens`` is exactly the number of
 token slots the runner allocated (``num_blocks x block_size``).
+
+Memory is committed at startup, not under the first traffic: before the KV
+cache is allocated the factory checks that the memory it needs is free (the
+pod's cgroup limit less what the process already holds on CPU, the device's
+free memory on CUDA) and fails with the numbers if not; the runner then
+zero-fills the whole cache, so every page is resident before ``/ready``. On
+CPU the memory budget is the cgroup memory limit when there is one (the
+host's memory otherwise), and torch's thread count and the default step
+budget (``max_batch_tokens``) follow the cores the process may use
+(``fleetserve_server.resources``).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fleetserve_server import memory
+from fleetserve_server import memory, resources
 from fleetserve_server.engine.config import EngineConfig
 from fleetserve_server.runner.builtin import DEFAULT_MODEL, resolve_model
 from fleetserve_server.runner.loader import (
@@ -50,8 +60,12 @@ class LoadedEngine:
     max_model_len: int
 
     def warmup(self) -> None:
-        """One tiny forward (allocates workspaces, faults in weight pages)."""
-        self.runner.warmup()
+        """A forward over a full step budget, then a decode: the step's largest activations
+        are allocated (and the allocator's heap grown) and the weights faulted in before
+        ``/ready``, as the KV cache already is."""
+        config = self.engine.config
+        self.runner.warmup(prefill_tokens=min(config.max_batch_tokens, self.max_model_len - 1,
+                                              config.num_blocks * config.block_size))
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -59,12 +73,46 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+# CPU step budget: the sustained fp32 GFLOPS one core reaches through oneDNN on a step of the
+# builtin (2-core EPYC: ~55 packed-GEMM GFLOPS per core, less the step's other work), and the
+# wall time one step may take, so that a long prompt's prefill chunk stalls the decoders for at
+# most about this long. See cpu_max_batch_tokens.
+CPU_FLOPS_PER_CORE = 35e9
+CPU_STEP_SECONDS = 1.0
+DEFAULT_MAX_BATCH_TOKENS = 2048  # the step budget on CUDA, and the CPU budget's ceiling
+
+
+class InsufficientMemoryError(MemoryError):
+    """The planned memory is not free at startup; the message names the numbers and the fix."""
+
+
 def device_memory_bytes(device: torch.device) -> int:
+    """Memory the plan may divide: the GPU's, or on CPU what the process may still take
+    (the cgroup limit less its working set now, i.e. the runtime already loaded; the host's
+    memory when there is no limit)."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    import psutil
+    budget = resources.memory_budget()
+    if budget.source == "host memory":
+        return budget.limit_bytes
+    return budget.available_bytes
 
-    return int(psutil.virtual_memory().total)
+
+def cpu_max_batch_tokens(arch: memory.ModelArchitecture, *, cores: int, max_model_len: int,
+                         max_num_seqs: int, block_size: int) -> int:
+    """The default step budget on CPU: the tokens ``cores`` cores compute in about
+    ``CPU_STEP_SECONDS`` (``CPU_FLOPS_PER_CORE`` each), counting 2 FLOPs per weight of the
+    transformer layers and attention over half of ``max_model_len``; a multiple of
+    ``block_size``, at least ``max_num_seqs`` (every running sequence decodes each step) and at
+    most ``DEFAULT_MAX_BATCH_TOKENS``."""
+    embedding = arch.vocab_size * arch.hidden_size
+    layer_weights = max(1, arch.num_parameters - embedding * (1 if arch.tie_word_embeddings else 2))
+    attention = 4 * arch.num_layers * arch.num_attention_heads * arch.head_dim * (min(max_model_len, 4096) // 2)
+    per_token = 2 * layer_weights + attention
+    tokens = int(cores * CPU_FLOPS_PER_CORE * CPU_STEP_SECONDS // per_token)
+    tokens = tokens // block_size * block_size
+    floor = -(-max_num_seqs // block_size) * block_size
+    return max(floor, block_size, min(tokens, DEFAULT_MAX_BATCH_TOKENS))
 
 
 def create_engine(
@@ -75,7 +123,8 @@ def create_engine(
     device: str = "auto",
     max_model_len: int = 2048,
     max_num_seqs: int = 32,
-    max_batch_tokens: int = 2048,
+    max_batch_tokens: int | None = None,
+    threads: int | None = None,
     kv_cache_tokens: int | None = None,
     kv_cache_memory_fraction: float = 0.9,
     block_size: int = 16,
@@ -94,13 +143,24 @@ def create_engine(
     (``kv_cache_memory_fraction``); on CPU, where RAM is shared with everything
     else, it defaults to ``max_num_seqs x max_model_len`` tokens, capped by the
     plan over system RAM. ``kv_cache_tokens`` overrides both (rounded down to
-    whole blocks; it may not exceed what the plan allows).
+    whole blocks; it may not exceed what the plan allows) — except on a CPU that
+    stands in for a missing GPU (``device="auto"`` without CUDA), where a size
+    planned for the GPU would commit GPU-sized memory in RAM: there the CPU
+    default applies, capped by ``kv_cache_tokens``.
+
+    ``max_batch_tokens=None``: 2048 on CUDA, ``cpu_max_batch_tokens`` on CPU.
+    ``threads``: torch's intra-op threads (``resources.choose_threads``: never
+    more than the usable cores).
     """
     from fleetserve_server.engine.llm_engine import LLMEngine
 
     for name, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs),
-                        ("max_batch_tokens", max_batch_tokens), ("block_size", block_size)):
+                        ("block_size", block_size)):
         _check_int(name, value)
+    if max_batch_tokens is not None:
+        _check_int("max_batch_tokens", max_batch_tokens)
+    if threads is not None:
+        _check_int("threads", threads)
     if kv_cache_tokens is not None:
         _check_int("kv_cache_tokens", kv_cache_tokens, block_size)
     if quantization not in QUANTIZATIONS:
@@ -112,9 +172,20 @@ def create_engine(
         log.warning("no CUDA device available: running on the CPU")
     dt = resolve_dtype(dtype, dev)
     _check_quantization_supported(quantization, dev)
+    num_threads, why = resources.choose_threads(threads)
+    torch.set_num_threads(num_threads)
+    log.info("torch uses %d intra-op thread(s) (%s)", num_threads, why)
     resolved = resolve_model(model, progress=progress)
     config = read_config(resolved.path)
     arch = memory.architecture_from_config(config, name=resolved.served_name)
+    if max_batch_tokens is None:
+        max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS if dev.type != "cpu" else cpu_max_batch_tokens(
+            arch, cores=num_threads, max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=block_size)
+        log.info("max_batch_tokens %d (the default on %s)", max_batch_tokens, dev.type)
+    if kv_cache_tokens is not None and device == "auto" and dev.type == "cpu":
+        log.warning("kv_cache_tokens=%d was planned for a GPU; on this CPU the KV cache takes at most "
+                    "max_num_seqs x max_model_len tokens", kv_cache_tokens)
+        kv_cache_tokens = min(kv_cache_tokens, -(-max_num_seqs * max_model_len // block_size) * block_size)
     plan = memory.plan_memory(
         arch, quantization=quantization, dtype=dt, device=dev.type, device_memory_bytes=device_memory_bytes(dev),
         kv_cache_memory_fraction=kv_cache_memory_fraction, max_model_len=max_model_len,
@@ -137,6 +208,8 @@ def create_engine(
     loaded = load_model(resolved.path, dtype=dt, device=dev, quantization=quantization,
                         max_positions=max_model_len, keep_layers=keep_layers)
     tokenizer = load_tokenizer(resolved.path)
+    check_memory_free(dev, kv_bytes=capacity * plan.kv_bytes_per_token, reserve_bytes=plan.activation_reserve_bytes,
+                      capacity=capacity)
     runner = TorchModelRunner(loaded.model, num_blocks=num_blocks, block_size=block_size,
                               eos_token_ids=eos_token_ids(resolved.path, config, tokenizer), seed=seed)
     engine = LLMEngine(engine_config, runner, tokenizer, clock)
@@ -146,6 +219,34 @@ def create_engine(
         memory_plan=plan, quantization=quantization, dtype=dt, device=dev.type,
         weights_bytes=loaded.weights_bytes, kv_cache_bytes=runner.kv_cache_bytes, max_model_len=max_model_len,
     )
+
+
+def check_memory_free(dev: torch.device, *, kv_bytes: int, reserve_bytes: int, capacity: int) -> None:
+    """Raise ``InsufficientMemoryError`` (naming the numbers) unless the KV cache and the
+    activation reserve fit in the memory still free now, after the weights are loaded.
+
+    Checked before the cache is touched: on CPU an overcommitted page fault is answered by
+    the OOM killer (SIGKILL, no message), on CUDA by an allocator error without the plan.
+    """
+    need = kv_bytes + reserve_bytes
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        where = f"free on {dev}"
+    else:
+        budget = resources.memory_budget()
+        free = budget.available_bytes
+        where = (f"free of the {budget.source} ({_gib(budget.limit_bytes)}; this process holds "
+                 f"{_gib(resources.process_rss_bytes())} after loading the weights)")
+    if need > free:
+        raise InsufficientMemoryError(
+            f"cannot commit the planned memory: the KV cache ({capacity} tokens = {_gib(kv_bytes)}) plus "
+            f"{_gib(reserve_bytes)} of activations need {_gib(need)}, but only {_gib(free)} is {where}; "
+            "lower kv_cache_tokens (or max_num_seqs / max_model_len), or raise the memory limit"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
 
 
 def _kv_capacity(plan: memory.MemoryPlan, dev: torch.device, kv_cache_tokens: int | None,

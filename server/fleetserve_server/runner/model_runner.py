@@ -60,14 +60,19 @@ class TorchModelRunner:
     def release(self, seq_id: int) -> None:
         self.sampler.release(seq_id)
 
-    def warmup(self) -> None:
-        """Run one two-token prefill and one decode on block 0 (overwritten later)."""
+    def warmup(self, prefill_tokens: int = 2) -> None:
+        """Run one ``prefill_tokens``-token prefill and one decode on the first blocks
+        (free blocks: overwritten later). A full step budget allocates the step's largest
+        activations once, so the process's resident memory after warm-up is what it keeps
+        under load."""
         from fleetserve_server.engine.sampling_params import SamplingParams
 
+        n = max(1, min(prefill_tokens, self.model.max_positions - 1, self.num_blocks * self.block_size - 1))
+        table = list(range(n // self.block_size + 1))
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
-        first = ScheduledSequence(-1, [0, 0], 0, [0], True, greedy)
+        first = ScheduledSequence(-1, [0] * n, 0, table, True, greedy)
         self.execute(ScheduledBatch([first]))
-        self.execute(ScheduledBatch([ScheduledSequence(-1, [0], 2, [0], True, greedy)]))
+        self.execute(ScheduledBatch([ScheduledSequence(-1, [0], n, table, True, greedy)]))
         self.release(-1)
 
     @torch.inference_mode()
@@ -169,17 +174,11 @@ class TorchModelRunner:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zero-filled tensor. On CPU it comes from calloc'd (lazily mapped) pages, so
-    a large, mostly idle KV cache costs resident memory only for blocks in use;
-    zeros matter: padded attention multiplies masked slots by 0, and 0 x NaN
-    garbage would poison the sum."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
-    numel = 1
-    for dim in shape:
-        numel *= dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8))
-    return raw.view(dtype).view(shape)
+    """Zero-filled tensor with every page written now, so it is resident (committed)
+    at startup. A lazily mapped cache (calloc, torch.empty) would be committed by
+    the first traffic instead, and a pod over its memory limit would be OOM-killed
+    while serving rather than while starting. Zeros matter too: padded attention
+    multiplies masked slots by 0, and 0 x NaN garbage would poison the sum."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    out.zero_()  # a write to every page (calloc'd zeros would stay unmapped)
+    return out
