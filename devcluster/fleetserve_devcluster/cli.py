@@ -62,8 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     from . import echo  # light: standard library only
 
-    echo_parser = sub.add_parser("echo", help="a tiny HTTP process (/ready, /health) to run as a dev-cluster pod",
-                                 description=(echo.__doc__ or "").strip(),
+    # Hidden (no help=): a test/demo process for dev-cluster pods only, not part of the product's CLI listing.
+    echo_parser = sub.add_parser("echo", description=(echo.__doc__ or "").strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     echo.configure(echo_parser)
     # Hidden: how `up` starts the node agent + service proxy (see agent.py).

@@ -1,23 +1,24 @@
-"""`fleetserve dev-cluster echo`: a tiny HTTP process for dev-cluster demos and node-agent tests.
+"""`fleetserve dev-cluster echo`: a tiny HTTP process to run as a dev-cluster pod (demos, node-agent tests).
+
+Dev-cluster only: a hidden subcommand that serves on the pod's own address
+($FLEETSERVE_HOST, which the node agent sets to the pod's IP) and nowhere
+else, and exposes nothing of the machine: no file read or write, no
+environment.  Tests look inside a pod the way `crictl exec` would, through
+/proc/<container pid>/root and /proc/<container pid>/environ.
 
 Endpoints (all GET unless said otherwise):
   /               JSON: pod name ($HOSTNAME), bound host and port, pid
   /ready, /health 200 or 503/500 (flip with POST /control/ready|health?value=false|true);
                   /ready answers 503 once SIGTERM started a drain
   /prestop        records `prestop` (for an httpGet preStop hook) and answers 200
-  /file?path=P    the contents of P as this process sees it (404 if absent)
-  /env?name=N     the value of environment variable N (404 if unset)
-  POST /write?path=P   writes a file (500 with the error, e.g. on a read-only mount)
 With `--record FILE` every event (start, signals, prestop, exit) is appended to FILE
 as `<event> <unix time>`, so a test can see what the process received and when.
-
-The bind host is `--host`, else $FLEETSERVE_HOST (the node agent sets it to the
-pod's IP), else 0.0.0.0.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -26,11 +27,9 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None, help="bind address (default: $FLEETSERVE_HOST, else 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--record", default=None, metavar="FILE", help="append received signals/events to FILE")
     parser.add_argument("--drain-seconds", type=float, default=0.0,
@@ -75,7 +74,6 @@ def make_handler(state: EchoState, host: str, port: int) -> type[BaseHTTPRequest
 
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
-            query = dict(urllib.parse.parse_qsl(url.query))
             if url.path == "/ready":
                 ok = state.ready and not state.draining
                 self._send(200 if ok else 503, "ok" if ok else "not ready")
@@ -84,18 +82,11 @@ def make_handler(state: EchoState, host: str, port: int) -> type[BaseHTTPRequest
             elif url.path == "/prestop":
                 state.record("prestop")
                 self._send(200, "ok")
-            elif url.path == "/file":
-                try:
-                    self._send(200, Path(query.get("path", "")).read_bytes(), "application/octet-stream")
-                except OSError as exc:
-                    self._send(404, str(exc))
-            elif url.path == "/env":
-                value = os.environ.get(query.get("name", ""))
-                self._send(200 if value is not None else 404, value or "")
-            else:
-                body = {"pod": os.environ.get("HOSTNAME", ""), "host": host, "port": port, "pid": os.getpid(),
-                        "path": self.path}
+            elif url.path == "/":
+                body = {"pod": os.environ.get("HOSTNAME", ""), "host": host, "port": port, "pid": os.getpid()}
                 self._send(200, json.dumps(body), "application/json")
+            else:
+                self._send(404, "not found")
 
         def do_POST(self) -> None:
             url = urllib.parse.urlsplit(self.path)
@@ -108,20 +99,26 @@ def make_handler(state: EchoState, host: str, port: int) -> type[BaseHTTPRequest
             elif url.path == "/control/health":
                 state.healthy = value
                 self._send(200, "ok")
-            elif url.path == "/write":
-                try:
-                    Path(query.get("path", "")).write_text(query.get("data", "x"))
-                    self._send(200, "ok")
-                except OSError as exc:
-                    self._send(500, str(exc))
             else:
                 self._send(404, "not found")
 
     return Handler
 
 
+def _is_pod_address(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address.is_unspecified and not address.is_multicast
+
+
 def run(args: argparse.Namespace) -> int:
-    host = args.host or os.environ.get("FLEETSERVE_HOST") or "0.0.0.0"
+    host = os.environ.get("FLEETSERVE_HOST", "")
+    if not _is_pod_address(host):
+        print("fleetserve dev-cluster echo: runs only as a dev-cluster pod: $FLEETSERVE_HOST must be the pod's "
+              f"own IP address (got {host!r}; a wildcard such as 0.0.0.0 is refused)", file=sys.stderr)
+        return 2
     state = EchoState(args.record)
     try:
         server = ThreadingHTTPServer((host, args.port), make_handler(state, host, args.port))

@@ -1,11 +1,14 @@
-"""Helpers for the node-agent integration tests: manifests of the echo helper, polling, HTTP."""
+"""Helpers for the node-agent integration tests: manifests of the echo helper, polling, HTTP,
+and a look inside a running container (its files and env) the way `crictl exec` would."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from fleetserve_devcluster import testing
@@ -82,3 +85,42 @@ def records(path: Any) -> list[tuple[str, float]]:
     except FileNotFoundError:
         return []
     return [(line.rsplit(" ", 1)[0], float(line.rsplit(" ", 1)[1])) for line in lines]
+
+
+def container_pid(p: dict[str, Any], container: str | None = None) -> int:
+    """The host pid of a running container (the node agent's containerID is `fleetserve://<pid>`)."""
+    statuses = p["status"]["containerStatuses"]
+    status = next(c for c in statuses if container is None or c["name"] == container)
+    return int(status["containerID"].removeprefix("fleetserve://"))
+
+
+def in_container(p: dict[str, Any], path: str, container: str | None = None) -> Path:
+    """`path` as the container sees it (its mount namespace), through /proc/<pid>/root.
+
+    Symlinks are resolved here, against the container's root: the kernel would resolve an absolute
+    one (the host's /var/run -> /run) against the caller's root instead.  The last component is
+    left as it is, so the result can also name a symlink to create.
+    """
+    root = f"/proc/{container_pid(p, container)}/root"
+    todo = [part for part in path.split("/") if part]
+    done: list[str] = []
+    for _ in range(40):
+        if len(todo) <= 1:
+            break
+        part = todo.pop(0)
+        host = Path(root, *done, part)
+        if host.is_symlink():
+            target = os.readlink(host)
+            todo = [t for t in target.split("/") if t] + todo
+            if target.startswith("/"):
+                done = []
+        elif part == "..":
+            done = done[:-1]
+        elif part != ".":
+            done.append(part)
+    return Path(root, *done, *todo)
+
+
+def container_env(p: dict[str, Any], container: str | None = None) -> dict[str, str]:
+    raw = Path(f"/proc/{container_pid(p, container)}/environ").read_bytes()
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if item)

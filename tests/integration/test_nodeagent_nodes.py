@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 
 from fleetserve_devcluster.testing import DevClusterHandle
-from nodeagent_util import PORT, echo_pod, get_json, http, pod, wait_until
+from nodeagent_util import container_env, echo_pod, get_json, pod, wait_until
 
 
 def _config(cluster: DevClusterHandle) -> dict:
@@ -84,8 +84,6 @@ def test_gpu_pods_fill_nodes_and_the_excess_stays_pending(dev_cluster: DevCluste
     assert pending, "more whole-node GPU pods than nodes, yet none is pending"
     # (Other tests may hold GPUs at the same time, so `bound` can be smaller than `nodes`.)
     for name, node in bound.items():
-        ip = (pod(dev_cluster, namespace, name) or {})["status"]["podIP"]
-        url = f"http://{ip}:{PORT}/env?name=NVIDIA_VISIBLE_DEVICES"
-        devices = wait_until(lambda url=url: (lambda r: r[1] if r[0] == 200 else None)(http("GET", url)),
-                             30, f"pod {name} answering")
+        p = pod(dev_cluster, namespace, name) or {}
+        devices = container_env(p).get("NVIDIA_VISIBLE_DEVICES")
         assert devices == ",".join(f"{node}-gpu-{g}" for g in range(gpus))  # the device ids it was given

@@ -8,15 +8,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from fleetserve_devcluster.testing import DevClusterHandle
 from nodeagent_util import (
     PORT,
     READY_PROBE,
     apply,
+    container_env,
     echo_container,
     echo_deployment,
     echo_pod,
     http,
+    in_container,
     pod,
     ready_pods,
     wait_until,
@@ -60,20 +63,20 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
     apply(dev_cluster, namespace, echo_pod("env", container=container, volumes=[
         {"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}]))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod env Ready")[0]
-    base = f"http://{p['status']['podIP']}:{PORT}"
-    env = {k: http("GET", f"{base}/env?name={k}")[1] for k in ("MY_POD", "MY_IP", "API_KEY", "DERIVED", "MODE")}
-    assert env == {"MY_POD": "env", "MY_IP": p["status"]["podIP"], "API_KEY": "s3cret", "DERIVED": "mode-fast",
-                   "MODE": "fast"}
-    assert http("GET", f"{base}/file?path=/etc/fleetserve-nodeagent-test/server.yaml") == (200, "port: 8000\n")
+    env = container_env(p)
+    assert {k: env.get(k) for k in ("MY_POD", "MY_IP", "API_KEY", "DERIVED", "MODE")} == {
+        "MY_POD": "env", "MY_IP": p["status"]["podIP"], "API_KEY": "s3cret", "DERIVED": "mode-fast", "MODE": "fast"}
+    config = in_container(p, "/etc/fleetserve-nodeagent-test/server.yaml")
+    assert config.read_text() == "port: 8000\n"
     # ConfigMap volumes are read-only; emptyDir is writable; neither is visible outside the pod.
-    assert http("POST", f"{base}/write?path=/etc/fleetserve-nodeagent-test/x")[0] == 500
-    assert http("POST", f"{base}/write?path=/scratch-nodeagent-test/x&data=hi")[0] == 200
+    with pytest.raises(OSError, match="Read-only file system"):
+        in_container(p, "/etc/fleetserve-nodeagent-test/x").write_text("x")
+    in_container(p, "/scratch-nodeagent-test/x").write_text("hi")
     assert not Path("/etc/fleetserve-nodeagent-test/server.yaml").exists()
     assert not Path("/scratch-nodeagent-test/x").exists()
     # An update of the ConfigMap reaches the running pod's file.
     dev_cluster.kubectl("patch", "configmap", "cfg", "-n", namespace, "-p", '{"data":{"server.yaml":"port: 9000\\n"}}')
-    wait_until(lambda: http("GET", f"{base}/file?path=/etc/fleetserve-nodeagent-test/server.yaml")[1] == "port: 9000\n",
-               30, "the ConfigMap update in the pod's volume")
+    wait_until(lambda: config.read_text() == "port: 9000\n", 30, "the ConfigMap update in the pod's volume")
     # Once the pod is gone, its (empty) mount points on the host can go too.
     dev_cluster.kubectl("delete", "pod", "env", "-n", namespace, "--wait=true", timeout=120)
     for mount_point in ("/etc/fleetserve-nodeagent-test", "/scratch-nodeagent-test"):
@@ -83,13 +86,12 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
 def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
     apply(dev_cluster, namespace, echo_pod("sa", container=echo_container(readinessProbe=READY_PROBE)))
     p = wait_until(lambda: ready_pods(dev_cluster, namespace, ""), 120, "pod sa Ready")[0]
-    base = f"http://{p['status']['podIP']}:{PORT}"
     sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
-    token = http("GET", f"{base}/file?path={sa_dir}/token")[1]
-    ca = http("GET", f"{base}/file?path={sa_dir}/ca.crt")[1]
-    assert http("GET", f"{base}/file?path={sa_dir}/namespace")[1] == namespace
-    host, port = http("GET", f"{base}/env?name=KUBERNETES_SERVICE_HOST")[1], http(
-        "GET", f"{base}/env?name=KUBERNETES_SERVICE_PORT")[1]
+    token = in_container(p, f"{sa_dir}/token").read_text()
+    ca = in_container(p, f"{sa_dir}/ca.crt").read_text()
+    assert in_container(p, f"{sa_dir}/namespace").read_text() == namespace
+    env = container_env(p)
+    host, port = env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]
     ctx = ssl.create_default_context(cadata=ca)
 
     def list_pods() -> int:
