@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install tools lint unit integration e2e test demo clean
+.PHONY: install tools lint unit integration e2e test fuzz demo clean
 
 install: $(VENV)/.installed tools
 
@@ -38,6 +38,11 @@ e2e: install
 	$(PYTEST) tests/e2e
 
 test: install lint unit integration e2e
+
+# schemathesis with valid and invalid inputs against a real server: 1,000 examples per
+# operation (500 per generation mode); asserts 0 x 5xx, /health 200 and every KV block free after.
+fuzz: install
+	FLEETSERVE_FUZZ_EXAMPLES=500 $(PYTEST) tests/integration/test_serve_schema.py -q -s -p no:cacheprovider
 
 demo: install
 	hack/demo.sh
