@@ -21,9 +21,8 @@ export FLEETSERVE_CACHE K8S_VERSION
 CACHE="$FLEETSERVE_CACHE"
 log() { echo "install-tools: $*"; }
 
-scratch="$(mktemp -d)"
+scratch="$(mktemp -d)"  # 0700: private to this user, never opened up to others
 trap 'rm -rf "$scratch"' EXIT
-chmod 755 "$scratch"  # apt-get download drops to the _apt user, which must reach it
 
 # ---------------------------------------------------------------- promtool, prometheus
 install_prometheus() {
@@ -35,9 +34,11 @@ install_prometheus() {
     if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
   fi
   local d="$scratch/prometheus"; mkdir -p "$d"
-  # apt-get download runs as _apt when it can; a world-writable dir keeps it quiet.
-  chmod 777 "$d"
-  (cd "$d" && apt-get download -qq prometheus)
+  # As root, apt-get download drops to the _apt user, which cannot enter our private dir; keep it
+  # root for this one download rather than make a world-writable directory for it.
+  local sandbox=()
+  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
+  (cd "$d" && apt-get download -qq "${sandbox[@]}" prometheus)
   local deb; deb="$(ls "$d"/prometheus_*.deb)"
   local ver; ver="$(dpkg-deb -f "$deb" Version)"
   if [[ "$ver" != "$PROMETHEUS_VERSION"+* && "$ver" != "$PROMETHEUS_VERSION"-* ]]; then
