@@ -97,8 +97,15 @@ def load_model(
     max_positions: int,
     keep_layers: tuple[int, ...] = (),
     blocksize: int = BNB4_BLOCKSIZE,
+    streaming: bool = True,
 ) -> LoadedModel:
-    """Load ``path`` (a HF directory) and wrap it for paged execution."""
+    """Load ``path`` (a HF directory) and wrap it for paged execution.
+
+    A safetensors checkpoint is streamed (``runner.streaming``): one tensor at
+    a time, straight into its place on ``device``, quantized layer by layer, so
+    host memory never holds the unquantized model. ``streaming=False`` (or a
+    checkpoint without safetensors) loads it whole through transformers first —
+    the old route, kept as the benchmark's baseline."""
     from transformers import AutoModelForCausalLM
 
     if quantization not in QUANTIZATIONS:
@@ -114,6 +121,12 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("dtype=float16 is not supported on CPU; use float32 or bfloat16")
+    if streaming and any(path.glob("*.safetensors")):
+        from fleetserve_server.runner.streaming import load_streaming
+
+        model = load_streaming(path, dtype=torch_dtype, device=device, quantization=quantization,
+                               max_positions=max_positions, keep_layers=keep_layers, blocksize=blocksize)
+        return LoadedModel(model, config, dtype, device.type, quantization)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     hf.eval()
     hf.requires_grad_(False)
@@ -125,9 +138,8 @@ def load_model(
     return LoadedModel(model, config, dtype, device.type, quantization)
 
 
-def _quantize_layers(
-    model: PagedCausalLM, quantization: str, dtype: torch.dtype, keep: tuple[int, ...], blocksize: int
-) -> None:
+def import_bnb(quantization: str):  # type: ignore[no-untyped-def]
+    """bitsandbytes, with its expected per-matmul int8 cast warning silenced."""
     import warnings
 
     # bnb warns on every int8 matmul that float32 inputs are cast to float16 (expected)
@@ -136,6 +148,13 @@ def _quantize_layers(
         import bitsandbytes as bnb
     except ImportError as exc:  # pragma: no cover - it is a pinned dependency
         raise RuntimeError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes") from exc
+    return bnb
+
+
+def _quantize_layers(
+    model: PagedCausalLM, quantization: str, dtype: torch.dtype, keep: tuple[int, ...], blocksize: int
+) -> None:
+    bnb = import_bnb(quantization)
     for index, layer in enumerate(model.layers):
         if index in keep:
             continue
@@ -143,21 +162,26 @@ def _quantize_layers(
             linear = getattr(layer, name)
             if type(linear) is not nn.Linear:
                 raise ValueError(f"model: cannot quantize {type(linear).__name__} layers (already quantized?)")
-            setattr(layer, name, _to_bnb(bnb, linear, quantization, dtype, blocksize))
+            setattr(layer, name, to_bnb(bnb, linear, quantization, dtype, blocksize))
 
 
-def _to_bnb(bnb, linear: nn.Linear, quantization: str, dtype: torch.dtype, blocksize: int) -> nn.Module:  # type: ignore[no-untyped-def]
+def to_bnb(  # type: ignore[no-untyped-def]
+    bnb, linear: nn.Linear, quantization: str, dtype: torch.dtype, blocksize: int, device: str | None = None
+) -> nn.Module:
+    """The bitsandbytes layer for ``linear`` (quantized when moved to a device); ``device="meta"``
+    builds it without allocating the constructor's throwaway weight."""
     weight = linear.weight.data
     has_bias = linear.bias is not None
     if quantization == "int8":
         q = bnb.nn.Linear8bitLt(
-            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0
+            linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0,
+            device=device,
         )
         q.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
     else:
         q = bnb.nn.Linear4bit(
             linear.in_features, linear.out_features, bias=has_bias, compute_dtype=dtype,
-            compress_statistics=True, quant_type=quantization, quant_storage=torch.uint8,
+            compress_statistics=True, quant_type=quantization, quant_storage=torch.uint8, device=device,
         )
         q.weight = bnb.nn.Params4bit(
             weight.contiguous(), requires_grad=False, compress_statistics=True, quant_type=quantization,
