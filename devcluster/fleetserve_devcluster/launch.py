@@ -33,6 +33,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .mountpoints import first_missing, record
 from .subpath import open_beneath
 
 MS_RDONLY = 1
@@ -51,9 +52,14 @@ def _mount(source: str, target: str, flags: int) -> None:
         raise OSError(err, f"mount {source} -> {target}: {os.strerror(err)}")
 
 
-def bind(source: str, target: str, read_only: bool, is_dir: bool | None = None) -> None:
-    """Bind `source` at `target` (creating the mount point), then make it read-only if asked."""
+def bind(source: str, target: str, read_only: bool, is_dir: bool | None = None,
+         record_file: str | None = None) -> None:
+    """Bind `source` at `target` (creating the mount point), then make it read-only if asked.
+
+    A mount point created on the host is recorded in `record_file`, for its removal (mountpoints.py).
+    """
     tgt = Path(target)
+    record(record_file, first_missing(tgt), target)
     if is_dir if is_dir is not None else Path(source).is_dir():
         tgt.mkdir(parents=True, exist_ok=True)
     elif not tgt.exists():
@@ -101,11 +107,12 @@ def die_with_parent(parent: int | None) -> None:
         sys.exit(137)
 
 
-def bind_sub_path(volume: str, sub_path: str, target: str, read_only: bool) -> None:
+def bind_sub_path(volume: str, sub_path: str, target: str, read_only: bool, record_file: str | None) -> None:
     """Bind `volume/sub_path`, resolved beneath `volume`, at `target` (through the descriptor)."""
     fd = open_beneath(volume, sub_path)
     try:
-        bind(f"/proc/self/fd/{fd}", target, read_only, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"))
+        bind(f"/proc/self/fd/{fd}", target, read_only, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"),
+             record_file=record_file)
     finally:
         os.close(fd)
 
@@ -133,9 +140,9 @@ def main(argv: list[str]) -> None:
                 for path in hidden_paths(spec.get("keep") or [], [m["target"] for m in spec["mounts"]])}
         for m in spec["mounts"]:
             if m.get("sub_path"):
-                bind_sub_path(m["source"], m["sub_path"], m["target"], m["read_only"])
+                bind_sub_path(m["source"], m["sub_path"], m["target"], m["read_only"], spec.get("mountpoints"))
             else:
-                bind(m["source"], m["target"], m["read_only"])
+                bind(m["source"], m["target"], m["read_only"], record_file=spec.get("mountpoints"))
             for path in hidden_paths(list(held), [m["target"]]):
                 Path(path).mkdir(parents=True, exist_ok=True)
                 _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import mountpoints
 from .kube import Kube, KubeError, ns_path
 from .launch import runtime_paths
 from .pods import (
@@ -165,6 +166,10 @@ class PodWorker(threading.Thread):
         finally:
             self._terminate(graceful=False)
             self._release()
+            # The processes are gone (and with them the pod's mount namespaces): its mount points can go.
+            removed = mountpoints.remove_created(self.dir / mountpoints.RECORD)
+            if removed:
+                log.info("pod %s/%s: removed mount points %s", self.ns, self.pod_name, ", ".join(removed))
             if self.terminating and not self.halt.is_set():
                 shutil.rmtree(self.dir, ignore_errors=True)  # the pod is gone: its volumes and logs go too
 
@@ -312,6 +317,7 @@ class PodWorker(threading.Thread):
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
                 "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin)}
         spec["parent"] = os.getpid()
+        spec["mountpoints"] = str(self.dir / mountpoints.RECORD)  # what the launcher creates on the host
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)
         # The spec goes through a pipe, never a file: its env holds the pod's secret values.
         cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "fleetserve_devcluster.launch"]
