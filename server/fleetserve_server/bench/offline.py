@@ -39,6 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential-prompts", type=int, default=8,
                         help="hf-sequential runs only the first N prompts (its tokens/s is per-prompt steady state)")
     parser.add_argument("--runs", type=int, default=1, help="repeat each measurement; medians are reported")
+    parser.add_argument("--sampling", choices=("greedy", "default", "both"), default="greedy",
+                        help="fleetserve's sampling: greedy, the model's generation_config defaults (seeded per "
+                             "request), or both interleaved run by run (greedy, default, greedy, ...)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -153,8 +156,13 @@ def run(args: argparse.Namespace) -> int:
     report["matmul_peak_gflops"] = round(peak, 1)
     print(f"machine: {report['machine']}\nmatmul peak ({args.dtype}, 1024^3): {peak:.1f} GFLOPS", flush=True)
     flops = FlopCounter(cfg)
-    results = [run_fleetserve(args, workload, flops)]
-    _progress(results[-1])
+    results = run_fleetserve(args, workload, flops, resolved.path)
+    for r in results:
+        _progress(r)
+    if len(results) == 2:
+        ratio = results[1].tokens_per_s / results[0].tokens_per_s
+        report["default_vs_greedy"] = ratio
+        print(f"  default sampling / greedy (medians of {args.runs} interleaved runs): {ratio:.2f}x", flush=True)
     hf_model = None
     for name in baselines:
         if hf_model is None:
@@ -180,8 +188,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCounter) -> Result:
+def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCounter,
+                   model_path: Any = None) -> list[Result]:
+    """fleetserve's throughput; with ``--sampling both`` two results (greedy, default) measured
+    interleaved, run by run, on one engine."""
     from fleetserve_server import LLM, SamplingParams
+    from fleetserve_server.api.server import sampling_defaults
 
     longest = max(len(p) + o for p, o in zip(workload.prompts, workload.output_lens, strict=True))
     block = 16
@@ -191,9 +203,16 @@ def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCoun
               max_model_len=-(-longest // block) * block, max_num_seqs=len(workload.prompts),
               max_batch_tokens=2048, kv_cache_tokens=max(kv_tokens, longest + block), block_size=block,
               enable_prefix_caching=False)
-    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in workload.output_lens]
-    llm.generate(workload.prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
-                 use_tqdm=False)
+    defaults = sampling_defaults(str(model_path)) if model_path is not None else {}
+    modes = {"greedy": ["greedy"], "default": ["default"], "both": ["greedy", "default"]}[args.sampling]
+    params = {
+        "greedy": [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in workload.output_lens],
+        "default": [SamplingParams(max_tokens=o, temperature=float(defaults.get("temperature", 1.0)),
+                                   top_p=float(defaults.get("top_p", 1.0)), top_k=int(defaults.get("top_k", 0)),
+                                   seed=i, ignore_eos=True) for i, o in enumerate(workload.output_lens)],
+    }
+    for mode in modes:  # warm-up, each sampling path once
+        llm.generate(workload.prompts[:2], params[mode][:2], use_tqdm=False)
     runner = llm.loaded.runner
     execute = runner.execute
     steps: list[tuple[bool, float, float]] = []
@@ -207,21 +226,26 @@ def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCoun
         return out
 
     runner.execute = timed  # type: ignore[method-assign]
-    result = Result("fleetserve")
+    results = {mode: Result("fleetserve" if mode == "greedy" or len(modes) == 1 else f"fleetserve-{mode}")
+               for mode in modes}
+    if len(modes) == 1 and modes[0] == "default":
+        results["default"].name = "fleetserve-default"
     for _ in range(args.runs):
-        steps.clear()
-        t = time.perf_counter()
-        outs = llm.generate(workload.prompts, params, use_tqdm=False)
-        result.seconds.append(time.perf_counter() - t)
-        result.tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        for phase, is_prefill in (("prefill", True), ("decode", False)):
-            secs = sum(s for p, s, _ in steps if p == is_prefill)
-            fl = sum(f for p, _, f in steps if p == is_prefill)
-            result.phases[phase] = {"seconds": secs, "gflops": fl / secs / 1e9 if secs else 0.0,
-                                    "steps": sum(1 for p, _, _ in steps if p == is_prefill)}
-    if result.tokens != workload.output_tokens:
-        raise RuntimeError(f"fleetserve produced {result.tokens} tokens, expected {workload.output_tokens}")
-    return result
+        for mode in modes:
+            result = results[mode]
+            steps.clear()
+            t = time.perf_counter()
+            outs = llm.generate(workload.prompts, params[mode], use_tqdm=False)
+            result.seconds.append(time.perf_counter() - t)
+            result.tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            for phase, is_prefill in (("prefill", True), ("decode", False)):
+                secs = sum(s for p, s, _ in steps if p == is_prefill)
+                fl = sum(f for p, _, f in steps if p == is_prefill)
+                result.phases[phase] = {"seconds": secs, "gflops": fl / secs / 1e9 if secs else 0.0,
+                                        "steps": sum(1 for p, _, _ in steps if p == is_prefill)}
+            if result.tokens != workload.output_tokens:
+                raise RuntimeError(f"fleetserve produced {result.tokens} tokens, expected {workload.output_tokens}")
+    return list(results.values())
 
 
 def _progress(r: Result) -> None:

@@ -91,11 +91,13 @@ class Sampler:
         params = [r.params for r in rows]
         if any(p.needs_logits_processing for p in params):
             logits = self.process_logits(logits, rows)
-        greedy_tokens = logits.argmax(dim=-1)
         sampling = [i for i, p in enumerate(params) if not p.greedy]
+        if len(sampling) < len(rows):
+            out = logits.argmax(dim=-1).tolist()
+        else:
+            out = [0] * len(rows)  # every row samples: skip the argmax pass over the vocabulary
         if not sampling:
-            return greedy_tokens.tolist()
-        out = greedy_tokens.tolist()
+            return out
         # Two groups at most: rows that cut the vocabulary (top-k / top-p) and rows that do not.
         cut = [i for i in sampling if params[i].top_k > 0 or params[i].top_p < 1.0]
         full = [i for i in sampling if not (params[i].top_k > 0 or params[i].top_p < 1.0)]
@@ -200,24 +202,27 @@ class Sampler:
 
     def _sample_cut(self, logits: torch.Tensor, rows: Sequence[ScheduledSequence], group: list[int]) -> torch.Tensor:
         dev, vocab = logits.device, logits.shape[-1]
-        index = torch.tensor(group, device=dev)
+        # every row in the group (the common case): no gather copy of the logits
+        sub = logits if len(group) == logits.shape[0] else logits[torch.tensor(group, device=dev)]
         params = [rows[i].params for i in group]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
-        scaled = logits[index] / temps[:, None]
+        inv_temp = torch.tensor([1.0 / p.temperature for p in params], dtype=logits.dtype, device=dev)[:, None]
         top_k = torch.tensor([p.top_k for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)
         min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=dev)
         k = min(vocab, max(CANDIDATES, max(p.top_k for p in params)))
-        lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        # temperature is a positive per-row scale: the order of the raw logits is the order of the
+        # scaled ones, so the cut runs on the raw logits and only k values per row get scaled.
+        top = sub.max(dim=-1, keepdim=True).values
+        # log of the full softmax's denominator, relative to the max (see _logsumexp on the clamp)
+        log_denominator = torch.sub(sub, top).mul_(inv_temp).clamp_(min=-80.0).exp_().sum(dim=-1, keepdim=True).log_()
         while True:
-            values, ids = torch.topk(scaled, k, dim=-1)  # sorted, descending
-            probs = torch.exp(values - lse)  # the full softmax's probabilities
+            values, ids = torch.topk(sub, k, dim=-1)  # sorted, descending
+            probs = ((values - top) * inv_temp - log_denominator).exp_()  # the full softmax's probabilities
             # top-k, then renormalize (as HF and vLLM do) before top-p
             rank = torch.arange(k, device=dev)
             probs = probs.masked_fill((top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None]), 0.0)
             mass = probs.sum(dim=-1, keepdim=True)
-            renorm = torch.where(top_k[:, None] > 0, mass, torch.ones_like(mass))
-            probs = probs / renorm
+            probs = probs / torch.where(top_k[:, None] > 0, mass, torch.ones_like(mass))
             cumulative = probs.cumsum(dim=-1)
             # Rows without top-k whose candidates hold less than top_p: the nucleus reaches past
             # them, so sort the whole vocabulary (rare: a very flat distribution).
