@@ -13,7 +13,6 @@ other tests sharing the dev cluster (none of which use it) are not disturbed.
 
 from __future__ import annotations
 
-import copy
 import json
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from typing import Any
 import pytest
 import yaml
 from fleetserve_devcluster.testing import DevClusterHandle
-from fleetserve_operator.api.crd import build_crd
 from helm_util import get_json, helm, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +44,7 @@ def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
 
 def older_crd(live: dict[str, Any]) -> dict[str, Any]:
     """Today's CRD without spec.podAnnotations, as a PUT over the live object."""
-    crd = copy.deepcopy(build_crd())
+    crd = yaml.safe_load((REPO / "crds" / "fleetserve.io_llmdeployments.yaml").read_text())
     del crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["podAnnotations"]
     rules = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     rules[:] = [r for r in rules if "podAnnotations" not in r["rule"]]
@@ -88,7 +86,7 @@ def test_helm_upgrade_makes_a_new_crd_field_usable(dev_cluster: DevClusterHandle
 
     wait_until(lambda: "podAnnotations" in spec_properties(dev_cluster), 120,
                "the operator to apply its own CRD with spec.podAnnotations")
-    crd = get_json(dev_cluster, CRD)
+    crd = get_json(dev_cluster, CRD, "--show-managed-fields")
     managers = {f["manager"] for f in crd["metadata"]["managedFields"]}
     assert "fleetserve-operator-crd" in managers, managers
     assert crd["metadata"]["annotations"]["fleetserve.io/operator-version"]

@@ -84,8 +84,11 @@ def test_default_chart_creates_the_monitoring_children_without_a_403(
     finally:
         values_file.unlink(missing_ok=True)
 
+    seen: list[Any] = [None]
+
     def reconciled() -> dict[str, Any] | None:
         obj = llmd(dev_cluster, namespace, "watched")
+        seen[0] = (obj or {}).get("status")
         ready = condition(obj, "Ready")
         if obj is None or ready is None or "memory" not in (obj.get("status") or {}):
             return None
@@ -93,7 +96,10 @@ def test_default_chart_creates_the_monitoring_children_without_a_403(
             raise AssertionError(f"Ready=False/ApplyRejected: {ready['message']}")
         return obj
 
-    obj = wait_until(reconciled, 180, "the LLMDeployment reconciled by the operator")
+    try:
+        obj = wait_until(reconciled, 180, "the LLMDeployment reconciled by the operator (status.memory written)")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; status: {seen[0]}") from None
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     for kind in ("servicemonitor", "prometheusrule"):
         found = wait_until(lambda k=kind: get_json(dev_cluster, k, "-n", namespace)["items"], 60, f"the {kind}")
