@@ -1,20 +1,25 @@
 """All kopf handlers of the operator, thin and with explicit ids.
 
 Every handler calls :func:`fleetserve_operator.reconcile.execute.reconcile`,
-which is level-triggered (observe → plan → execute, writes only differences),
-so it does not matter which event woke it: the spec changed (create, update,
-resume), a child changed or vanished, or the periodic resync fired. Handlers
-register on :data:`registry` (not kopf's global one), which
-``fleetserve operator`` and ``KopfRunner(..., registry=registry)`` run. The
-autoscaler's ``@kopf.timer(..., registry=registry, id="autoscale")`` belongs
-here too, calling into :mod:`fleetserve_operator.autoscaler`; it may hold
-:func:`fleetserve_operator.reconcile.locks.cr_lock` while it writes status and
-reuse :func:`fleetserve_operator.status.conditions.set_condition`.
+which is level-triggered (observe → plan → execute, writes only differences
+between the desired children and the live ones), so it does not matter which
+event woke it: the spec changed (create, update, resume), a child changed or
+vanished, or the periodic resync fired. Handlers register on :data:`registry`
+(not kopf's global one), which ``fleetserve operator`` and
+``KopfRunner(..., registry=registry)`` run.
+
+No handler here needs a finalizer — no ``@kopf.daemon``, ``@kopf.timer`` or
+``@kopf.on.delete`` — so deleting an LLMDeployment or its namespace never
+waits for the operator. The periodic work (resync, the autoscaler) runs in
+:class:`fleetserve_operator.fleets.Fleets`, one loop per operator process,
+started and stopped by the LLMDeployment watch; kopf removes the finalizer an
+older operator left on an object when it sees it.
 
 Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
 
 * ``fleetserve.io`` ``llmdeployments``: get, list, watch, patch
-  (kopf's annotations and ``kubectl``-style metadata); ``llmdeployments/status``: get, patch
+  (kopf's annotations, the removal of an older operator's finalizer, and ``spec.replicas``,
+  which the autoscaler keeps equal to the size in effect); ``llmdeployments/status``: get, patch
 * ``apps`` ``deployments``: get, list, watch, create + patch (server-side apply; an apply
   that creates the object is also authorized as create), delete
 * core ``configmaps``, ``services``: get, list, watch, create, patch, delete
@@ -43,7 +48,7 @@ import kopf
 
 from . import metrics
 from .api.spec import GROUP, PLURAL, VERSION
-from .autoscaler.controller import run_autoscaler
+from .fleets import Fleets
 from .kube import Kube, KubeError, load_configuration
 from .reconcile import locks
 from .reconcile.execute import reconcile
@@ -63,6 +68,7 @@ class Options:
 
     metrics_port: int = metrics.DEFAULT_METRICS_PORT  # 0 disables /metrics and /healthz
     metrics_host: str = "0.0.0.0"
+    resync_seconds: float = RESYNC_INTERVAL_SECONDS  # full reconcile of every LLMDeployment this often
 
 
 OPTIONS = Options()
@@ -136,6 +142,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     if OPTIONS.metrics_port:
         memo.metrics_runner = await metrics.start_http_server(OPTIONS.metrics_port, OPTIONS.metrics_host)
+    # A fresh start knows no LLMDeployment yet: the watch's initial listing fills the table again.
+    _managed.clear()
+    metrics.MANAGED.set(0)
+    memo.fleets = Fleets(kube, lambda ns, name, trigger, coalesce: run_reconcile(ns, name, trigger, coalesce),
+                         OPTIONS.resync_seconds)
 
 
 @kopf.on.login(registry=registry, id="login")
@@ -163,6 +174,9 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup(registry=registry, id="stop-metrics")
 async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    fleets = getattr(memo, "fleets", None)
+    if fleets is not None:
+        await fleets.close()
     runner = getattr(memo, "metrics_runner", None)
     if runner is not None:
         await runner.cleanup()
@@ -176,36 +190,24 @@ def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: 
     run_reconcile(_ns(namespace), name, str(getattr(reason, "value", reason)))  # create, update, resume
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, registry=registry, id="resync",
-            interval=RESYNC_INTERVAL_SECONDS, initial_delay=RESYNC_INTERVAL_SECONDS)
-def resync(name: str, namespace: str | None, **_: Any) -> None:
-    """Level-triggered safety net: whatever event was missed, converge once a minute."""
-    run_reconcile(_ns(namespace), name, "resync", coalesce=True)
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="autoscale", cancellation_timeout=10.0)
-async def autoscale(name: str, namespace: str | None, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """The built-in autoscaler: one scrape-decide-act loop per LLMDeployment, every
-    autoscaling.scrapeIntervalSeconds (idle while autoscaling is off); see
-    :mod:`fleetserve_operator.autoscaler.controller`. A size change is applied through the
-    same reconcile as everything else, so the Deployment and the PDB follow it at once."""
-    if not namespace:
-        raise kopf.PermanentError("a namespaced object arrived without a namespace")
-    ns: str = namespace
-    await run_autoscaler(kube(), ns, name, stopped, reconcile=lambda: run_reconcile(ns, name, "autoscale"))
-
-
 @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="track-llmdeployments")
-def track(type: str, name: str, namespace: str | None, **_: Any) -> None:  # noqa: A002 - kopf's kwarg
-    """Keep the managed-deployments gauge, the per-LLMDeployment series and the lock table
-    in step with the cluster (a deleted LLMDeployment's series go with it)."""
+async def track(type: str, name: str, namespace: str | None, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
+                **_: Any) -> None:
+    """Start, feed and stop the LLMDeployment's background loop (resync, autoscaler), and keep
+    the managed-deployments gauge, the per-LLMDeployment series and the lock table in step with
+    the cluster (a deleted LLMDeployment's series go with it)."""
     key = (_ns(namespace), name)
+    fleets: Fleets | None = getattr(memo, "fleets", None)
     if type == "DELETED":
         _managed.discard(key)
         locks.forget(*key)
         metrics.forget_fleet(*key)
+        if fleets is not None:
+            fleets.forget(*key)
     else:
         _managed.add(key)
+        if fleets is not None:
+            fleets.track(*key, dict(body))
     metrics.MANAGED.set(len(_managed))
 
 
@@ -240,8 +242,9 @@ def pod_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -
 
 @kopf.on.event("", "v1", "services", registry=registry, id="child-service", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "configmaps", registry=registry, id="child-configmap", labels=CHILD_LABELS)
-def child_deleted(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
-    """Someone deleted a child: put it back."""
-    if type == "DELETED":
-        _child_event(body, namespace, "child-deleted", logger)
+def child_changed(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
+    """Someone edited or deleted a child: put it back (a no-op read when it is our own write).
+    PodDisruptionBudgets are not watched (no list/watch grant): the resync repairs them."""
+    if type is not None:  # not the initial listing: the resume handler covers that
+        _child_event(body, namespace, "child-changed" if type != "DELETED" else "child-deleted", logger)
 

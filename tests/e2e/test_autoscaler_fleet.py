@@ -66,7 +66,9 @@ def operator(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> I
 def autoscaling(**overrides: object) -> dict[str, object]:
     return {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetQueueLength": TARGET_QUEUE,
             "targetKVCacheUsage": 0.9, "scaleUpStabilizationSeconds": 0,
-            "scaleDownStabilizationSeconds": DOWN_WINDOW_S, "scrapeIntervalSeconds": SCRAPE_S, **overrides}
+            "scaleDownStabilizationSeconds": DOWN_WINDOW_S, "scrapeIntervalSeconds": SCRAPE_S,
+            # the whole scale-down in one step: these tests time the stabilization window alone
+            "scaleDownPolicy": {"percent": 100, "periodSeconds": 60}, **overrides}
 
 
 def wait_ready(fleet: Fleet, n: int, timeout: float = POD_READY_S) -> list[object]:

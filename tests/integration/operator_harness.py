@@ -81,11 +81,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, cleanup: bool = True) -> Iterator[Any]:
+def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, cleanup: bool = True,
+             resync_seconds: float | None = None) -> Iterator[Any]:
     """Run the real operator (kopf's KopfRunner, our registry) watching ``namespace``.
 
     With ``cleanup`` the namespace's LLMDeployments are deleted while the
-    operator still runs, so it releases its finalizers and the namespace can go.
+    operator still runs (older operators held them with a finalizer).
+    ``resync_seconds`` shortens the periodic full reconcile, so a test of
+    what only the resync repairs does not wait the default minute.
     """
     from fleetserve_operator import handlers
     from fleetserve_operator.kube import Kube
@@ -96,6 +99,9 @@ def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, c
     handlers._kube = Kube(cluster.api_client())
     handlers.OPTIONS.metrics_port = metrics_port
     handlers.OPTIONS.metrics_host = "127.0.0.1"
+    saved_resync = getattr(handlers.OPTIONS, "resync_seconds", None)
+    if resync_seconds is not None:
+        handlers.OPTIONS.resync_seconds = resync_seconds
     try:
         with KopfRunner(["run", "--standalone", "--verbose", "--namespace", namespace],
                         registry=handlers.registry, timeout=60) as runner:
@@ -107,6 +113,8 @@ def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, c
                                     check=False)
     finally:
         handlers._kube = None
+        if saved_resync is not None:
+            handlers.OPTIONS.resync_seconds = saved_resync
         if saved_env is None:
             os.environ.pop("KUBECONFIG", None)
         else:

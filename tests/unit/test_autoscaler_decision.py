@@ -68,8 +68,36 @@ def test_scale_down_waits_for_the_window_then_happens() -> None:
     assert "scale-down window" in early.reason and "wants 1" in early.reason
     history = history.record(100, 1, POLICY.longest_window_s)
     late = plan_replicas(fleet([1, 0, 0, 0]), POLICY, history, now=301)
-    assert late.desired == 1
-    assert late.direction == "down"
+    assert late.desired == 2  # the window is over; the default policy removes at most half per minute
+    assert late.direction == "down" and late.limit is Limit.SCALE_DOWN_RATE
+    assert "at most 50% of the fleet per 60 s" in late.reason
+
+
+def test_within_tolerance_keeps_pods_that_are_still_starting() -> None:
+    # 2 ready at 8.5 each (within 10 % of 8), 3 more starting: the size stays 5, not the 2 ready
+    decision = plan_replicas(fleet([8.5, 8.5], starting=3), POLICY, History(), now=0)
+    assert (decision.current, decision.desired, decision.direction) == (5, 5, "none")
+    no_window = AutoscalingPolicy(min_replicas=1, max_replicas=10, target_queue_length=8,
+                                  target_kv_cache_usage=0.8, scale_down_stabilization_s=0)
+    assert plan_replicas(fleet([8.5, 8.5], starting=3), no_window, History(), now=0).desired == 5
+
+
+def test_scale_down_rate_policy_counts_what_the_period_already_removed() -> None:
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=20, target_queue_length=8, target_kv_cache_usage=0.8,
+                               scale_down_stabilization_s=0, scale_down_percent=50, scale_down_period_s=60)
+    idle = fleet([0.0] * 8)
+    first = plan_replicas(idle, policy, History(), now=0)
+    assert (first.desired, first.limit) == (4, Limit.SCALE_DOWN_RATE)  # 8 -> 4, half of 8
+    history = History().scaled(0, 8, 4, keep_s=60)
+    assert plan_replicas(fleet([0.0] * 4), policy, history, now=30).desired == 4  # 4 of the 8 went already
+    assert plan_replicas(fleet([0.0] * 4), policy, history, now=61).desired == 2  # a new period
+    gentle = AutoscalingPolicy(min_replicas=1, max_replicas=20, target_queue_length=8, target_kv_cache_usage=0.8,
+                               scale_down_stabilization_s=0, scale_down_percent=10, scale_down_period_s=300)
+    assert plan_replicas(idle, gentle, History(), now=0).desired == 7  # 10 % of 8 rounds down, but one may go
+    assert plan_replicas(fleet([0.0] * 20), gentle, History(), now=0).desired == 18
+    whole = AutoscalingPolicy(min_replicas=1, max_replicas=20, target_queue_length=8, target_kv_cache_usage=0.8,
+                              scale_down_stabilization_s=0, scale_down_percent=100, scale_down_period_s=60)
+    assert plan_replicas(idle, whole, History(), now=0).desired == 1
 
 
 def test_growth_is_at_most_double_or_plus_four_per_step() -> None:

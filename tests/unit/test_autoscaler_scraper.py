@@ -141,8 +141,9 @@ def test_scenarios_cover_up_down_and_stay() -> None:
     for loads in SCENARIOS:
         with fleet_of([fleetserve_exposition(x) for x in loads]) as targets:
             desired.append(decide(targets)[0])
-    # queue 43 / 4 → 11, limited to 7 per step; KV 3 × 0.9 / 0.7 → 4; idle → 1; on target → 3
-    assert desired == [7, 4, 1, 3]
+    # queue 43 / 4 → 11, limited to 7 per step; KV 3 × 0.9 / 0.7 → 4; idle 3 → 1, limited to 2 (half
+    # per minute); on target → 3
+    assert desired == [7, 4, 2, 3]
 
 
 def test_each_failure_is_counted_under_its_reason() -> None:

@@ -123,7 +123,7 @@ def test_restart_seeds_the_last_scale_up_so_the_window_still_holds() -> None:
     assert history.window(1000.0, 60) == [4]
     idle = obs([0, 0, 0, 0])
     assert plan_replicas(idle, POLICY, history, now=1000.0).desired == 4  # 30 s after the scale-up
-    assert plan_replicas(idle, POLICY, history, now=1031.0).desired == 1  # window over
+    assert plan_replicas(idle, POLICY, history, now=1031.0).desired == 2  # window over; half per minute
     assert seed_history(status, POLICY, 1000.0, NOW + timedelta(minutes=5)) == History()
 
 

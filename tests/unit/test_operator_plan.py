@@ -21,7 +21,9 @@ LATER = NOW + timedelta(minutes=5)
 
 
 def by_kind(p: Plan) -> dict[str, dict[str, Any]]:
-    return {o["kind"]: o for o in p.apply}
+    """Every object the plan applies, the optional monitoring children included."""
+    optional = p.monitoring.apply if p.monitoring is not None else []
+    return {o["kind"]: o for o in [*p.apply, *optional]}
 
 
 def live(p: Plan, previous: Observed | None = None, ready: int | None = None) -> Observed:

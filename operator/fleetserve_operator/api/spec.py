@@ -137,6 +137,14 @@ class Engine(ApiModel):
         return self.max_batch_tokens if self.max_batch_tokens is not None else 2048
 
 
+class ScaleDownPolicy(ApiModel):
+    """At most ``percent`` % of the replicas at the start of any ``periodSeconds`` are removed
+    (at least one per period), after the scale-down stabilization window."""
+
+    percent: int = Field(50, ge=1, le=100, description="share of the fleet a scale-down may remove per period")
+    period_seconds: int = Field(60, ge=1, le=3600, description="length of the period, in seconds")
+
+
 class Autoscaling(ApiModel):
     """The built-in autoscaler (see fleetserve_operator.autoscaler)."""
 
@@ -165,6 +173,10 @@ class Autoscaling(ApiModel):
         300, ge=0, le=86_400, description="highest recommendation over this window is used when scaling down"
     )
     scrape_interval_seconds: int = Field(10, ge=1, le=3600, description="seconds between metric scrapes")
+    scale_down_policy: ScaleDownPolicy = Field(
+        default_factory=lambda: ScaleDownPolicy.model_validate({}),
+        description="how fast the fleet may shrink (HPA's behavior.scaleDown.policies, type Percent)",
+    )
 
 
 class Scheduling(ApiModel):

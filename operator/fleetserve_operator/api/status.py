@@ -15,14 +15,16 @@ from pydantic import Field
 
 from .base import ApiModel
 
-ConditionType = Literal["Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded"]
-CONDITION_TYPES: tuple[str, ...] = ("Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded")
+ConditionType = Literal["Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded", "MonitoringReady"]
+CONDITION_TYPES: tuple[str, ...] = ("Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded",
+                                    "MonitoringReady")
 
 
 class Condition(ApiModel):
     """One condition; ``lastTransitionTime`` changes only when ``status`` changes."""
 
-    type: ConditionType = Field(description="Ready, Progressing, MemoryFits, ScalingActive or Degraded")
+    type: ConditionType = Field(
+        description="Ready, Progressing, MemoryFits, ScalingActive, Degraded or MonitoringReady")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
     reason: str = Field(max_length=1024, description="CamelCase reason")
     message: str = Field("", max_length=32768, description="human-readable explanation, with numbers")

@@ -1,23 +1,32 @@
 """One autoscaler tick for one LLMDeployment: observe, scrape, decide, act, explain.
 
-``run_autoscaler`` is the loop the operator's ``autoscale`` daemon runs per
-LLMDeployment (one tick every ``autoscaling.scrapeIntervalSeconds``, the spec
-re-read each time). A tick:
+:class:`fleetserve_operator.fleets.Fleets` runs a tick per LLMDeployment every
+``autoscaling.scrapeIntervalSeconds`` (the spec re-read each time). A tick:
 
-1. reads the CR (through the pydantic spec), its Deployment and its pods;
-2. scrapes every ready pod's /metrics concurrently (``scraper``);
-3. decides with the pure ``plan_replicas`` against the recommendation history;
-4. writes ``status.desiredReplicas``, ``status.autoscaler`` and the
-   ``ScalingActive`` condition (only what changed, under the CR's lock and
-   the object's resourceVersion), then sets the Deployment's replicas and
-   runs the operator's reconcile so every child (the PDB too) follows;
-5. explains: an Event per size change, operator metrics every tick.
+1. reads the CR (through the pydantic spec); while autoscaling is off it only
+   says so in ``ScalingActive`` (from the cached body: no API call once said);
+2. runs the memory proof: a spec that cannot fit is never scaled above 0
+   (``desiredReplicas: 0``, ``ScalingActive=False/MemoryDoesNotFit``);
+3. reads the Deployment and the pods and scrapes every ready pod's /metrics
+   concurrently (``scraper``);
+4. decides with the pure ``plan_replicas`` against the recommendation and
+   scale-event history, from the size in effect (what the reconcile applies:
+   ``status.desiredReplicas`` within the bounds — never the Deployment's own
+   ``spec.replicas``, which someone may have changed by hand);
+5. writes ``status.desiredReplicas``, ``status.autoscaler`` and the
+   ``ScalingActive`` condition (only what changed, under the CR's lock and the
+   object's resourceVersion), keeps ``spec.replicas`` equal to the size in
+   effect (so the scale subresource reports it, and turning autoscaling off
+   keeps the fleet's size), then runs the operator's reconcile, which applies
+   the Deployment's replicas — as the only writer of them, field manager
+   ``fleetserve`` — and the PDB;
+6. explains: an Event per size change, operator metrics every tick.
 
-Replicas: with ``autoscaling.enabled`` the autoscaler owns them. A
+Replicas: with ``autoscaling.enabled`` the autoscaler decides them. A
 ``kubectl scale llmd/x`` (or an HPA writing the scale subresource) changes
-``spec.replicas``, which the reconcile ignores while autoscaling is on; the
-autoscaler says so with a ``ReplicasOverridden`` Warning event rather than
-rewriting the user's spec (GitOps tools would see that as drift and fight it).
+``spec.replicas``; the autoscaler says so with a ``ReplicasOverridden``
+Warning event and sets it back to its decision on the next tick, as the
+Kubernetes HPA does with a Deployment's replicas.
 """
 
 from __future__ import annotations
@@ -25,17 +34,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 
 from fleetserve_operator import metrics
-from fleetserve_operator.api.spec import Autoscaling, spec_from_body
+from fleetserve_operator.api.spec import Autoscaling, LLMDeploymentSpec, spec_from_body
 from fleetserve_operator.kube import Kube, KubeError, resource_path
+from fleetserve_operator.reconcile.fit import check_memory_fit
 from fleetserve_operator.reconcile.locks import cr_lock
+from fleetserve_operator.reconcile.plan import plan_replicas as plan_replicas_for_deployment
 from fleetserve_operator.resources.labels import selector_string
 
 from .decision import plan_replicas
@@ -45,6 +56,7 @@ from .pods import PodCensus, take_census
 from .scraper import ScrapeResult, scrape_pods
 from .status import (
     REASON_DISABLED,
+    REASON_MEMORY,
     REASON_NO_DEPLOYMENT,
     condition_event,
     decision_status,
@@ -56,19 +68,11 @@ from .types import AutoscalingPolicy, Decision, FleetObservation, ScrapeError
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "fleetserve-autoscaler"
-# While autoscaling is off the daemon only watches for it being switched on.
+# While autoscaling is off the loop only watches for it being switched on.
 DISABLED_POLL_SECONDS = 10.0
 RETRY_SECONDS = 5.0
 MIN_SCRAPE_TIMEOUT_SECONDS = 2.0
 MAX_SCRAPE_TIMEOUT_SECONDS = 5.0
-
-
-class Stopped(Protocol):
-    """kopf's DaemonStopped as far as the loop needs it."""
-
-    def __bool__(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> Awaitable[Any]: ...
 
 
 @dataclass
@@ -105,6 +109,8 @@ def policy_from_spec(autoscaling: Autoscaling) -> AutoscalingPolicy:
         scale_up_stabilization_s=float(autoscaling.scale_up_stabilization_seconds),
         scale_down_stabilization_s=float(autoscaling.scale_down_stabilization_seconds),
         scrape_interval_s=float(autoscaling.scrape_interval_seconds),
+        scale_down_percent=autoscaling.scale_down_policy.percent,
+        scale_down_period_s=float(autoscaling.scale_down_policy.period_seconds),
     )
 
 
@@ -117,33 +123,19 @@ def scrape_timeout(policy: AutoscalingPolicy) -> float:
     return max(MIN_SCRAPE_TIMEOUT_SECONDS, min(MAX_SCRAPE_TIMEOUT_SECONDS, policy.scrape_interval_s))
 
 
-async def run_autoscaler(kube: Kube, namespace: str, name: str, stopped: Stopped,
-                         reconcile: Callable[[], None]) -> None:
-    """Tick until ``stopped``; API trouble is logged and retried, never fatal."""
-    # httpx logs every request at INFO: one line per pod per scrape would drown the operator's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    state = FleetState()
-    try:
-        while not stopped:
-            try:
-                result = await autoscale_tick(kube, namespace, name, state, reconcile=reconcile)
-                delay = result.next_tick_s
-            except KubeError as exc:
-                log.warning("autoscaler %s/%s: API server: %s; retrying in %.0f s", namespace, name, exc, RETRY_SECONDS)
-                delay = RETRY_SECONDS
-            except Exception:  # a bug must not kill the daemon of every later tick
-                log.exception("autoscaler %s/%s: tick failed; retrying in %.0f s", namespace, name, RETRY_SECONDS)
-                delay = RETRY_SECONDS
-            await stopped.wait(max(delay, 0.05))
-    finally:
-        forget_metrics(namespace, name)
-
-
 async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetState, *,
                          reconcile: Callable[[], None] | None = None,
-                         now: datetime | None = None) -> TickResult:
-    """One observe → scrape → decide → act → explain round (see the module docstring)."""
+                         now: datetime | None = None, cached: dict[str, Any] | None = None) -> TickResult:
+    """One observe → scrape → decide → act → explain round (see the module docstring).
+
+    ``cached`` is the newest body the watch delivered: while autoscaling is off
+    and ``ScalingActive`` already says so, the tick costs no API call.
+    """
     started = state.clock()
+    wall = now or datetime.now(UTC)
+    if cached is not None and _idle(cached):
+        state.history, state.seen_spec_replicas = None, None
+        return TickResult(next_tick_s=DISABLED_POLL_SECONDS)
     cr = await asyncio.to_thread(kube.get, "LLMDeployment", namespace, name)
     if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS)
@@ -151,7 +143,6 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         spec = spec_from_body(cr)
     except ValidationError:
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS)  # the reconcile reports InvalidSpec
-    wall = now or datetime.now(UTC)
 
     if not spec.autoscaling.enabled:
         state.history, state.seen_spec_replicas = None, None
@@ -159,12 +150,17 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         # spec.replicas sizes the fleet: desired_replicas keeps one meaning with autoscaling
         # on or off (the reconcile sets the same value; see reconcile.execute.export_metrics).
         metrics.AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(spec.replicas)
-        message = (f"autoscaling.enabled is false: spec.replicas ({spec.replicas}) sizes the fleet, "
-                   "and an HPA or KEDA may drive it through the scale subresource")
-        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_DISABLED, message, wall)
+        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_DISABLED,
+                                        disabled_message(spec.replicas), wall)
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS, status_patch=patch)
 
     policy = policy_from_spec(spec.autoscaling)
+    fit = check_memory_fit(spec)
+    if fit.status == "False":
+        # No pod can run: nobody scales above 0, the autoscaler included.
+        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_MEMORY,
+                                        f"the model does not fit, so the fleet stays at 0: {fit.message}", wall, 0)
+        return TickResult(next_tick_s=policy.scrape_interval_s, status_patch=patch)
     await asyncio.to_thread(_warn_if_scaled_by_hand, kube, cr, spec.replicas, state)
     deployment = await asyncio.to_thread(kube.get, "Deployment", namespace, name)
     if deployment is None:
@@ -176,7 +172,7 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     census = take_census(pods)
     wait = node_wait(pods, spec.scheduling.max_node_provision_seconds, wall)
     scrape = await scrape_pods(census.ready, scrape_timeout(policy))
-    current = int((deployment.get("spec") or {}).get("replicas", 1))
+    current = size_in_effect(spec, cr.get("status") or {})
     observation = observe(current, census, scrape, wait)
 
     mono = state.clock()
@@ -185,23 +181,28 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     decision = plan_replicas(observation, policy, state.history, mono)
     if decision.recommendation is not None:
         state.history = state.history.record(mono, decision.recommendation, policy.longest_window_s)
+    if decision.direction == "down":
+        state.history = state.history.scaled(mono, decision.current, decision.desired, policy.scale_down_period_s)
 
     summary = scrape_summary(census, scrape)
     patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall,
                                     wait.to_status())
+    if spec.replicas != decision.desired:
+        await asyncio.to_thread(_set_spec_replicas, kube, namespace, name, decision.desired)
+    state.seen_spec_replicas = decision.desired
     scaled = decision.desired != current
     if scaled:
         if decision.direction == "down":
             # Before the ReplicaSet picks victims: pods on the newest, emptiest node go first.
             await asyncio.to_thread(_mark_deletion_costs, kube, namespace, pods, scrape)
-        await asyncio.to_thread(_scale_deployment, kube, namespace, name, decision.desired)
         event_type, reason, message = scaling_event(decision)
         await asyncio.to_thread(_post_event, kube, cr, event_type, reason, message)
         metrics.AUTOSCALER_SCALE_EVENTS.labels(namespace, name, decision.direction).inc()
         log.info("autoscaler %s/%s: %s", namespace, name, message)
-        if reconcile is not None:
-            # The PDB and the Deployment's applied-hash follow the new size.
-            await asyncio.to_thread(reconcile)
+    if (scaled or int((deployment.get("spec") or {}).get("replicas", -1)) != decision.desired) \
+            and reconcile is not None:
+        # The reconcile applies the new size to the Deployment (its only writer) and the PDB.
+        await asyncio.to_thread(reconcile)
     elif wait.overdue and reconcile is not None and not _degraded(cr):
         # A pod just outwaited scheduling.maxNodeProvisionSeconds while nothing else changed:
         # the reconcile turns that into Degraded/Unschedulable and its Warning event now.
@@ -209,6 +210,32 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     export_metrics(namespace, name, observation, decision)
     return TickResult(next_tick_s=max(0.0, policy.scrape_interval_s - (state.clock() - started)),
                       decision=decision, observation=observation, scaled=scaled, status_patch=patch)
+
+
+def disabled_message(replicas: int) -> str:
+    return (f"autoscaling.enabled is false: spec.replicas ({replicas}) sizes the fleet, "
+            "and an HPA or KEDA may drive it through the scale subresource")
+
+
+def _idle(body: dict[str, Any]) -> bool:
+    """Autoscaling is off and ScalingActive already says so for this body: nothing to do."""
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return True
+    try:
+        spec = spec_from_body(body)
+    except ValidationError:
+        return True
+    if spec.autoscaling.enabled:
+        return False
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ScalingActive":
+            return bool(cond.get("reason") == REASON_DISABLED and cond.get("message") == disabled_message(spec.replicas))
+    return False
+
+
+def size_in_effect(spec: LLMDeploymentSpec, status: dict[str, Any]) -> int:
+    """The size the reconcile applies to the Deployment (see :func:`reconcile.plan.plan_replicas`)."""
+    return plan_replicas_for_deployment(spec, status)
 
 
 def observe(current: int, census: PodCensus, scrape: ScrapeResult, wait: NodeWait | None = None) -> FleetObservation:
@@ -239,7 +266,8 @@ def seed_history(status: dict[str, Any], policy: AutoscalingPolicy, mono_now: fl
     age = (wall_now - at).total_seconds()
     if age < 0 or age >= policy.longest_window_s:
         return History()
-    return History.seeded(mono_now - age, int(last["to"]))
+    removed = int(last["from"]) - int(last["to"]) if isinstance(last.get("from"), int) else 0
+    return History.seeded(mono_now - age, int(last["to"]), removed=max(0, removed))
 
 
 def scrape_summary(census: PodCensus, scrape: ScrapeResult) -> str:
@@ -328,9 +356,10 @@ def _write_decision(kube: Kube, cr: dict[str, Any], observation: FleetObservatio
 
 
 def _write_inactive(kube: Kube, namespace: str, name: str, reason: str, message: str,
-                    now: datetime) -> dict[str, Any] | None:
+                    now: datetime, desired: int | None = None) -> dict[str, Any] | None:
     _, patch = _patch_status_locked(
-        kube, namespace, name, lambda status, generation: inactive_status(status, reason, message, generation, now))
+        kube, namespace, name,
+        lambda status, generation: inactive_status(status, reason, message, generation, now, desired))
     return patch
 
 
@@ -358,23 +387,29 @@ def _mark_deletion_costs(kube: Kube, namespace: str, pods: list[dict[str, Any]],
                 log.warning("cannot set %s on pod %s/%s: %s", DELETION_COST_ANNOTATION, namespace, pod, exc)
 
 
-def _scale_deployment(kube: Kube, namespace: str, name: str, replicas: int) -> None:
-    """Set the Deployment's replicas at once; the reconcile that follows re-applies it as ``fleetserve``."""
-    kube.request("PATCH", resource_path("apps/v1", "deployments", namespace, name),
+def _set_spec_replicas(kube: Kube, namespace: str, name: str, replicas: int) -> None:
+    """Keep the LLMDeployment's ``spec.replicas`` at the size in effect (field manager
+    ``fleetserve-autoscaler``): the scale subresource reports it, and turning autoscaling off
+    keeps the fleet's size. The Deployment itself is written only by the reconcile."""
+    kube.request("PATCH", resource_path("fleetserve.io/v1alpha1", "llmdeployments", namespace, name),
                  query=[("fieldManager", FIELD_MANAGER)], body={"spec": {"replicas": replicas}},
                  content_type="application/merge-patch+json")
 
 
 def _warn_if_scaled_by_hand(kube: Kube, cr: dict[str, Any], spec_replicas: int, state: FleetState) -> None:
-    """Tell whoever changed spec.replicas (kubectl scale, an HPA) that the autoscaler overrides it."""
-    seen, state.seen_spec_replicas = state.seen_spec_replicas, spec_replicas
+    """Tell whoever changed spec.replicas (kubectl scale, an HPA) that the autoscaler overrides it.
+
+    ``state.seen_spec_replicas`` is the value this loop last wrote or saw, so its own writes
+    never count as someone else's."""
+    seen = state.seen_spec_replicas
     if seen is None or seen == spec_replicas:
         return
     desired = (cr.get("status") or {}).get("desiredReplicas")
     _post_event(kube, cr, "Warning", "ReplicasOverridden",
                 f"spec.replicas changed {seen} → {spec_replicas} (kubectl scale, or an HPA/KEDA on the scale "
                 f"subresource) but autoscaling.enabled is true: the autoscaler keeps deciding the size "
-                f"(now {desired}). Set autoscaling.enabled: false to size the fleet by hand.")
+                f"(now {desired}) and sets spec.replicas back to it. Set autoscaling.enabled: false to size the "
+                f"fleet by hand, and leave spec.replicas out of manifests that a GitOps tool re-applies.")
 
 
 def _post_event(kube: Kube, cr: dict[str, Any], type_: str, reason: str, message: str) -> None:

@@ -8,11 +8,15 @@ The steps, in order (each one is what a user can read in the reason):
 2. Two proposals, each an absolute replica count:
    queue ``ceil(total queue / targetQueueLength)`` and
    KV ``ceil(ready × mean KV usage / targetKVCacheUsage)``.
-   A signal within 10 % of its target proposes the ready count (no change).
+   A signal within 10 % of its target proposes the current size (no change —
+   not the ready count, which would remove pods that are still starting); one
+   above the band never proposes fewer than the current size.
    The recommendation is the larger one, never below 1: with no pod there
    are no metrics to scale back up from.
 3. Stabilize against the history (HPA's algorithm, see ``history``).
-4. Grow at most to ``max(2 × current, current + 4)`` per step.
+4. Grow at most to ``max(2 × current, current + 4)`` per step; shrink by at
+   most ``scaleDownPolicy.percent`` % of the size at the start of the last
+   ``scaleDownPolicy.periodSeconds`` (default 50 % per 60 s, as the HPA).
 5. Clamp to ``[minReplicas, maxReplicas]``.
 6. While pods are unschedulable, do not grow: they already are capacity the
    cluster was asked for (a cluster autoscaler may be adding a node); adding
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import math
 
-from fleetserve_operator.autoscaler.history import History, stabilize
+from fleetserve_operator.autoscaler.history import History, scale_down_floor, stabilize
 from fleetserve_operator.autoscaler.types import (
     TOLERANCE,
     AutoscalingPolicy,
@@ -70,8 +74,8 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
     assert queue is not None and kv is not None  # answered > 0 here
     queue_ratio = queue / ready / policy.target_queue_length
     kv_ratio = kv / policy.target_kv_cache_usage
-    by_queue = _proposal(ready, queue_ratio)
-    by_kv = _proposal(ready, kv_ratio)
+    by_queue = _proposal(ready, current, queue_ratio)
+    by_kv = _proposal(ready, current, kv_ratio)
     recommendation = max(by_queue, by_kv, 1)
 
     ready_text = f"{ready} ready" + (f" (+{observation.starting} starting)" if observation.starting else "")
@@ -108,6 +112,13 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
         notes.append(f"limited to {step_cap} (at most double or +4 per step)")
         desired = step_cap
 
+    floor = scale_down_floor(current, history, now, policy.scale_down_percent, policy.scale_down_period_s)
+    if desired < floor:
+        limit = Limit.SCALE_DOWN_RATE
+        notes.append(f"limited to {floor} (at most {policy.scale_down_percent}% of the fleet per "
+                     f"{_num(policy.scale_down_period_s)} s)")
+        desired = floor
+
     if desired > policy.max_replicas:
         limit = Limit.MAX_REPLICAS
         notes.append(f"capped at maxReplicas {policy.max_replicas}")
@@ -142,11 +153,13 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
                     limit=limit, recommendation=recommendation)
 
 
-def _proposal(ready: int, ratio: float) -> int:
-    """Replicas one signal asks for; the ready count when within tolerance."""
+def _proposal(ready: int, current: int, ratio: float) -> int:
+    """Replicas one signal asks for: the current size within tolerance, never fewer than the
+    current size when the signal is above the band (pods still starting are capacity on its way)."""
     if abs(ratio - 1.0) <= TOLERANCE + _EPS:
-        return ready
-    return max(0, math.ceil(ready * ratio - _EPS))
+        return current
+    wanted = max(0, math.ceil(ready * ratio - _EPS))
+    return max(wanted, current) if ratio > 1.0 else min(wanted, current)
 
 
 def _hold(observation: FleetObservation, policy: AutoscalingPolicy, limit: Limit, why: str) -> Decision:

@@ -10,6 +10,7 @@ five minutes of consistently lower recommendations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -20,30 +21,60 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
-class History:
-    """An immutable, time-ordered list of recent raw recommendations.
+class ScaleDown:
+    at: float
+    removed: int
 
-    Invariant: ``entries`` is sorted by ``at``. ``record`` returns a new
-    History; the caller keeps it between ticks (kopf's memo in the operator).
+
+@dataclass(frozen=True)
+class History:
+    """An immutable, time-ordered list of recent raw recommendations, and of the recent
+    scale-downs (for the scale-down rate policy).
+
+    Invariant: ``entries`` and ``scale_downs`` are sorted by ``at``. ``record``
+    and ``scaled`` return a new History; the caller keeps it between ticks.
     """
 
     entries: tuple[Recommendation, ...] = ()
+    scale_downs: tuple[ScaleDown, ...] = ()
 
     def record(self, at: float, replicas: int, keep_s: float) -> History:
         """Append a recommendation and forget those older than ``keep_s`` seconds."""
         kept = tuple(e for e in self.entries if at - e.at < keep_s and e.at <= at)
-        return History(entries=(*kept, Recommendation(at=at, replicas=replicas)))
+        return History(entries=(*kept, Recommendation(at=at, replicas=replicas)), scale_downs=self.scale_downs)
+
+    def scaled(self, at: float, current: int, desired: int, keep_s: float) -> History:
+        """Remember a scale-down from ``current`` to ``desired`` for ``keep_s`` seconds."""
+        kept = tuple(e for e in self.scale_downs if at - e.at < keep_s and e.at <= at)
+        if desired < current:
+            kept = (*kept, ScaleDown(at=at, removed=current - desired))
+        return History(entries=self.entries, scale_downs=kept)
+
+    def removed_within(self, now: float, seconds: float) -> int:
+        """Replicas removed by scale-downs strictly less than ``seconds`` before ``now``."""
+        return sum(e.removed for e in self.scale_downs if now - e.at < seconds and e.at <= now)
 
     def window(self, now: float, seconds: float) -> list[int]:
         """Recommendations made strictly less than ``seconds`` before ``now``."""
         return [e.replicas for e in self.entries if now - e.at < seconds and e.at <= now]
 
     @classmethod
-    def seeded(cls, at: float, replicas: int) -> History:
-        """A history that remembers one recommendation, e.g. the last scale-up
+    def seeded(cls, at: float, replicas: int, removed: int = 0) -> History:
+        """A history that remembers one recommendation, e.g. the last scale decision
         read back from ``status.autoscaler`` after an operator restart, so a
-        restart never shortens a scale-down window."""
-        return cls(entries=(Recommendation(at=at, replicas=replicas),))
+        restart never shortens a scale-down window (nor, with ``removed``, the
+        scale-down rate period)."""
+        downs = (ScaleDown(at=at, removed=removed),) if removed > 0 else ()
+        return cls(entries=(Recommendation(at=at, replicas=replicas),), scale_downs=downs)
+
+
+def scale_down_floor(current: int, history: History, now: float, percent: int, period_s: float) -> int:
+    """The fewest replicas a scale-down may reach now (HPA's Percent policy): at most
+    ``percent`` % of the size at the start of the last ``period_s`` seconds may go — but at
+    least one replica per period, so a small percentage never pins a small fleet for good."""
+    period_start = current + history.removed_within(now, period_s)
+    allowed = max(1, math.floor(period_start * percent / 100 + 1e-9))
+    return max(0, period_start - allowed)
 
 
 def stabilize(current: int, recommendation: int, history: History, now: float,

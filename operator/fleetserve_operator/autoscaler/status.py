@@ -20,6 +20,7 @@ from .types import Decision, FleetObservation, Limit
 SCALING_ACTIVE = "ScalingActive"
 REASON_DISABLED = "AutoscalingDisabled"
 REASON_NO_DEPLOYMENT = "NoDeployment"
+REASON_MEMORY = "MemoryDoesNotFit"
 
 
 def decision_status(current: dict[str, Any], observation: FleetObservation, decision: Decision,
@@ -65,10 +66,14 @@ def decision_status(current: dict[str, Any], observation: FleetObservation, deci
 
 
 def inactive_status(current: dict[str, Any], reason: str, message: str, generation: int | None,
-                    now: datetime) -> dict[str, Any] | None:
-    """``ScalingActive=False`` with ``reason`` (autoscaling off, no Deployment yet), or None if already so."""
+                    now: datetime, desired: int | None = None) -> dict[str, Any] | None:
+    """``ScalingActive=False`` with ``reason`` (autoscaling off, no Deployment yet, the model does
+    not fit), and ``desiredReplicas`` when ``desired`` is given; None if already so."""
     conditions = _with_condition(current, "False", reason, message, generation, now)
-    return {"conditions": conditions} if conditions is not None else None
+    patch: dict[str, Any] = {"conditions": conditions} if conditions is not None else {}
+    if desired is not None and current.get("desiredReplicas") != desired:
+        patch["desiredReplicas"] = desired
+    return patch or None
 
 
 def scaling_event(decision: Decision) -> tuple[str, str, str]:

@@ -14,6 +14,9 @@ from enum import StrEnum
 # pydantic model is the source of truth, these only serve direct callers.
 DEFAULT_SCALE_DOWN_STABILIZATION_S = 300.0
 DEFAULT_SCRAPE_INTERVAL_S = 10.0
+# Kubernetes HPA's default scale-down policy: at most half of the fleet per minute.
+DEFAULT_SCALE_DOWN_PERCENT = 50
+DEFAULT_SCALE_DOWN_PERIOD_S = 60.0
 # A signal within ±10 % of its target proposes no change (Kubernetes HPA's
 # tolerance), so a load that hovers around the target never flaps the size.
 TOLERANCE = 0.10
@@ -47,6 +50,7 @@ class Limit(StrEnum):
     SCALE_DOWN_STABILIZATION = "ScaleDownStabilized"
     SCALE_UP_STABILIZATION = "ScaleUpStabilized"
     SCALE_UP_RATE = "ScaleUpLimited"
+    SCALE_DOWN_RATE = "ScaleDownLimited"
     MAX_REPLICAS = "TooManyReplicas"
     MIN_REPLICAS = "TooFewReplicas"
     UNSCHEDULABLE = "Unschedulable"
@@ -61,7 +65,9 @@ class AutoscalingPolicy:
 
     Invariants (enforced here, and by the CRD's CEL rules before a spec gets
     this far): ``0 <= min_replicas <= max_replicas``, ``target_queue_length > 0``,
-    ``0 < target_kv_cache_usage <= 1``, windows ``>= 0``.
+    ``0 < target_kv_cache_usage <= 1``, windows ``>= 0``; a scale-down removes
+    at most ``scale_down_percent`` % of the size at the start of any
+    ``scale_down_period_s`` (HPA's ``behavior.scaleDown.policies``).
     """
 
     min_replicas: int
@@ -71,6 +77,8 @@ class AutoscalingPolicy:
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = DEFAULT_SCALE_DOWN_STABILIZATION_S
     scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+    scale_down_percent: int = DEFAULT_SCALE_DOWN_PERCENT
+    scale_down_period_s: float = DEFAULT_SCALE_DOWN_PERIOD_S
 
     def __post_init__(self) -> None:
         if self.min_replicas < 0:
@@ -90,10 +98,15 @@ class AutoscalingPolicy:
             raise ValueError("autoscaling.scale{Up,Down}StabilizationSeconds must be >= 0")
         if not self.scrape_interval_s > 0:
             raise ValueError(f"autoscaling.scrapeIntervalSeconds={self.scrape_interval_s} must be > 0")
+        if not 1 <= self.scale_down_percent <= 100:
+            raise ValueError(f"autoscaling.scaleDownPolicy.percent={self.scale_down_percent} must be in [1, 100]")
+        if not self.scale_down_period_s > 0:
+            raise ValueError(f"autoscaling.scaleDownPolicy.periodSeconds={self.scale_down_period_s} must be > 0")
 
     @property
     def longest_window_s(self) -> float:
-        return max(self.scale_up_stabilization_s, self.scale_down_stabilization_s)
+        """How long the history must remember: the stabilization windows and the rate period."""
+        return max(self.scale_up_stabilization_s, self.scale_down_stabilization_s, self.scale_down_period_s)
 
 
 @dataclass(frozen=True)

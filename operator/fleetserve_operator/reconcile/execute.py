@@ -23,8 +23,9 @@ from .. import metrics
 from ..api.spec import spec_from_body
 from ..kube import Kube, KubeError
 from ..resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, config_map_name
+from ..status.monitoring import MonitoringFailure, monitoring_status
 from .locks import coalescing_lock, cr_lock
-from .plan import CHILD_KINDS, MONITORING_KINDS, Observed, Plan, plan
+from .plan import CHILD_KINDS, MONITORING_KINDS, MonitoringPlan, Observed, Plan, plan
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,16 @@ def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
     return Observed(children=children, pods=pods.result(), monitoring_kinds=kinds)
 
 
-def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
-    """Apply, delete, patch status, post events — in that order, so status describes what exists."""
+def execute(kube: Kube, cr: dict[str, Any], result: Plan, now: datetime | None = None) -> None:
+    """Apply, delete, the optional children, patch status, post events — in that order, so
+    status describes what exists.
+
+    A failure of a core child raises (the caller retries or reports it); a failure of an
+    optional child (ServiceMonitor, PrometheusRule: a 403 where the chart grants no monitoring
+    verbs, a 404 when their CRD just went, a conflict, an admission webhook's refusal) only
+    becomes ``MonitoringReady=False`` with the API's reason and a Warning event: monitoring
+    never blocks serving, nor the rest of the status.
+    """
     meta = cr["metadata"]
     for obj in result.apply:
         kube.apply(obj)
@@ -79,6 +88,12 @@ def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
     for obj in result.delete:
         kube.delete(obj)
         log.info("deleted %s %s/%s", obj["kind"], meta["namespace"], obj["metadata"]["name"])
+    if result.monitoring is not None and not result.invalid:
+        failures = _execute_monitoring(kube, cr, result.monitoring)
+        patch, event = monitoring_status(cr, result.monitoring, failures, result.status, now or datetime.now(UTC))
+        result.status = patch
+        if event is not None:
+            result.events.append(event)
     if result.status is not None:
         kube.patch_status("LLMDeployment", meta["namespace"], meta["name"], result.status)
     for event in result.events:
@@ -86,6 +101,24 @@ def execute(kube: Kube, cr: dict[str, Any], result: Plan) -> None:
             kube.post_event(cr, event.type, event.reason, event.message)
         except KubeError as exc:  # an event lost is not worth a failed reconcile
             log.warning("could not post event %s: %s", event.reason, exc)
+
+
+def _execute_monitoring(kube: Kube, cr: dict[str, Any], monitoring: MonitoringPlan) -> list[MonitoringFailure]:
+    meta = cr["metadata"]
+    failures: list[MonitoringFailure] = []
+    for verb, objs in (("apply", monitoring.apply), ("delete", monitoring.delete)):
+        for obj in objs:
+            try:
+                kube.apply(obj) if verb == "apply" else kube.delete(obj)
+            except KubeError as exc:
+                log.warning("%s %s %s/%s failed (monitoring is optional; serving goes on): %s",
+                            verb, obj["kind"], meta["namespace"], obj["metadata"]["name"], exc)
+                failures.append(MonitoringFailure(obj["kind"], obj["metadata"]["name"], verb, exc.status,
+                                                  exc.reason, exc.message))
+            else:
+                log.info("%s %s %s/%s", "applied" if verb == "apply" else "deleted", obj["kind"],
+                         meta["namespace"], obj["metadata"]["name"])
+    return failures
 
 
 def export_metrics(cr: dict[str, Any], result: Plan) -> None:
@@ -143,7 +176,8 @@ def reconcile(
         if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
             return None
         observed = observe(kube, cr)
-        result = plan(cr, observed, now or datetime.now(UTC))
-        execute(kube, cr, result)
+        now = now or datetime.now(UTC)
+        result = plan(cr, observed, now)
+        execute(kube, cr, result, now)
         export_metrics(cr, result)
         return result

@@ -1,12 +1,19 @@
 """Plan: a pure function from an LLMDeployment and what exists to what must change.
 
 ``plan(cr, observed, now)`` reads nothing and writes nothing: it builds the
-desired children, compares each with the live one by its applied-hash
-annotation, and returns the objects to server-side apply, the ones to delete,
-the status patch and the events. :mod:`.execute` carries it out. Running it
-twice on the same inputs gives the same plan, and on the state its own
-execution produced it gives an empty one — that is what makes the reconcile
-level-triggered and safe to restart at any point.
+desired children, compares each with the live one — the applied-hash
+annotation says whether the *spec* changed since the last apply, and a
+field-by-field comparison (:mod:`.drift`) whether someone changed or deleted
+the child since — and returns the objects to server-side apply, the ones to
+delete, the status patch and the events. :mod:`.execute` carries it out.
+Running it twice on the same inputs gives the same plan, and on the state its
+own execution produced it gives an empty one — that is what makes the
+reconcile level-triggered and safe to restart at any point.
+
+The ServiceMonitor and PrometheusRule are *optional* children: they are
+planned apart (``Plan.monitoring``), so that :mod:`.execute` can apply them
+last and turn their failure into the ``MonitoringReady`` condition instead of
+a failed reconcile.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from ..resources.monitoring import build_prometheus_rule, build_service_monitor
 from ..resources.network import build_pdb, build_service, wants_pdb
 from ..resources.server import build_config_map, build_deployment, template_hash
 from ..status.compute import compute_status, invalid_spec_status, status_events, status_patch
+from ..status.conditions import get_condition
+from .drift import describe, differences
 from .fit import MemoryFit, check_memory_fit
 
 # Child kinds in the order they are applied (the ConfigMap before the pods that mount it).
@@ -57,10 +66,27 @@ class Plan:
     replicas: int = 0
     fit: MemoryFit | None = None
     invalid: str | None = None
+    monitoring: MonitoringPlan | None = None
 
     @property
     def converged(self) -> bool:
-        return not self.apply and not self.delete and self.status is None
+        monitoring_idle = self.monitoring is None or not (self.monitoring.apply or self.monitoring.delete)
+        return not self.apply and not self.delete and self.status is None and monitoring_idle
+
+
+@dataclass
+class MonitoringPlan:
+    """The optional children's part of a plan, executed after everything else.
+
+    ``wanted`` lists the kinds the spec asks for whose CRDs exist; ``conflicts``
+    names objects of those kinds that exist and belong to someone else.
+    """
+
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)
+    wanted: list[str] = field(default_factory=list)
+    requested: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
 def plan_replicas(spec: LLMDeploymentSpec, status: dict[str, Any] | None) -> int:
@@ -126,44 +152,102 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
 
     fit = check_memory_fit(spec)
     replicas = plan_replicas(spec, current_status)
-    result = Plan(replicas=replicas, fit=fit)
+    result = Plan(replicas=replicas, fit=fit, monitoring=MonitoringPlan(
+        wanted=[k for k in MONITORING_KINDS_ORDER if _requested(spec, k) and k in observed.monitoring_kinds],
+        requested=[k for k in MONITORING_KINDS_ORDER if _requested(spec, k)]))
+    assert result.monitoring is not None
     conflicts: list[str] = []
     created: list[str] = []
     updated: list[str] = []
+    repaired: list[str] = []
     desired = desired_children(cr, spec, fit, replicas, observed)
     for kind in CHILD_KINDS:
+        optional = kind in MONITORING_KINDS
+        applies, deletes = (result.monitoring.apply, result.monitoring.delete) if optional else (
+            result.apply, result.delete)
         want, live = desired[kind], observed.children.get(kind)
         if live is not None and not _owned_by(live, meta["uid"]):
             if want is not None:
-                conflicts.append(f"{kind} {live['metadata']['name']} exists and is not owned by this LLMDeployment")
+                text = f"{kind} {live['metadata']['name']} exists and is not owned by this LLMDeployment"
+                (result.monitoring.conflicts if optional else conflicts).append(text)
             continue
         if want is None:
-            if live is not None and (kind not in MONITORING_KINDS or kind in observed.monitoring_kinds):
-                result.delete.append(live)
+            if live is not None and (not optional or kind in observed.monitoring_kinds):
+                deletes.append(live)
             continue
         stamped = stamp(want)
-        if applied_hash(live) != applied_hash(stamped):
-            result.apply.append(stamped)
-            if live is None:
-                created.append(kind)
+        if live is None:
+            applies.append(stamped)
+            if _recreated(kind, cr, observed, replicas):
+                repaired.append(f"recreated {kind} {want['metadata']['name']} (it was deleted)")
             else:
-                updated.append(_describe_update(kind, live, stamped))
+                created.append(kind)
+        elif applied_hash(live) != applied_hash(stamped):
+            applies.append(stamped)
+            updated.append(_describe_update(kind, live, stamped))
+        else:
+            drift = differences(stamped, live)
+            if drift:
+                applies.append(stamped)
+                if kind == "Deployment" and "spec.replicas" in drift:
+                    drift.remove("spec.replicas")
+                    result.events.append(_scaled_outside(cr, spec, live, replicas))
+                if drift:
+                    repaired.append(f"restored {kind} {want['metadata']['name']}: {describe(stamped, live, drift)}")
     if created:
         result.events.append(Event("Normal", "Created", "created " + ", ".join(created)))
     if updated:
         result.events.append(Event("Normal", "Updated", "updated " + "; ".join(updated)))
+    if repaired:
+        result.events.append(Event("Warning", "Repaired", "changed outside the operator, put back: "
+                                   + "; ".join(repaired)))
 
     new = compute_status(
         cr, spec, fit, replicas,
         deployment=observed.children.get("Deployment"),
         pods=observed.pods,
         conflicts=conflicts,
-        rolling=bool(updated or created),
+        rolling=bool(updated or created or result.apply),
         now=now,
     )
     result.status = status_patch(current_status, new)
     result.events.extend(status_events(current_status, new))
     return result
+
+
+MONITORING_KINDS_ORDER = ("ServiceMonitor", "PrometheusRule")
+
+
+def _requested(spec: LLMDeploymentSpec, kind: str) -> bool:
+    return spec.monitoring.service_monitor if kind == "ServiceMonitor" else spec.monitoring.prometheus_rule
+
+
+def _recreated(kind: str, cr: dict[str, Any], observed: Observed, replicas: int) -> bool:
+    """Whether a missing child existed before at this generation (someone deleted it), rather
+    than being new: the spec was reconciled already, and nothing since asks for a new child."""
+    meta, status = cr["metadata"], cr.get("status") or {}
+    if status.get("observedGeneration") != meta.get("generation"):
+        return False
+    if kind in ("ConfigMap", "Service", "Deployment"):
+        return True
+    if kind == "PodDisruptionBudget":
+        deployment = observed.children.get("Deployment") or {}
+        return bool((deployment.get("spec") or {}).get("replicas") == replicas)
+    monitoring = get_condition(status.get("conditions"), "MonitoringReady") or {}
+    return monitoring.get("status") == "True" and monitoring.get("reason") == "Applied"
+
+
+def _scaled_outside(cr: dict[str, Any], spec: LLMDeploymentSpec, live: dict[str, Any], replicas: int) -> Event:
+    name = cr["metadata"]["name"]
+    was = (live.get("spec") or {}).get("replicas")
+    if spec.autoscaling.enabled:
+        why = (f"the autoscaler's decision (status.desiredReplicas); to change the size, change "
+               f"autoscaling.minReplicas/maxReplicas on llmd/{name}, or set autoscaling.enabled: false "
+               f"and kubectl scale llmd/{name} --replicas={was}")
+    else:
+        why = f"spec.replicas of the LLMDeployment; scale the LLMDeployment instead: kubectl scale llmd/{name} --replicas={was}"
+    return Event("Warning", "ScaledOutsideOperator",
+                 f"Deployment {name} was scaled to {was} outside the operator; reverted to {replicas}, {why}")
 
 
 def _describe_update(kind: str, live: dict[str, Any], desired: dict[str, Any]) -> str:

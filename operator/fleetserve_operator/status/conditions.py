@@ -14,7 +14,7 @@ from typing import Any
 Conditions = list[dict[str, Any]]
 
 # Order in which conditions are listed (unknown types go last, in their order).
-CONDITION_ORDER = ("Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded")
+CONDITION_ORDER = ("Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded", "MonitoringReady")
 
 
 def rfc3339(now: datetime | str) -> str:
