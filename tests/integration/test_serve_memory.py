@@ -124,10 +124,10 @@ def _launch_in(cgroup: Path, model: Path, log_dir: Path, *flags: str, common: bo
 
 
 def test_kv_cache_sized_from_the_cgroup_limit(wide_kv_model: Path, tmp_path: Path, memory_cgroup: Path) -> None:
-    limit = 1024 * 2**20
+    limit = 2 * 2**30
     (memory_cgroup / "memory.limit_in_bytes").write_text(str(limit))
     # No --kv-cache-tokens: the CPU default (max_num_seqs x max_model_len = 64Ki tokens = 1 GiB)
-    # would not fit in the 1 GiB limit next to the runtime; the cache must shrink to what does.
+    # does not fit in the 2 GiB limit next to the runtime (~1 GiB); the cache must shrink to what does.
     proc = _launch_in(memory_cgroup, wide_kv_model, tmp_path, common=False)
     try:
         kv_bytes = metric(proc.base_url, "fleetserve_model_memory_bytes", kind="kv_cache")
@@ -144,8 +144,8 @@ def test_kv_cache_sized_from_the_cgroup_limit(wide_kv_model: Path, tmp_path: Pat
 def test_startup_fails_naming_the_numbers_when_the_plan_does_not_fit(
     wide_kv_model: Path, tmp_path: Path, memory_cgroup: Path
 ) -> None:
-    (memory_cgroup / "memory.limit_in_bytes").write_text(str(1024 * 2**20))
-    # An explicit plan (what the operator writes) of 1.5 GiB of KV in a 1 GiB pod.
+    (memory_cgroup / "memory.limit_in_bytes").write_text(str(2 * 2**30))
+    # An explicit plan (what the operator writes) of 1.5 GiB of KV in a 2 GiB pod.
     with pytest.raises(RuntimeError, match="exited with code 1") as failed:
         _launch_in(memory_cgroup, wide_kv_model, tmp_path, "--kv-cache-tokens", str(3 * KV_TOKENS),
                    "--max-num-seqs", "64")

@@ -80,6 +80,9 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> None:
 CPU_FLOPS_PER_CORE = 35e9
 CPU_STEP_SECONDS = 1.0
 DEFAULT_MAX_BATCH_TOKENS = 2048  # the step budget on CUDA, and the CPU budget's ceiling
+# What Python, torch and transformers hold on CPU before the KV cache (the operator's
+# fit.CPU_RUNTIME_RESERVE_BYTES reserves the same for a gpus: 0 pod).
+CPU_RUNTIME_RESERVE_BYTES = 1024**3
 
 
 class InsufficientMemoryError(MemoryError):
@@ -95,7 +98,10 @@ def device_memory_bytes(device: torch.device) -> int:
     budget = resources.memory_budget()
     if budget.source == "host memory":
         return budget.limit_bytes
-    return budget.available_bytes
+    # The runtime grows while the model loads (transformers, tokenizers, allocator arenas: ~0.9 GiB
+    # RSS for a tiny model): hold back at least CPU_RUNTIME_RESERVE_BYTES, the operator's figure.
+    used = budget.limit_bytes - budget.available_bytes
+    return max(0, budget.limit_bytes - max(used, CPU_RUNTIME_RESERVE_BYTES))
 
 
 def cpu_max_batch_tokens(arch: memory.ModelArchitecture, *, cores: int, max_model_len: int,
