@@ -28,8 +28,8 @@ NORMAL = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "tem
 
 @pytest.fixture(scope="module")
 def abuse_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:  # noqa: F811
-    # Four sequences at most, so the queueing tests can fill the running set cheaply.
-    proc = launch(tiny_model, tmp_path_factory.mktemp("abuse-logs"), "--max-num-seqs", "4")
+    # 16 sequences at most: the flow test runs 16 streams, the queueing test fills every slot.
+    proc = launch(tiny_model, tmp_path_factory.mktemp("abuse-logs"), "--max-num-seqs", "16")
     try:
         yield proc
     finally:
@@ -270,11 +270,11 @@ class Streams:
 
 def test_streams_keep_flowing_while_a_huge_prompt_is_tokenized(abuse_server: ServerProcess) -> None:
     """Tokenizing 1 MB takes seconds of CPU; done on the event loop it froze every stream meanwhile."""
-    streams = Streams(abuse_server.base_url, 3)
+    streams = Streams(abuse_server.base_url, 16)
     try:
         from serve_util import wait_for
 
-        wait_for(lambda: streams.count_data() >= 6, 60, "the streams to start")
+        wait_for(lambda: streams.count_data() >= 32, 60, "the streams to start")
         start = time.monotonic()
         big = httpx.post(abuse_server.base_url + "/v1/completions",
                          json={"model": MODEL, "prompt": "hello world " * 83_334, "max_tokens": 4}, timeout=120)
@@ -298,12 +298,12 @@ def test_streams_keep_flowing_while_a_huge_prompt_is_tokenized(abuse_server: Ser
 def test_queued_stream_gets_headers_and_a_comment_at_once(abuse_server: ServerProcess) -> None:
     """With every sequence slot busy, a new stream is queued: its headers and an SSE comment
     go out right away (proxies with header timeouts would otherwise drop it), then its tokens."""
-    busy = Streams(abuse_server.base_url, 4, max_tokens=1500)
+    busy = Streams(abuse_server.base_url, 16, max_tokens=1500)
     try:
         from serve_util import wait_for
 
-        wait_for(lambda: metric(abuse_server.base_url, "fleetserve_requests_running") == 4, 60,
-                 "four running requests")
+        wait_for(lambda: metric(abuse_server.base_url, "fleetserve_requests_running") == 16, 60,
+                 "16 running requests")
         body = {"model": MODEL, "prompt": "queued", "max_tokens": 3, "temperature": 0, "stream": True}
         with httpx.stream("POST", abuse_server.base_url + "/v1/completions", json=body, timeout=120) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")

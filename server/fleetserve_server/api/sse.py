@@ -16,9 +16,17 @@ from fleetserve_server.engine.interfaces import RequestOutputDelta
 DONE = "data: [DONE]\n\n"
 
 # `stream: true` answers 200 with text/event-stream; declared so that schema
-# checkers accept either content type.
+# checkers accept either content type. The event-stream schema describes one
+# event (schemathesis validates each parsed event against it): its `data` is a
+# JSON chunk, an error object, or `[DONE]`.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}},
+    "required": ["data"],
+}
 STREAM_200: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
           "description": "JSON, or Server-Sent Events ending in `data: [DONE]` when `stream` is true"},
 }
 
@@ -65,7 +73,7 @@ def stream_response(run: GenerationRun, stream_options: StreamOptions | None, *,
             yield opening
         try:
             async for delta in run.deltas():
-                if delta.text or delta.finish_reason is not None:
+                if delta.text or delta.finish_reason is not None or delta.logprobs:
                     yield delta_event(delta)
         except APIError as exc:
             yield sse_error(exc)
