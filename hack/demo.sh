@@ -8,28 +8,62 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+# True while the pid in file $1 is a live `fleetserve operator` process.
+operator_running() {
+  [[ -f "$1" ]] || return 1
+  local pid; pid="$(cat "$1")"
+  [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "fleetserve operator"
+}
+
+# Earlier versions of this script kept the operator's pid in the cache dir, where `down` never saw it.
+stop_legacy_operator() {
+  local legacy="${FLEETSERVE_CACHE_DIR:-$HOME/.cache/fleetserve}/demo/operator.pid"
+  if operator_running "$legacy"; then
+    echo "stopping the operator an earlier demo left running (pid $(cat "$legacy"))"
+    kill "$(cat "$legacy")"
+  fi
+  rm -rf "$(dirname "$legacy")"
+}
+
+# FLEETSERVE_DEV_CLUSTER_STATE (as for the tests) and FLEETSERVE_DEV_CLUSTER_PORT_BASE run the demo on a
+# cluster of its own next to a shared one.
+cluster_flags=()
+[[ -n "${FLEETSERVE_DEV_CLUSTER_STATE:-}" ]] && cluster_flags+=(--state-dir "$FLEETSERVE_DEV_CLUSTER_STATE")
+
 demo_cluster() {
   step "dev cluster: etcd + kube-apiserver + controller-manager + scheduler on 127.0.0.1"
-  fleetserve dev-cluster up
-  eval "$(fleetserve dev-cluster env)"
+  local port_flags=()
+  [[ -n "${FLEETSERVE_DEV_CLUSTER_PORT_BASE:-}" ]] && port_flags+=(--port-base "$FLEETSERVE_DEV_CLUSTER_PORT_BASE")
+  fleetserve dev-cluster up "${cluster_flags[@]}" "${port_flags[@]}"
+  eval "$(fleetserve dev-cluster env "${cluster_flags[@]}")"
   echo "readyz: $(kubectl get --raw /readyz)"
   kubectl version
-  fleetserve dev-cluster status
+  fleetserve dev-cluster status "${cluster_flags[@]}"
 }
 
 demo_operator() {
   step "operator: the LLMDeployment CRD, the operator, and the builtin model on CPU as a fleet"
-  local dir="${FLEETSERVE_CACHE_DIR:-$HOME/.cache/fleetserve}/demo"
-  mkdir -p "$dir"
+  # The operator is one of the dev cluster's processes: its pid file lives in the state dir, so
+  # `fleetserve dev-cluster down` stops it with the rest, and a new cluster never finds an old one.
+  local state; state="$(dirname "$KUBECONFIG")"
+  local pidfile="$state/pids/demo-operator.pid" log="$state/logs/demo-operator.log"
+  local ca; ca="$(sha256sum "$state/pki/ca.crt" | cut -d' ' -f1)"
+  stop_legacy_operator
   kubectl apply --server-side --force-conflicts -f crds/
   kubectl wait --for=condition=Established --timeout=60s crd/llmdeployments.fleetserve.io
-  if [[ -f "$dir/operator.pid" ]] && kill -0 "$(cat "$dir/operator.pid")" 2>/dev/null; then
-    echo "operator already running (pid $(cat "$dir/operator.pid"))"
+  if operator_running "$pidfile" && [[ "$(cat "$state/demo-operator.ca" 2>/dev/null)" == "$ca" ]]; then
+    echo "operator already running for this cluster (pid $(cat "$pidfile"))"
   else
+    if operator_running "$pidfile"; then  # started against another cluster's CA: it can never work here
+      echo "stopping a stale operator (pid $(cat "$pidfile")) that serves another cluster"
+      kill "$(cat "$pidfile")"
+    fi
+    mkdir -p "$state/pids" "$state/logs"
     # One namespace: a shared dev cluster may hold other people's LLMDeployments.
-    fleetserve operator --namespace default --metrics-port 0 >"$dir/operator.log" 2>&1 &
-    echo $! >"$dir/operator.pid"
-    echo "operator started (pid $!, log $dir/operator.log)"
+    setsid fleetserve operator --namespace default --metrics-port 0 </dev/null >>"$log" 2>&1 &
+    echo $! >"$pidfile"
+    echo "$ca" >"$state/demo-operator.ca"
+    echo "operator started (pid $!, log $log)"
   fi
   kubectl apply -f examples/smollm2-cpu.yaml
   echo "waiting for Ready (the first start converts the builtin model; a few minutes on a busy CPU)..."
@@ -49,7 +83,7 @@ demo_operator() {
   kubectl describe llmd smollm2-cpu | sed -n '/^Status:/,$p'
   echo
   echo "Tear down the fleet:   kubectl delete -f examples/smollm2-cpu.yaml"
-  echo "Stop the operator:     kill \$(cat $dir/operator.pid)"
+  echo "The operator stops with: fleetserve dev-cluster down"
 }
 
 demo_cluster
@@ -57,5 +91,5 @@ demo_operator
 # (next steps: autoscaling)
 
 step "done"
-echo "The dev cluster keeps running; use it with:  eval \"\$(fleetserve dev-cluster env)\""
-echo "Stop it with:                               fleetserve dev-cluster down"
+echo "The dev cluster keeps running; use it with:  eval \"\$(fleetserve dev-cluster env ${cluster_flags[*]})\""
+echo "Stop it (and the operator) with:            fleetserve dev-cluster down ${cluster_flags[*]}"

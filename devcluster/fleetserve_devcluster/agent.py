@@ -9,6 +9,7 @@ On a real cluster the kubelet does all of this.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -138,9 +139,7 @@ class NodeAgent:
     # ------------------------------------------------------------------ nodes
     def remove_stale_addresses(self) -> None:
         """Pod IPs left on `lo` in this agent's block by a killed agent (its pods died with it)."""
-        for index in range(MAX_NODES):  # own and adopted nodes alike
-            for ip in local_addresses(NodeAllocator(index=index, gpus=0, net=self.net).prefix):
-                remove_address(ip)
+        remove_block_addresses(self.net)
 
     def register_nodes(self) -> None:
         for name, alloc in self.nodes.items():
@@ -157,6 +156,7 @@ class NodeAgent:
         self._renew_leases()
 
     def _post_status(self, name: str, alloc: NodeAllocator, node: JsonObj | None) -> None:
+        add_address(alloc.host_ip)  # idempotent; back if anything on the machine removed it meanwhile
         status = node_status(name, alloc.host_ip, self.cfg, node)
         status["addresses"] = [{"$patch": "replace"}, *status["addresses"]]  # merged by type otherwise
         self.kube.patch(f"/api/v1/nodes/{name}/status", {"status": status}, strategic=True)
@@ -262,8 +262,37 @@ class NodeAgent:
             worker.join(timeout=10)
 
 
+def remove_block_addresses(net: int) -> None:
+    """Every address of pod-network block `net` on `lo` (nodes', own and adopted, and pods')."""
+    for index in range(MAX_NODES):
+        for ip in local_addresses(NodeAllocator(index=index, gpus=0, net=net).prefix):
+            remove_address(ip)
+
+
 # ---------------------------------------------------------------------- the process
 HEARTBEAT_FILE = "node-agent.heartbeat"
+NETWORK_FILE = "network.json"  # the block the agent holds, so `down` can clean up after a killed agent
+
+
+def remove_left_addresses(state_dir: Path, lock_dir: Path | None = None) -> None:
+    """After the agent stopped: remove its block's addresses that a killed agent left on `lo`.
+
+    Only while no other agent holds that block (it may have claimed it the moment ours died).
+    """
+    try:
+        block = int(json.loads((state_dir / NETWORK_FILE).read_text())["block"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if locks.held_elsewhere(LEGACY_NET_LOCKS / f"{block}.lock"):
+        return
+    path = locks.private_dir(lock_dir or locks.lock_dir()) / f"net-{block}.lock"
+    fd = locks.acquire(path, blocking=False)
+    if fd is None:
+        return
+    try:
+        remove_block_addresses(block)
+    finally:
+        locks.release(fd, path)
 
 
 def component_argv(cluster: Any) -> list[str]:
@@ -320,6 +349,7 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
                        api_port=kube.server.port, state_dir=state_dir, host_path_allow=host_path_allow)
     held = claim_network_block()  # until this process exits
     block = held.index
+    (state_dir / NETWORK_FILE).write_text(json.dumps({"block": block}) + "\n")
     logs: LogServer | None = None
     try:
         logs = LogServer(state_dir, LOG_BASE_PORT + block, client_ca=state_dir / "pki" / "ca.crt")

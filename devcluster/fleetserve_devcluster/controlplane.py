@@ -10,6 +10,8 @@ State dir layout (default ``~/.cache/fleetserve/dev-cluster``):
     kubeconfigs/      the controller-manager's and the scheduler's own identities
     pids/<name>.pid   one per long-running process (see processes.py)
     logs/<name>.log
+    audit/            the API server's audit policy and log (service accounts, Metadata level):
+                      which verbs on which resources each ServiceAccount really used
 
 `up()` walks `COMPONENTS` in order and starts each one that is not running,
 then waits for its health probe; anything further (the node agent, the
@@ -201,8 +203,25 @@ def etcd_argv(c: Cluster) -> list[str]:
     ]
 
 
+# Metadata level (who, verb, resource, response code; never bodies) for ServiceAccounts only: the
+# RBAC least-privilege test reads what the operator's account really did, and the components'
+# own chatter (node agent, controllers) stays out of the log.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}],
+}
+
+
+def audit_log_path(state_dir: Path) -> Path:
+    """JSON lines, one audit.k8s.io/v1 Event per line (rotated at 100 MB, one backup)."""
+    return state_dir / "audit" / "audit.log"
+
+
 def apiserver_argv(c: Cluster) -> list[str]:
     p = c.pki
+    audit = audit_log_path(c.state_dir).parent
     return [
         str(tools.tool_path("kube-apiserver")),
         f"--etcd-servers=http://127.0.0.1:{c.port('etcd')}",
@@ -228,6 +247,8 @@ def apiserver_argv(c: Cluster) -> list[str]:
         # 127.0.0.1 as its endpoint; processes in "pods" reach the API server through
         # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>).
         "--endpoint-reconciler-type=none",
+        f"--audit-policy-file={audit / 'policy.json'}", f"--audit-log-path={audit_log_path(c.state_dir)}",
+        "--audit-log-format=json", "--audit-log-maxsize=100", "--audit-log-maxbackup=1",
         "--profiling=false", "--v=1",
     ]
 
@@ -306,6 +327,8 @@ def _prepare(cluster: Cluster) -> None:
     (cluster.state_dir / "kubeconfigs").mkdir(exist_ok=True)
     for identity in ("controller-manager", "scheduler"):
         pki.write_kubeconfig(cluster.component_kubeconfig(identity), cluster.server_url, paths, identity)
+    audit_log_path(cluster.state_dir).parent.mkdir(mode=0o700, exist_ok=True)
+    (audit_log_path(cluster.state_dir).parent / "policy.json").write_text(json.dumps(AUDIT_POLICY))
 
 
 def _wait_healthy(cluster: Cluster, comp: Component, proc_pid: int, log: Callable[[str], None]) -> None:
@@ -437,6 +460,8 @@ def _down(state_dir: Path, log: Callable[[str], None]) -> None:
         for t in live:
             how = "with SIGKILL" if t.name in killed else f"in {time.monotonic() - t0:.1f}s"
             log(f"stopped {t.name} (pid {t.pid}) {how}")
+    # A node agent that had to be killed could not remove its pod-network addresses from `lo`.
+    _agent().remove_left_addresses(state_dir)
     shutil.rmtree(state_dir)
     log(f"removed {state_dir}")
 
