@@ -3,6 +3,7 @@ generation routes."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -71,12 +72,23 @@ def stream_response(run: GenerationRun, stream_options: StreamOptions | None, *,
                 yield ": keep-alive\n\n"
         if opening is not None:
             yield opening
+        failed: APIError | None = None
         try:
-            async for delta in run.deltas():
-                if delta.text or delta.finish_reason is not None or delta.logprobs:
-                    yield delta_event(delta)
+            # aclosing: whatever ends this loop, the run's iterator is closed now (its request is
+            # released and, if unfinished, aborted), not whenever it is garbage-collected.
+            async with contextlib.aclosing(run.deltas()) as deltas:
+                async for delta in deltas:
+                    if failed is None and (delta.text or delta.finish_reason is not None or delta.logprobs):
+                        try:
+                            event = delta_event(delta)
+                        except APIError as exc:  # e.g. the final delta of an aborted request
+                            failed = exc  # keep draining: the run then ends normally, engine state freed
+                            continue
+                        yield event
         except APIError as exc:
-            yield sse_error(exc)
+            failed = exc
+        if failed is not None:
+            yield sse_error(failed)
             yield DONE
             return
         if include_usage:
