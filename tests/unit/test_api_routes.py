@@ -96,7 +96,7 @@ async def test_stop_strings_and_seed_reproducibility() -> None:
     (chat_body(top_p=0), "top_p", 400),
     (chat_body(max_tokens=0), "max_tokens", 400),
     (chat_body(max_tokens=10_000), "max_tokens", 400),
-    (chat_body(logprobs=True), "logprobs", 400),
+    (chat_body(logprobs=True, top_logprobs=21), "top_logprobs", 400),
     (chat_body(presence_penalty=2.5), "presence_penalty", 400),
     (chat_body(messages=[]), "messages", 400),
     (chat_body(messages=[{"role": "wizard", "content": "x"}]), "messages.0.role", 400),

@@ -17,16 +17,19 @@ from fleetserve_server.api.generation import (
     start_run,
     vocab_size,
 )
+from fleetserve_server.api.logprobs import TokenText, chat_logprobs
 from fleetserve_server.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatResponseMessage,
     DeltaMessage,
 )
 from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
+from fleetserve_server.engine.interfaces import TokenLogprob
 
 router = APIRouter()
 
@@ -61,43 +64,54 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     ctx = get_context(request)
     serving = require_serving(ctx.state, req.model)
     offending = [name for name, on in (
-        ("logprobs", bool(req.logprobs)), ("top_logprobs", bool(req.top_logprobs)),
         ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none")),
         ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
+    if req.top_logprobs and not req.logprobs:
+        raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
     prompt_ids = await off_loop(render_chat_prompt, ctx, req)  # CPU-heavy for long chats: not on the loop
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="messages",
-                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving))
+                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
+                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    token_text = TokenText(serving.tokenizer)
+
+    def logprobs_of(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
+        return chat_logprobs(entries, token_text) if req.logprobs and entries is not None else None
+
     log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None
     run = await start_run(ctx, request, serving, endpoint="chat", prompt_ids=prompt_ids, params=params,
                           log_prompt=log_prompt)
     response_id = f"chatcmpl-{run.engine_id}"
     if req.stream:
         def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: Any = None,
-                  choices: bool = True) -> str:
+                  choices: bool = True, logprobs: ChatLogprobs | None = None) -> str:
             body = ChatCompletionChunk(
                 id=response_id, created=run.created, model=serving.model.served_name,
                 system_fingerprint=serving.model.fingerprint,
-                choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)] if choices else [],  # type: ignore[arg-type]
+                choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
+                                         logprobs=logprobs)] if choices else [],
                 usage=usage,
             )
             return sse_event(body.model_dump_json())
 
         return stream_response(
             run, req.stream_options, opening=chunk(DeltaMessage(role="assistant", content="")),
-            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), openai_finish_reason(delta.finish_reason)),
+            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), openai_finish_reason(delta.finish_reason),
+                                            logprobs=logprobs_of(delta.logprobs)),
             usage_event=lambda usage: chunk(DeltaMessage(), usage=usage, choices=False),
         )
-    async for _ in run.deltas():
-        pass
+    entries: list[TokenLogprob] = []
+    async for delta in run.deltas():
+        entries.extend(delta.logprobs or ())
     return ChatCompletionResponse(
         id=response_id, created=run.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
         choices=[ChatChoice(message=ChatResponseMessage(content="".join(run.text)),
-                            finish_reason=openai_finish_reason(run.finish_reason))],  # type: ignore[arg-type]
+                            finish_reason=openai_finish_reason(run.finish_reason),  # type: ignore[arg-type]
+                            logprobs=logprobs_of(entries))],
         usage=run.usage,
     )
 

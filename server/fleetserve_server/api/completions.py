@@ -17,9 +17,16 @@ from fleetserve_server.api.generation import (
     start_run,
     vocab_size,
 )
-from fleetserve_server.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from fleetserve_server.api.logprobs import TokenText, completion_logprobs
+from fleetserve_server.api.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
 from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
 from fleetserve_server.api.state import Serving
+from fleetserve_server.engine.interfaces import RequestOutputDelta, TokenLogprob
 
 router = APIRouter()
 
@@ -51,7 +58,6 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     ctx = get_context(request)
     serving = require_serving(ctx.state, req.model)
     offending = [name for name, on in (
-        ("echo", bool(req.echo)), ("logprobs", req.logprobs is not None),
         ("best_of", req.best_of not in (None, 1)), ("suffix", bool(req.suffix)),
         ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
@@ -59,7 +65,29 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     prompt_ids = await off_loop(prompt_token_ids, serving, req.prompt)  # CPU-heavy: not on the event loop
     params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="prompt",
-                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving))
+                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
+                                   logprobs=req.logprobs,
+                                   prompt_logprobs=req.logprobs if req.echo else None)
+    token_text = TokenText(serving.tokenizer)
+    echo_text = ""
+    if req.echo:
+        single = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+        echo_text = single if isinstance(single, str) else serving.tokenizer.decode(prompt_ids)
+    top_n = req.logprobs or 0
+
+    def logprobs_of(delta_ids: list[int], entries: list[TokenLogprob] | None, prompt: list[TokenLogprob | None] | None,
+                    offset: int) -> CompletionLogprobs | None:
+        if req.logprobs is None:
+            return None
+        ids: list[int] = []
+        scored: list[TokenLogprob | None] = []
+        if prompt is not None:
+            ids.extend(prompt_ids)
+            scored.extend(prompt)
+        ids.extend(delta_ids)
+        scored.extend(entries or [None] * len(delta_ids))
+        return completion_logprobs(scored, ids, token_text, top_n=top_n, offset=offset)
+
     run = await start_run(ctx, request, serving, endpoint="completions", prompt_ids=prompt_ids, params=params,
                           log_prompt=req.prompt if ctx.request_log.log_prompts else None)
     response_id = f"cmpl-{run.engine_id}"
@@ -69,19 +97,36 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
                                       system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage)
             return sse_event(body.model_dump_json())
 
-        return stream_response(
-            run, req.stream_options,
-            delta_event=lambda delta: chunk([CompletionChoice(
-                text=delta.text, finish_reason=openai_finish_reason(delta.finish_reason))]),
-            usage_event=lambda usage: chunk([], usage=usage),
-        )
-    async for _ in run.deltas():
-        pass
+        emitted = {"chars": 0, "echoed": False}
+
+        def delta_event(delta: RequestOutputDelta) -> str:
+            text = delta.text
+            prompt_scores = None
+            if req.echo and not emitted["echoed"]:
+                emitted["echoed"] = True
+                text = echo_text + text
+                prompt_scores = delta.prompt_logprobs or [None] * len(prompt_ids)
+            offset = emitted["chars"]
+            emitted["chars"] += len(text)
+            return chunk([CompletionChoice(
+                text=text, finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
+                logprobs=logprobs_of(delta.token_ids, delta.logprobs, prompt_scores, offset))])
+
+        return stream_response(run, req.stream_options, delta_event=delta_event,
+                               usage_event=lambda usage: chunk([], usage=usage))
+    token_ids: list[int] = []
+    entries: list[TokenLogprob] = []
+    prompt_scores: list[TokenLogprob | None] | None = [None] * len(prompt_ids) if req.echo else None
+    async for delta in run.deltas():
+        token_ids.extend(delta.token_ids)
+        entries.extend(delta.logprobs or ())
+        if delta.prompt_logprobs is not None:
+            prompt_scores = delta.prompt_logprobs
     return CompletionResponse(
         id=response_id, created=run.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
-        choices=[CompletionChoice(text="".join(run.text),
-                                  finish_reason=openai_finish_reason(run.finish_reason))],  # type: ignore[arg-type]
+        choices=[CompletionChoice(text=echo_text + "".join(run.text),
+                                  finish_reason=openai_finish_reason(run.finish_reason),  # type: ignore[arg-type]
+                                  logprobs=logprobs_of(token_ids, entries or None, prompt_scores, 0))],
         usage=run.usage,
     )
-

@@ -123,8 +123,9 @@ class BlockManager:
 
         Looks only at full blocks before the last token, so at least that token
         is always computed (its logits are needed) and never into a shared block.
+        A request for prompt logprobs needs the logits of every prompt position: no hits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         bs = self.block_size
         hits: list[int] = []

@@ -42,6 +42,26 @@ class ScheduledSequence:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (log-softmax of its logits,
+    before temperature, penalties or masks), with the ``top`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class StepLogprobs:
+    """What a runner step computed for one sequence's logprobs: the sampled token's (if it
+    asked for ``logprobs``) and ``(position, logprob of the prompt token at position)`` pairs
+    (if it asked for ``prompt_logprobs``)."""
+
+    sampled: TokenLogprob | None = None
+    prompt: list[tuple[int, TokenLogprob]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ScheduledBatch:
     sequences: Sequence[ScheduledSequence]
 
@@ -60,7 +80,9 @@ class ModelRunner(Protocol):
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         """Compute KV for every scheduled token; return seq_id -> sampled token
         for each sequence with ``sample=True``. Per-request seeded generators
-        are keyed by seq_id and persist until ``release``."""
+        are keyed by seq_id and persist until ``release``. A runner that
+        computes logprobs leaves them in ``last_logprobs`` (seq_id ->
+        ``StepLogprobs``) until the next call."""
         ...
 
     def release(self, seq_id: int) -> None:
@@ -106,6 +128,10 @@ class RequestOutputDelta:
     time_to_first_token: float | None = None
     e2e_latency: float | None = None
     error: str | None = None
+    # with SamplingParams.logprobs: one entry per token in token_ids
+    logprobs: list[TokenLogprob] | None = None
+    # with SamplingParams.prompt_logprobs, on the first delta with tokens: one per prompt token (the first None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # with finish_reason "error": the request field at fault (its own input -> a 400), else None
     error_param: str | None = None
 

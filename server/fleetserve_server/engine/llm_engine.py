@@ -194,7 +194,11 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
                 self.prompt_tokens += seq.num_prompt_tokens
-        sampled = self._execute(out.batch, {seq.seq_id: seq for seq, _ in out.scheduled}, deltas)
+        by_id = {seq.seq_id: seq for seq, _ in out.scheduled}
+        sampled = self._execute(out.batch, by_id, deltas)
+        for seq_id, step_logprobs in (getattr(self.runner, "last_logprobs", None) or {}).items():
+            if seq_id in by_id and (seq_id in sampled or step_logprobs.prompt):
+                by_id[seq_id].record_logprobs(step_logprobs)  # before update() appends the token
         got_token = self.scheduler.update(out, sampled)
         now = self.clock()
         self.num_steps += 1
@@ -326,6 +330,10 @@ class LLMEngine:
             completion_tokens=seq.num_output_tokens,
             cached_prompt_tokens=seq.num_cached_tokens or 0,
         )
+        if seq.params.logprobs is not None and token_ids:
+            delta.logprobs = seq.output_logprobs[seq.num_output_tokens - len(token_ids) : seq.num_output_tokens]
+        if seq.prompt_logprobs is not None and token_ids and seq.num_output_tokens == len(token_ids):
+            delta.prompt_logprobs = seq.prompt_logprobs  # the first delta with tokens: the prompt is done
         if finished or first:
             if seq.first_scheduled_time is not None:
                 delta.queue_time = seq.first_scheduled_time - seq.arrival_time

@@ -141,7 +141,7 @@ class Scheduler:
                     sample=start + n == len(seq.token_ids),
                     params=seq.params,
                     num_generated=seq.num_output_tokens,
-                    history=seq.token_ids if seq.params.has_penalties else (),
+                    history=seq.token_ids if seq.params.has_penalties or seq.params.prompt_logprobs is not None else (),
                 )
             )
         return ScheduledBatch(seqs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-from fleetserve_server.engine.interfaces import FinishReason
+from fleetserve_server.engine.interfaces import FinishReason, StepLogprobs, TokenLogprob
 from fleetserve_server.engine.sampling_params import SamplingParams
 
 
@@ -57,6 +57,11 @@ class Sequence:
         self.num_cached_tokens: int | None = None
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        # with params.logprobs: one per output token; with params.prompt_logprobs: one per prompt
+        # token, the first None (nothing predicts it), filled as prefill chunks run
+        self.output_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None)
         # timings on the engine's clock
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
@@ -91,3 +96,13 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def record_logprobs(self, step: StepLogprobs) -> None:
+        """Keep what a runner step computed; call before the step's token is appended.
+        A recomputation after preemption rewrites the same prompt positions with the same values."""
+        if self.prompt_logprobs is not None:
+            for position, entry in step.prompt:
+                if 0 < position < self.num_prompt_tokens:
+                    self.prompt_logprobs[position] = entry
+        if step.sampled is not None:
+            self.output_logprobs.append(step.sampled)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence
+from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence, StepLogprobs
 from fleetserve_server.runner.model import PagedCausalLM, StepMetadata
 from fleetserve_server.runner.sampler import Sampler
 
@@ -48,6 +48,8 @@ class TorchModelRunner:
             (model.num_layers, 2, model.num_kv_heads, num_blocks * block_size, model.head_dim),
             model.dtype, self.device,
         )
+        # seq_id -> the logprobs the last execute() computed (see ModelRunner.execute)
+        self.last_logprobs: dict[int, StepLogprobs] = {}
         self.sampler = Sampler(self.device, base_seed=seed, eos_token_ids=self.eos_token_ids)
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
         self._block_base = torch.arange(2 * model.num_kv_heads, device=self.device) * num_blocks
@@ -79,12 +81,32 @@ class TorchModelRunner:
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         if not batch.sequences:
             return {}
-        input_ids, meta, sample_rows = self._prepare(batch)
+        self.last_logprobs = {}
+        input_ids, meta, sample_rows, prompt_rows = self._prepare(batch)
         logits = self.model(input_ids, meta, self.kv_cache)
+        n_sample = len(sample_rows)
+        if prompt_rows:
+            self._prompt_logprobs(logits[n_sample:], prompt_rows)
         if not sample_rows:
             return {}
+        logits = logits[:n_sample]
         tokens = self.sampler.sample(logits, sample_rows)
+        wanted = [i for i, row in enumerate(sample_rows) if row.params.logprobs is not None]
+        if wanted:
+            index = torch.tensor(wanted, device=logits.device)
+            entries = self.sampler.logprobs(logits[index], [tokens[i] for i in wanted],
+                                            [sample_rows[i].params.logprobs or 0 for i in wanted])
+            for i, entry in zip(wanted, entries, strict=True):
+                self.last_logprobs.setdefault(sample_rows[i].seq_id, StepLogprobs()).sampled = entry
         return {row.seq_id: token for row, token in zip(sample_rows, tokens, strict=True)}
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[ScheduledSequence, int, int]]) -> None:
+        """``prompt_rows[j]`` = (sequence, position p, token at p + 1): logits row j (computed at p)
+        scores the prompt token at p + 1."""
+        entries = self.sampler.logprobs(logits, [t for _, _, t in prompt_rows],
+                                        [seq.params.prompt_logprobs or 0 for seq, _, _ in prompt_rows])
+        for (seq, position, _), entry in zip(prompt_rows, entries, strict=True):
+            self.last_logprobs.setdefault(seq.seq_id, StepLogprobs()).prompt.append((position + 1, entry))
 
     def _rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Slot indices -> row indices of a layer's cache viewed as [2 * kv * slots, hd],
@@ -106,6 +128,8 @@ class TorchModelRunner:
         prefills: list[tuple[int, int, int, Sequence[int] | None]] = []
         logits_idx: list[int] = []
         sample_rows: list[ScheduledSequence] = []
+        prompt_rows: list[tuple[ScheduledSequence, int, int]] = []
+        prompt_idx: list[int] = []
         max_positions = self.model.max_positions
         num_blocks = self.num_blocks
         # decode sequences (one token) first, so the model addresses them as q[:B]
@@ -144,6 +168,12 @@ class TorchModelRunner:
             if seq.sample:
                 logits_idx.append(start + n - 1)
                 sample_rows.append(seq)
+            if seq.params.prompt_logprobs is not None:
+                # positions whose next token is a prompt token: their logits score it
+                num_prompt = len(seq.history) - seq.num_generated
+                for p in range(start_pos, min(end_pos, num_prompt - 1)):
+                    prompt_idx.append(start + p - start_pos)
+                    prompt_rows.append((seq, p, seq.history[p + 1]))
         dev = self.device
         if max(ids) >= self.model.vocab_size or min(ids) < 0:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
@@ -167,10 +197,11 @@ class TorchModelRunner:
                 (s, n, sp, None if t is None else self._block_rows(torch.tensor(t, dtype=torch.long, device=dev)))
                 for s, n, sp, t in prefills
             ],
-            logits_idx=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            # sampling rows first, then the prompt-logprob rows
+            logits_idx=torch.tensor(logits_idx + prompt_idx, dtype=torch.long, device=dev),
             block_size=bs,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_rows
+        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_rows, prompt_rows
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

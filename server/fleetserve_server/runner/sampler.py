@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fleetserve_server.engine.interfaces import ScheduledSequence
+from fleetserve_server.engine.interfaces import ScheduledSequence, TokenLogprob
 from fleetserve_server.engine.sampling_params import SamplingParams
 
 # Candidate set for top-k / top-p: at temperature <= 1 a language model's top
@@ -107,6 +107,24 @@ class Sampler:
                 for i, token in zip(group, tokens.tolist(), strict=True):
                     out[i] = token
         return out
+
+    @staticmethod
+    def logprobs(logits: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprob]:
+        """Log-softmax of the raw ``logits`` rows (the model's distribution, before temperature,
+        penalties and masks, as OpenAI and vLLM report it): each row's ``token_ids`` entry and
+        its ``top_n`` most likely tokens."""
+        if not token_ids:
+            return []
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device)[:, None]).squeeze(1).tolist()
+        k = max(top_n)
+        top_vals: list[list[float]] = [[] for _ in token_ids]
+        top_ids: list[list[int]] = [[] for _ in token_ids]
+        if k:
+            values, ids = torch.topk(lp, k, dim=-1)
+            top_vals, top_ids = values.tolist(), ids.tolist()
+        return [TokenLogprob(token_id=t, logprob=c, top=tuple(zip(top_ids[i][:n], top_vals[i][:n], strict=True)))
+                for i, (t, c, n) in enumerate(zip(token_ids, chosen, top_n, strict=True))]
 
     # ---- logits processing ---------------------------------------------------
 
