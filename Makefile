@@ -25,8 +25,8 @@ tools: $(VENV)/.installed
 	hack/install-tools.sh
 
 lint: install
-	$(BIN)/ruff check cli operator server devcluster tests benchmarks
-	$(BIN)/mypy operator/fleetserve_operator server/fleetserve_server/engine
+	$(BIN)/ruff check cli operator server router devcluster tests benchmarks
+	$(BIN)/mypy operator/fleetserve_operator server/fleetserve_server/engine router/fleetserve_router
 
 unit: install
 	$(PYTEST) tests/unit

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("fleetserve_server.cli.serve", "run the OpenAI-compatible inference server"),
+    "router": ("fleetserve_router.cli", "the prefix-aware router in front of one LLMDeployment's servers"),
     "operator": ("fleetserve_operator.cli.operator", "run the kopf operator for LLMDeployment resources"),
     "plan": ("fleetserve_server.cli.plan", "memory planner: do the model and its KV cache fit?"),
     "bench": ("fleetserve_server.cli.bench", "benchmarks: `bench offline` and `bench serve`"),

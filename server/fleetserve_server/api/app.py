@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleetserve_server.api import chat, completions, health, models
 from fleetserve_server.api.context import REQUEST_ID_HEADER, APIContext
 from fleetserve_server.api.errors import APIError, install_error_handlers
+from fleetserve_server.api.generation import CACHED_TOKENS_SCOPE_KEY
 from fleetserve_server.api.logs import RequestLogger
 from fleetserve_server.api.state import ModelInfo, ServerState, Tokenizer, engine_version
 from fleetserve_server.engine.interfaces import EngineClient, EngineStats
@@ -104,6 +105,7 @@ def create_app(
     if max_request_bytes is not None:
         app.add_middleware(BodyLimitMiddleware, ctx=ctx, max_bytes=max_request_bytes)
     app.add_middleware(AuthMiddleware, ctx=ctx)
+    app.add_middleware(CacheHeadersMiddleware, ctx=ctx)
     app.add_middleware(RequestIdMiddleware)
     if engine is not None:
         if tokenizer is None or model is None:
@@ -156,6 +158,35 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class CacheHeadersMiddleware:
+    """Every response carries ``x-fleetserve-cache-epoch`` (changes when this process's prefix cache
+    starts empty: a restart or a new engine); generation responses also carry
+    ``x-fleetserve-cached-tokens`` (prompt tokens found in the prefix cache) when it is known as the
+    headers go out (always for non-streamed answers; for streams once the first output came within
+    the first-output grace). The router corrects its prefix index from both."""
+
+    def __init__(self, app: ASGIApp, ctx: APIContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cache(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-fleetserve-cache-epoch", self.ctx.state.cache_epoch.encode()))
+                cached = scope.get(CACHED_TOKENS_SCOPE_KEY)
+                if cached is not None:
+                    headers.append((b"x-fleetserve-cached-tokens", str(int(cached)).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cache)
 
 
 class AuthMiddleware:

@@ -50,6 +50,9 @@ async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` on the tokenizer thread; its exceptions (APIError 400s) propagate as they are."""
     return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, functools.partial(fn, *args))
 
+# Where a run leaves its prompt's cached-token count for the response headers (see app.py).
+CACHED_TOKENS_SCOPE_KEY = "fleetserve.cached_tokens"
+
 _PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop_token_ids", "stop",
                 "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
                 "logprobs", "prompt_logprobs")
@@ -205,6 +208,8 @@ class GenerationRun:
             await asyncio.wait({self._first_task}, timeout=max(self.first_output_grace, 0.001))
             if self._first_task.done():
                 self._first, self._first_task = self._first_task.result(), None
+                if self._first is not None:  # known before a streamed answer's headers go out
+                    self._note_cached(self._first)
         except Exception as exc:
             error = from_engine_error(exc)
             if error.reject_reason is None and isinstance(exc, RequestFailedError):
@@ -267,7 +272,12 @@ class GenerationRun:
         await asyncio.wait({task}, timeout=timeout)
         return task.done()
 
+    def _note_cached(self, delta: RequestOutputDelta) -> None:
+        # Read by CacheHeadersMiddleware into x-fleetserve-cached-tokens (the router's ground truth).
+        self.http_request.scope[CACHED_TOKENS_SCOPE_KEY] = delta.cached_prompt_tokens
+
     def _accept(self, delta: RequestOutputDelta) -> None:
+        self._note_cached(delta)
         if delta.text:
             self.text.append(delta.text)
         self.completion_tokens += len(delta.token_ids)

@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,9 +95,13 @@ class ServerState:
         self.inflight: set[str] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Names this process's prefix cache (the x-fleetserve-cache-epoch header): a router that
+        # sees it change knows every prefix it credited to this replica is gone.
+        self.cache_epoch = uuid.uuid4().hex[:16]
 
     def attach(self, engine: EngineClient, tokenizer: Tokenizer, model: ModelInfo) -> None:
         self.serving = Serving(engine=engine, tokenizer=tokenizer, model=model)
+        self.cache_epoch = uuid.uuid4().hex[:16]  # a new engine starts with an empty cache
 
     def mark_ready(self) -> None:
         if self.serving is None:

@@ -1,0 +1,55 @@
+"""The router's Prometheus metrics (names fixed in ARCHITECTURE.md). Only this module imports
+prometheus_client."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Holds last from milliseconds (a replica just turned ready) to a GPU node's provisioning (minutes).
+HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.held = Gauge("fleetserve_router_requests_held",
+                          "Requests waiting for a ready replica (the autoscaler scales from zero on it)",
+                          registry=r)
+        self.hold_seconds = Histogram("fleetserve_router_hold_seconds",
+                                      "Time requests spent held before dispatch or giving up",
+                                      buckets=HOLD_BUCKETS, registry=r)
+        self.requests = Counter("fleetserve_router_requests", "Requests routed to a replica, by why it was chosen",
+                                ["route"], registry=r)
+        self.rejected = Counter("fleetserve_router_requests_rejected",
+                                "Requests the router answered itself with an error",
+                                ["reason"], registry=r)
+        self.prefix_predicted = Counter("fleetserve_router_prefix_predicted_hits",
+                                        "Requests sent to a replica the prefix index credited with their prefix",
+                                        registry=r)
+        self.prefix_confirmed = Counter("fleetserve_router_prefix_confirmed_hits",
+                                        "Of the predicted hits, those the replica confirmed (cached tokens > 0)",
+                                        registry=r)
+        self.prefix_false = Counter("fleetserve_router_prefix_false_credit",
+                                    "Predicted hits the replica denied (no cached tokens): index corrected",
+                                    registry=r)
+        self.cached_tokens = Counter("fleetserve_router_cached_tokens",
+                                     "Prompt tokens the replicas reported found in their prefix cache",
+                                     registry=r)
+        self.epoch_resets = Counter("fleetserve_router_cache_epoch_changes",
+                                    "Times a replica's cache epoch changed (its prefix credit was dropped)",
+                                    registry=r)
+        self.upstream_errors = Counter("fleetserve_router_upstream_errors",
+                                       "Dispatch attempts that failed before a response (retried elsewhere)",
+                                       ["reason"], registry=r)
+        self.ready_replicas = Gauge("fleetserve_router_ready_replicas", "Replicas the router may send to",
+                                    registry=r)
+        self.index_entries = Gauge("fleetserve_router_prefix_index_entries", "Chunk hashes in the prefix index",
+                                   registry=r)
+        for route in ("prefix", "least_load", "fail_open"):
+            self.requests.labels(route=route)
+        for reason in ("hold_full", "hold_timeout", "draining", "invalid"):
+            self.rejected.labels(reason=reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""The text a request's prefix is hashed on, cut into fixed-size chunks and hashed with the server's
+own chained block hash.
+
+Why characters, not tokens: the router has no model files (its pod pulls no weights and no
+tokenizer, and must not import torch), and the index only needs *prefix equality*, not token
+counts. Chat templates are prefix-stable across the turns of a conversation (turn k+1's messages
+start with turn k's messages and its answer), so a canonical rendering of the messages is too: equal
+rendered prefixes mean equal template prefixes, hence equal token prefixes on the server. A chunk of
+``chunk_chars`` characters stands for roughly ``chunk_chars / 4`` tokens (English text), so the
+default 64 characters is about one 16-token KV block. The chaining is
+``fleetserve_server.engine.block_manager.hash_block`` fed with the chunk's code points: equal
+hashes mean equal whole prefixes, exactly as on the server.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fleetserve_server.engine.block_manager import hash_block
+
+# Separators that cannot be confused with message text (C0 controls are rare in prompts, and a
+# collision only costs a wrong guess that the server's ground truth then corrects).
+_ROLE_START = "\x02"
+_MESSAGE_END = "\x03"
+
+
+def render_chat(model: str, messages: list[Any]) -> str:
+    """A canonical rendering of chat messages with no generation prompt at the end, so that the next
+    turn's rendering (which adds the answer and a new user message) extends this one."""
+    parts = [model, "\x1d"]
+    for message in messages:
+        if not isinstance(message, dict):
+            return ""
+        content = message.get("content")
+        if isinstance(content, list):  # text parts, as the server joins them
+            content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        elif not isinstance(content, str):
+            content = "" if content is None else json.dumps(content, sort_keys=True)
+        parts.append(f"{_ROLE_START}{message.get('role', '')}\x1f{content}{_MESSAGE_END}")
+    return "".join(parts)
+
+
+def render_request(path: str, body: Any) -> str:
+    """The prefix text of an OpenAI request body ('' when it has none the index can use)."""
+    if not isinstance(body, dict):
+        return ""
+    model = str(body.get("model") or "")
+    if path.endswith("/chat/completions"):
+        messages = body.get("messages")
+        return render_chat(model, messages) if isinstance(messages, list) else ""
+    if path.endswith("/completions"):
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return f"{model}\x1d{prompt}"
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return f"{model}\x1e" + ",".join(str(t) for t in prompt)
+    return ""
+
+
+def chunk_hashes(text: str, chunk_chars: int) -> list[bytes]:
+    """Chained hashes of the text's full ``chunk_chars``-character chunks (the partial tail is not
+    hashed, like the server's partial last block)."""
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    hashes: list[bytes] = []
+    parent: bytes | None = None
+    for start in range(0, len(text) - chunk_chars + 1, chunk_chars):
+        parent = hash_block(parent, [ord(c) for c in text[start : start + chunk_chars]])
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,294 @@
+"""The router's HTTP layer: a raw ASGI app (full control over streaming and disconnects).
+
+One request: read the body -> prefix hashes -> pick a replica (or hold while none is ready) ->
+forward -> relay the answer chunk by chunk. A client that goes away cancels the request's task,
+which closes the upstream connection: the server sees the disconnect and aborts the request.
+A replica that refuses the connection or answers 503 (draining/loading) before any byte reached
+the client is skipped and the request goes elsewhere (or is held), so a request that arrives
+during scale-down is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from fleetserve_router.fleet import Fleet
+from fleetserve_router.hold import HoldFull, HoldQueue, Waiter
+from fleetserve_router.metrics import RouterMetrics
+from fleetserve_router.prompt import chunk_hashes, render_request
+from fleetserve_router.scoring import Decision
+
+log = logging.getLogger("fleetserve.router")
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+               "transfer-encoding", "upgrade", "host", "content-length", "server", "date"}
+_KEEPALIVE = b": keep-alive\n\n"
+
+
+@dataclass
+class RouterConfig:
+    hold_timeout: float = 900.0
+    keepalive_seconds: float = 5.0
+    max_request_bytes: int = 16 << 20
+    chunk_chars: int = 64
+    retry_after_seconds: int = 5
+    max_attempts: int = 8
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _error_body(status: int, message: str, code: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+class RouterApp:
+    """ASGI app. ``draining`` (SIGTERM) makes /ready 503 and new requests 503; in-flight ones finish."""
+
+    def __init__(self, fleet: Fleet, hold: HoldQueue, metrics: RouterMetrics, config: RouterConfig, *,
+                 health: Any = None) -> None:
+        self.fleet = fleet
+        self.hold = hold
+        self.metrics = metrics
+        self.config = config
+        self.health = health or (lambda: (True, "ok"))
+        self.draining = False
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.upstream = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None, pool=30.0),
+                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=200))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path in ("/health", "/healthz"):
+            ok, why = self.health()
+            await _plain(send, 200 if ok else 503, why)
+        elif path == "/ready":
+            await _plain(send, 503 if self.draining else 200, "draining" if self.draining else "ready")
+        elif path == "/metrics":
+            await _plain(send, 200, self.metrics.render().decode(), "text/plain; version=0.0.4")
+        elif path.startswith("/v1/"):
+            await self._handle(scope, receive, send, path, method)
+        else:
+            await _json(send, 404, _error_body(404, f"no route {method} {path}", "not_found"))
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str, method: str) -> None:
+        if self.draining:
+            self.metrics.rejected.labels(reason="draining").inc()
+            await _json(send, 503, _error_body(503, "the router is draining; retry", "draining"),
+                        {"retry-after": "1"})
+            return
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            body = await _read_body(receive, self.config.max_request_bytes)
+            if body is None:
+                self.metrics.rejected.labels(reason="invalid").inc()
+                await _json(send, 413, _error_body(413, f"the request body is over the router's limit of "
+                                                        f"{self.config.max_request_bytes} bytes",
+                                                   "request_too_large"))
+                return
+            work = asyncio.ensure_future(self._proxy(scope, path, method, body, send))
+            gone = asyncio.ensure_future(_wait_disconnect(receive))
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client went away: cancelling closes the upstream connection
+                work.cancel()
+            gone.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ClientGone):
+                await work
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    async def _proxy(self, scope: Scope, path: str, method: str, body: bytes, send: Send) -> None:
+        parsed: Any = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None  # the server answers the 400
+        stream = isinstance(parsed, dict) and parsed.get("stream") is True
+        hashes = chunk_hashes(render_request(path, parsed), self.config.chunk_chars) if method == "POST" else []
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k.decode("latin-1").lower() not in _HOP_BY_HOP]
+        url_path = path + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
+        deadline = time.monotonic() + self.config.hold_timeout
+        started = False  # a held stream answered 200 already and sends keep-alive comments
+        waiter: Waiter | None = None
+        held_since: float | None = None
+        tried: set[str] = set()
+        while True:
+            decision = self.fleet.choose(hashes, tried) if len(tried) < self.config.max_attempts else None
+            if decision is None:
+                if tried and not self.fleet.ready_keys():
+                    tried.clear()  # everything we tried is down: wait for any replica again
+                try:
+                    waiter = self.hold.enter(waiter)
+                except HoldFull as exc:
+                    self.metrics.rejected.labels(reason="hold_full").inc()
+                    await self._fail(send, started, 429, f"too many requests are waiting for a replica ({exc}); "
+                                     "retry later", "hold_full", {"retry-after": str(self.config.retry_after_seconds)})
+                    return
+                if held_since is None:
+                    held_since = time.monotonic()
+                if stream and not started:
+                    await _start(send, 200, [("content-type", "text/event-stream"), ("cache-control", "no-cache")])
+                    await send({"type": "http.response.body", "body": b": held\n\n", "more_body": True})
+                    started = True
+                self.metrics.held.set(len(self.hold))
+
+                async def keepalive(streaming: bool = started) -> None:
+                    if streaming:
+                        await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
+
+                # Replicas we tried and marked down come back after fleet.down_seconds: look again then.
+                until = min(deadline, time.monotonic() + self.fleet.down_seconds) if tried else deadline
+                try:
+                    released = await self.hold.wait(waiter, until, tick=self.config.keepalive_seconds,
+                                                     on_tick=keepalive)
+                finally:
+                    self.metrics.held.set(len(self.hold))
+                if not released and time.monotonic() < deadline:
+                    tried.clear()
+                    continue
+                if not released:
+                    self.metrics.hold_seconds.observe(time.monotonic() - held_since)
+                    self.metrics.rejected.labels(reason="hold_timeout").inc()
+                    await self._fail(send, started, 503, f"no replica became ready within the hold timeout of "
+                                     f"{self.config.hold_timeout:g} s; retry later", "no_replica",
+                                     {"retry-after": str(self.config.retry_after_seconds)})
+                    return
+                continue
+            if held_since is not None:
+                self.metrics.hold_seconds.observe(time.monotonic() - held_since)
+                held_since = None
+            if await self._forward(decision, url_path, method, headers, body, hashes, send, started):
+                return
+            tried.add(decision.replica.key)
+
+    async def _forward(self, decision: Decision, url_path: str, method: str, headers: list[tuple[str, str]],
+                       body: bytes, hashes: list[bytes], send: Send, started: bool) -> bool:
+        """Send to one replica and relay its answer; False if it failed before any response (retry)."""
+        key = decision.replica.key
+        replica = decision.replica
+        replica.inflight += 1
+        try:
+            request = self.upstream.build_request(method, f"http://{key}{url_path}", headers=headers, content=body)
+            try:
+                resp = await self.upstream.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                self.metrics.upstream_errors.labels(reason="connect").inc()
+                log.warning("replica %s refused the request (%s); trying another", key, exc)
+                self.fleet.mark_down(key)
+                return False
+            try:
+                if resp.status_code == 503 and resp.headers.get("retry-after") is not None:
+                    # draining or loading: this replica is going away or not there yet
+                    self.metrics.upstream_errors.labels(reason="unavailable").inc()
+                    self.fleet.mark_down(key)
+                    return False
+                self.metrics.requests.labels(route=decision.route).inc()
+                if resp.status_code == 200:
+                    self.fleet.observe_response(key, resp.headers, hashes, decision)
+                out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _HOP_BY_HOP]
+                out_headers += [("x-fleetserve-route", decision.route), ("x-fleetserve-replica", key)]
+                if started:
+                    await self._relay_into_stream(resp, send)
+                elif resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    await _start(send, resp.status_code, out_headers)
+                    async for chunk in resp.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                else:
+                    data = await resp.aread()
+                    await _start(send, resp.status_code, [*out_headers, ("content-length", str(len(data)))])
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                return True
+            finally:
+                await resp.aclose()
+        finally:
+            replica.inflight -= 1
+
+    async def _relay_into_stream(self, resp: httpx.Response, send: Send) -> None:
+        """The client already has a 200 event stream (it was held): pass the replica's events, or turn
+        its error answer into an error event, as the server itself does after a stream started."""
+        if resp.status_code == 200:
+            async for chunk in resp.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        data = await resp.aread()
+        await send({"type": "http.response.body", "body": b"data: " + data.replace(b"\n", b"") + b"\n\n"
+                    + b"data: [DONE]\n\n", "more_body": False})
+
+    async def _fail(self, send: Send, started: bool, status: int, message: str, code: str,
+                    headers: dict[str, str]) -> None:
+        body = _error_body(status, message, code)
+        if started:
+            await send({"type": "http.response.body", "body": b"data: " + body + b"\n\ndata: [DONE]\n\n",
+                        "more_body": False})
+        else:
+            await _json(send, status, body, headers)
+
+    async def aclose(self) -> None:
+        await self.upstream.aclose()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _start(send: Send, status: int, headers: list[tuple[str, str]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]})
+
+
+async def _json(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    await _start(send, status, [("content-type", "application/json"), ("content-length", str(len(body))),
+                                *(headers or {}).items()])
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _plain(send: Send, status: int, text: str, content_type: str = "text/plain") -> None:
+    data = text.encode()
+    await _start(send, status, [("content-type", content_type), ("content-length", str(len(data)))])
+    await send({"type": "http.response.body", "body": data, "more_body": False})

@@ -1,0 +1,84 @@
+"""Filters, scorers and the picker on plain data: prefix wins, load bounds it, stale metrics fail open."""
+
+from __future__ import annotations
+
+from fleetserve_router.scoring import (
+    ROUTE_FAIL_OPEN,
+    ROUTE_LEAST_LOAD,
+    ROUTE_PREFIX,
+    Replica,
+    bounded_load_capacity,
+    filter_bounded_load,
+    filter_saturated,
+    pick,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def rep(key: str, load: int = 0, kv: float = 0.0, fresh: bool = True, ready: bool = True) -> Replica:
+    return Replica(key, ready=ready, inflight=load, running=load, kv_usage=kv, metrics_fresh=fresh)
+
+
+def test_no_ready_replica_means_hold() -> None:
+    assert pick([rep("a", ready=False)], {}, 4) is None
+    assert pick([], {}, 4) is None
+
+
+def test_prefix_holder_wins_over_an_idle_replica() -> None:
+    d = pick([rep("a", load=1), rep("b", load=0), rep("c", load=0)], {"a": 8}, 10)
+    assert d is not None and d.replica.key == "a" and d.route == ROUTE_PREFIX and d.matched_chunks == 8
+
+
+def test_longer_match_wins() -> None:
+    d = pick([rep("a"), rep("b")], {"a": 2, "b": 9}, 10)
+    assert d is not None and d.replica.key == "b"
+
+
+def test_without_credit_it_is_least_load() -> None:
+    d = pick([rep("a", load=3), rep("b", load=1), rep("c", load=2)], {}, 10)
+    assert d is not None and d.replica.key == "b" and d.route == ROUTE_LEAST_LOAD
+
+
+def test_stale_metrics_fail_open_to_the_routers_own_counts() -> None:
+    replicas = [Replica("a", inflight=4, running=0), Replica("b", inflight=1, running=50)]
+    d = pick(replicas, {"a": 9}, 10)
+    assert d is not None and d.replica.key == "b" and d.route == ROUTE_FAIL_OPEN
+
+
+def test_hot_prefix_spills_when_its_holder_is_over_the_bound() -> None:
+    # mean load with one more request = (6+0+0+1)/3 = 2.33, bound ceil(1.25*2.33)=3: a (6) is out
+    d = pick([rep("a", load=6), rep("b"), rep("c")], {"a": 10}, 10)
+    assert d is not None and d.replica.key in ("b", "c")
+
+
+def test_saturated_replicas_are_skipped_unless_all_are() -> None:
+    full = Replica("a", kv_usage=0.99, waiting=2, metrics_fresh=True)
+    assert filter_saturated([full, rep("b")]) == [rep("b")]
+    assert filter_saturated([full]) == [full]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=8))
+def test_bounded_load_never_empty_and_never_over_the_bound_while_others_have_room(loads: list[int]) -> None:
+    replicas = [rep(str(i), load=x) for i, x in enumerate(loads)]
+    kept = filter_bounded_load(replicas)
+    assert kept
+    capacity = bounded_load_capacity(replicas)
+    if any(r.load + 1 <= capacity for r in replicas):
+        assert all(r.load + 1 <= capacity for r in kept)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=20), min_size=2, max_size=6), st.data())
+def test_many_requests_with_one_prefix_stay_within_125_percent_of_the_mean(start: list[int],
+                                                                           data: st.DataObject) -> None:
+    """Every request shares one hot prefix held by replica 0: after each assignment, the chosen replica
+    is never above 1.25x the mean load (with the request counted) unless it is the least loaded."""
+    replicas = [rep(str(i), load=x) for i, x in enumerate(start)]
+    for _ in range(data.draw(st.integers(min_value=1, max_value=40))):
+        d = pick(replicas, {"0": 5}, 5)
+        assert d is not None
+        mean = (sum(r.load for r in replicas) + 1) / len(replicas)
+        bound = max(2, -(-1.25 * mean // 1))
+        assert d.replica.load + 1 <= bound or d.replica.load == min(r.load for r in replicas)
+        d.replica.inflight += 1
+        d.replica.running += 1
