@@ -100,6 +100,11 @@ def create_app(
     install_error_handlers(app, metrics.observe_rejected)
     for module in (chat, completions, models, health):
         app.include_router(module.router)
+    from fleetserve_server.api import debug
+
+    if debug.enabled():  # FLEETSERVE_DEBUG_MEMORY: /debug/memory for finding growth (off by default)
+        debug.start_tracing()
+        app.include_router(debug.router)
     # Outermost first: the request id must be on every response, 401s and 413s included;
     # an unauthenticated client must not make us read its body.
     if max_request_bytes is not None:
