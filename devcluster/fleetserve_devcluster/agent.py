@@ -341,7 +341,8 @@ def claim_network_block(lock_dir: Path | None = None) -> NetworkBlock:
                        "(run `fleetserve dev-cluster down` on clusters you no longer need)")
 
 
-def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: tuple[str, ...] = ()) -> int:
+def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: tuple[str, ...] = (),
+              proxy_retry_next_backend: bool = False) -> int:
     """The node agent and the service proxy in one process, until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
@@ -359,7 +360,7 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
     agent = NodeAgent(ctx, nodes, cfg, net=block,
                       adopt_delay_s=provision_delay(state_dir))
     agent.logs = logs
-    proxy = ServiceProxy(kube, state_dir)
+    proxy = ServiceProxy(kube, state_dir, retry_next_backend=proxy_retry_next_backend)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--allow-host-path", action="append", default=[], metavar="DIR",
                     help="a host directory pods may mount as a hostPath volume (repeatable; default: none, "
                          "and a pod with any other hostPath fails with reason HostPathNotAllowed)")
+    up.add_argument("--proxy-retry-next-backend", action="store_true",
+                    help="let the service proxy retry a refused connect on the next ready backend (kube-proxy "
+                         "does not: off by default, so e2e results hold on a real cluster)")
     _state_dir_arg(up)
     up.set_defaults(handler=run_up)
 
@@ -83,7 +86,8 @@ def run_agent(args: argparse.Namespace) -> int:
         config = ClusterConfig.load(state_dir)
     except DevClusterError as exc:
         return main_error(exc)
-    return agent_main(state_dir, config.nodes, config.gpus_per_node, config.host_path_allow)
+    return agent_main(state_dir, config.nodes, config.gpus_per_node, config.host_path_allow,
+                      config.proxy_retry_next_backend)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -104,7 +108,8 @@ def run_up(args: argparse.Namespace) -> int:
         config = ClusterConfig(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                port_base=args.port_base if args.port_base is not None else DEFAULT_PORT_BASE,
                                host_path_allow=tuple(str(Path(p).expanduser().resolve())
-                                                     for p in args.allow_host_path))
+                                                     for p in args.allow_host_path),
+                               proxy_retry_next_backend=args.proxy_retry_next_backend)
         up(_state_dir(args), config)
     except DevClusterError as exc:
         return main_error(exc)

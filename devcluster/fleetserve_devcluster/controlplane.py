@@ -60,6 +60,9 @@ class ClusterConfig:
     ports: dict[str, int] = field(default_factory=dict)
     # Host directories pods may mount as hostPath volumes (`up --allow-host-path`); none by default.
     host_path_allow: tuple[str, ...] = ()
+    # The service proxy retries a refused connect on the next backend (`up --proxy-retry-next-backend`);
+    # off by default, as kube-proxy cannot do it.
+    proxy_retry_next_backend: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes < 0:

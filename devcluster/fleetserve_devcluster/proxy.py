@@ -2,9 +2,15 @@
 
 Every Service port (TCP, any type but ExternalName) gets a listener on
 127.0.0.1:<port>, stable for the Service's lifetime and across agent restarts
-(remembered in `<state>/proxy.json`).  Each connection goes to the next *ready*
-endpoint of the Service's EndpointSlices, round-robin; a Service without ready
-endpoints refuses connections, as kube-proxy's REJECT rule does.  The
+(remembered in `<state>/proxy.json`).  Like kube-proxy, each connection goes to
+exactly one backend, chosen (round-robin) among the *ready* endpoints of the
+Service's EndpointSlices; only when none is ready, among the serving endpoints
+that are terminating (kube-proxy's ProxyTerminatingEndpoints); with neither, the
+connection is refused, as kube-proxy's REJECT rule does.  A backend that refuses
+or does not answer the connect fails that client connection (reset): it is never
+retried on another backend, since kube-proxy cannot do that either and a retry
+would hide a server that drops connections while it drains.  The old retry on the
+next backend is kept only behind `up --proxy-retry-next-backend`.  The
 Service's own address is written on it as the annotation
 `fleetserve.io/proxy-address` (the port named `http`, else the first port).
 On a real cluster kube-proxy (or the CNI) does this on the ClusterIP.
@@ -16,6 +22,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,24 @@ def ready_backends(slices: list[JsonObj], port_name: str) -> list[tuple[str, int
     return sorted(out)
 
 
+def terminating_backends(slices: list[JsonObj], port_name: str) -> list[tuple[str, int]]:
+    """The (ip, port) of every endpoint that is terminating but still serving (`conditions.serving`)."""
+    out: set[tuple[str, int]] = set()
+    for s in slices:
+        ports = [p for p in s.get("ports") or [] if (p.get("name") or "") == port_name
+                 and p.get("protocol", "TCP") == "TCP" and p.get("port")]
+        for ep in s.get("endpoints") or []:
+            cond = ep.get("conditions") or {}
+            if cond.get("terminating") and cond.get("serving") and ep.get("addresses"):
+                out.update((ep["addresses"][0], int(p["port"])) for p in ports)
+    return sorted(out)
+
+
+def proxy_backends(slices: list[JsonObj], port_name: str) -> list[tuple[str, int]]:
+    """kube-proxy's choice: the ready endpoints; if there are none, the serving terminating ones."""
+    return ready_backends(slices, port_name) or terminating_backends(slices, port_name)
+
+
 def primary_port(service: JsonObj) -> JsonObj | None:
     ports = [p for p in service.get("spec", {}).get("ports") or [] if p.get("protocol", "TCP") == "TCP"]
     named = [p for p in ports if p.get("name") == "http"]
@@ -83,13 +109,25 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close the client's connection with a RST, as a connection to a refusing backend ends."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
 class ServiceProxy:
     """Listeners for all Services, kept in sync with the API every POLL_SECONDS.
 
     Invariant: `listeners` has exactly the TCP ports of the existing Services (after a sync).
     """
 
-    def __init__(self, kube: Kube, state_dir: Path) -> None:
+    retry_next_backend = False  # kube-proxy's behaviour; True only with `up --proxy-retry-next-backend`
+
+    def __init__(self, kube: Kube, state_dir: Path, retry_next_backend: bool = False) -> None:
+        self.retry_next_backend = retry_next_backend
         self.kube = kube
         self.state_file = state_dir / "proxy.json"
         self.loop = asyncio.new_event_loop()
@@ -111,7 +149,7 @@ class ServiceProxy:
     async def _handle(self, listener: Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         backends = listener.backends
         upstream = None
-        for _ in range(len(backends)):
+        for _ in range(len(backends) if self.retry_next_backend else min(len(backends), 1)):
             host, port = backends[listener.turn % len(backends)]
             listener.turn += 1
             try:
@@ -120,7 +158,7 @@ class ServiceProxy:
             except (OSError, TimeoutError):
                 continue
         if upstream is None:
-            writer.close()
+            _reset(writer)
             return
         up_reader, up_writer = upstream
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
@@ -182,7 +220,7 @@ class ServiceProxy:
                     listener = self.listeners[key] = self._run(self._open(key, int(remembered)))
                     log.info("service %s/%s port %s: listening on %s:%d", ns, name, port_key(port),
                              PROXY_HOST, listener.port)
-                listener.backends = ready_backends(by_service.get((ns, name), []), port.get("name") or "")
+                listener.backends = proxy_backends(by_service.get((ns, name), []), port.get("name") or "")
                 addresses[port_key(port)] = f"{PROXY_HOST}:{listener.port}"
             self._annotate(svc, addresses)
         for key in set(self.listeners) - wanted:

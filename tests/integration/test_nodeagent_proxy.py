@@ -139,3 +139,38 @@ def test_down_leaves_no_process(tmp_path: Path) -> None:
     left = [pid for pid in [*pids, pod_pid] if _alive(pid)]
     assert not left, f"processes left after down: {left}"
     assert not state.exists()
+
+
+def _slice(name: str, ip: str, port: int, **conditions: bool) -> dict[str, object]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "manual"}},
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": conditions}]}
+
+
+def test_one_backend_per_connection_like_kube_proxy(dev_cluster: DevClusterHandle, namespace: str) -> None:
+    """A ready endpoint that refuses fails the connections sent to it (no retry on another backend);
+    serving terminating endpoints get traffic only while no endpoint is ready."""
+    apply(dev_cluster, namespace, echo_deployment("web", 1))
+    [ready] = [get_json(dev_cluster, "pod", n, "-n", namespace) for n in _wait_ready_count(dev_cluster, namespace, 1)]
+    ip = ready["status"]["podIP"]
+    apply(dev_cluster, namespace, {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "manual"},
+                                   "spec": {"ports": [{"name": "http", "port": 80}]}})
+    apply(dev_cluster, namespace, _slice("manual-alive", ip, PORT, ready=True))
+    apply(dev_cluster, namespace, _slice("manual-refusing", ip, PORT + 99, ready=True))  # nothing listens there
+    address = _proxy_address(dev_cluster, namespace, "manual")
+
+    def outcomes() -> Counter[int]:
+        return Counter(http("GET", f"http://{address}/")[0] for _ in range(8))
+
+    wait_until(lambda: outcomes()[200] > 0, 30, "the proxy to use the manual EndpointSlices")
+    seen = outcomes()
+    assert seen[200] == 4 and seen[0] == 4, seen  # round-robin over both; every other connection fails
+
+    # Only terminating endpoints left: the serving one takes the traffic (kube-proxy's fallback) ...
+    dev_cluster.kubectl("delete", "endpointslice", "manual-refusing", "-n", namespace)
+    apply(dev_cluster, namespace, _slice("manual-alive", ip, PORT, ready=False, serving=True, terminating=True))
+    wait_until(lambda: outcomes() == Counter({200: 8}), 30, "the serving terminating endpoint to get traffic")
+    # ... but not once it stops serving.
+    apply(dev_cluster, namespace, _slice("manual-alive", ip, PORT, ready=False, serving=False, terminating=True))
+    wait_until(lambda: outcomes() == Counter({0: 8}), 30, "no traffic to a terminating endpoint that stopped serving")

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fleetserve_devcluster.probes import Probe, ProbeTracker, resolve_port, run_action
-from fleetserve_devcluster.proxy import Listener, ServiceProxy, primary_port, ready_backends
+from fleetserve_devcluster.proxy import Listener, ServiceProxy, primary_port, proxy_backends, ready_backends
 
 
 def no_exec(argv: list[str], timeout: float) -> tuple[bool, str]:
@@ -87,6 +87,14 @@ def test_ready_backends_skip_unready_and_match_port_names() -> None:
     assert ready_backends(slices, "http") == [("127.0.10.2", 8000), ("127.0.10.3", 8000)]
     assert ready_backends(slices, "metrics") == [("127.0.10.2", 9090), ("127.0.10.3", 9090)]
     assert ready_backends(slices, "") == []
+    # Terminating endpoints only when none is ready, and only those still serving (ProxyTerminatingEndpoints).
+    assert proxy_backends(slices, "http") == ready_backends(slices, "http")
+    draining = [{"ports": [{"name": "http", "port": 8000}], "endpoints": [
+        {"addresses": ["127.0.11.2"], "conditions": {"ready": False, "serving": True, "terminating": True}},
+        {"addresses": ["127.0.11.3"], "conditions": {"ready": False, "serving": False, "terminating": True}},
+        {"addresses": ["127.0.11.4"], "conditions": {"ready": False, "serving": False}}]}]
+    assert proxy_backends(draining, "http") == [("127.0.11.2", 8000)]
+    assert proxy_backends(draining + slices, "http") == ready_backends(slices, "http")
     svc = {"spec": {"ports": [{"name": "metrics", "port": 9090}, {"name": "http", "port": 80}]}}
     assert primary_port(svc)["name"] == "http"
 
@@ -123,6 +131,18 @@ def test_proxy_listener_round_robins_over_backends() -> None:
         assert seen == expected * 2
         listener.backends = [servers[1].server_address]
         assert {get() for _ in range(3)} == {f"{servers[1].server_address[0]}:{servers[1].server_address[1]}"}
+        # A backend that refuses fails the connection that went to it: one backend per connection, no retry
+        # on another (kube-proxy cannot retry either).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            refusing = s.getsockname()
+        alive = f"{servers[0].server_address[0]}:{servers[0].server_address[1]}"
+        listener.backends = sorted([servers[0].server_address, refusing])
+        listener.turn = 0
+        seen = [get() for _ in range(4)]
+        assert sorted(seen) == sorted([alive, alive, "reset", "reset"]), seen
+        proxy.retry_next_backend = True  # `up --proxy-retry-next-backend`: the old, forgiving behaviour
+        assert [get() for _ in range(4)] == [alive] * 4
     finally:
         async def drain() -> None:  # let the last connection's handler finish before the loop stops
             listener.server.close()
