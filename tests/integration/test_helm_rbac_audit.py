@@ -1,0 +1,171 @@
+"""RBAC least privilege proven from what the operator really did (issue 14, point 8).
+
+The dev cluster's API server writes an audit log (Metadata level, ServiceAccounts only; see
+fleetserve_devcluster.controlplane.AUDIT_POLICY). The chart is installed with its defaults on a
+cluster with the Prometheus Operator's CRDs, its operator runs as a pod under the chart's
+ServiceAccount, and a scenario drives every kind of write the operator makes: create and update of
+every child, deletion of the optional ones (PodDisruptionBudget, ServiceMonitor, PrometheusRule),
+repair of a deleted child, the autoscaler scaling a fleet down, `helm test`. Then every request of
+that ServiceAccount in the log is compared with what the chart grants it:
+
+* a grant never used fails the test (least privilege: the chart gives only what the code needs);
+* a use that was denied (403) fails the test (the chart gives what the code needs).
+
+The table (granted / used / unused / denied per resource) is printed either way.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fleetserve_devcluster import controlplane
+from fleetserve_devcluster.testing import DevClusterHandle
+from helm_util import get_json, helm, prometheus_operator_crds, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "fleetserve"
+NOWHERE = {"nodeSelector": {"fleetserve.io/test-no-such-node": "true"}}
+MODEL = {"source": "builtin:smollm2-135m-instruct"}
+CPU = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
+
+Use = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
+
+
+@pytest.fixture
+def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
+    name = f"fs-{uuid.uuid4().hex[:8]}"
+    yield name
+    helm(dev_cluster, "uninstall", name, "-n", namespace, "--ignore-not-found", "--wait", "--timeout", "120s",
+         check=False)
+
+
+def audit_events(cluster: DevClusterHandle, user: str) -> list[dict[str, Any]]:
+    path = controlplane.audit_log_path(Path(cluster.state_dir))
+    events = []
+    for log in sorted(path.parent.glob("audit*.log")):
+        for line in log.read_text().splitlines():
+            if f'"{user}"' in line:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user and event.get("stage") == "ResponseComplete":
+                    events.append(event)
+    return events
+
+
+def uses_of(events: list[dict[str, Any]]) -> tuple[set[Use], set[Use]]:
+    """(used, denied). A server-side apply that created its object (201) was authorized as create."""
+    used: set[Use] = set()
+    denied: set[Use] = set()
+    for e in events:
+        ref = e.get("objectRef") or {}
+        if "resource" not in ref:
+            continue  # discovery (/apis, /version): needs no grant
+        resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        code = int((e.get("responseStatus") or {}).get("code") or 0)
+        verb = "create" if e["verb"] == "patch" and code == 201 else e["verb"]
+        use = (ref.get("apiGroup") or "", resource, verb)
+        (denied if code == 403 else used).add(use)
+        if verb == "create" and e["verb"] == "patch":
+            used.add((use[0], use[1], "patch"))  # the same request also needed patch
+    return used, denied
+
+
+def grants_of(cluster: DevClusterHandle, namespace: str, release: str, account: str) -> set[Use]:
+    """Every rule of every (Cluster)Role the release binds to the operator's ServiceAccount."""
+    docs = [d for d in yaml.safe_load_all(helm(cluster, "get", "manifest", release, "-n", namespace).stdout) if d]
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs
+             if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             and any(s.get("kind") == "ServiceAccount" and s["name"] == account for s in b.get("subjects") or [])}
+    granted: set[Use] = set()
+    for role in docs:
+        if (role["kind"], role["metadata"]["name"]) in bound:
+            for rule in role["rules"]:
+                granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert granted, f"no (Cluster)Role of release {release} is bound to {account}"
+    return granted
+
+
+def table(granted: set[Use], used: set[Use], denied: set[Use]) -> str:
+    rows: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for kind, uses in (("granted", granted), ("used", used), ("denied", denied)):
+        for group, resource, verb in uses:
+            rows[(group, resource)][kind].add(verb)
+    lines = [f"{'resource':<48} {'granted':<36} {'used':<36} {'UNUSED':<20} DENIED"]
+    for (group, resource), cols in sorted(rows.items()):
+        name = f"{resource}.{group}" if group else resource
+        unused = cols["granted"] - cols["used"]
+        lines.append(f"{name:<48} {','.join(sorted(cols['granted'])):<36} {','.join(sorted(cols['used'])):<36} "
+                     f"{','.join(sorted(unused)):<20} {','.join(sorted(cols['denied']))}")
+    return "\n".join(lines)
+
+
+def llmd(name: str, **spec: Any) -> dict[str, Any]:
+    return {"name": name, "model": MODEL, "resources": CPU, "engine": {"maxModelLen": 1024}, "scheduling": NOWHERE,
+            **spec}
+
+
+def test_operator_service_account_uses_exactly_what_the_chart_grants(
+    dev_cluster: DevClusterHandle, namespace: str, release: str
+) -> None:
+    if not controlplane.audit_log_path(Path(dev_cluster.state_dir)).exists():
+        pytest.fail("this dev cluster runs without the API server's audit log (started by an older fleetserve): "
+                    "restart it with `fleetserve dev-cluster down && fleetserve dev-cluster up`", pytrace=False)
+    crds = prometheus_operator_crds()
+    for name in ("servicemonitors", "prometheusrules", "podmonitors"):
+        dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                            str(crds / f"monitoring.coreos.com_{name}.yaml"))
+    dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    dev_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com",
+                        "crd/prometheusrules.monitoring.coreos.com", "crd/llmdeployments.fleetserve.io")
+    dev_cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    values = {
+        "watchNamespaces": [namespace],
+        "image": {"repository": "fleetserve/operator", "tag": "dev"},
+        "llmDeployments": [
+            llmd("fixed", replicas=2),  # two replicas: a PodDisruptionBudget
+            llmd("scaled", replicas=3, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
+                                                    "scaleDownStabilizationSeconds": 0, "scrapeIntervalSeconds": 1}),
+        ],
+    }
+    values_file = Path(dev_cluster.state_dir) / f"{release}-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    try:
+        helm(dev_cluster, "install", release, CHART, "-n", namespace, "-f", values_file,
+             "--wait", "--timeout", "180s", timeout=200)
+    finally:
+        values_file.unlink(missing_ok=True)
+
+    def exists(kind: str, name: str) -> bool:
+        return dev_cluster.kubectl("get", kind, name, "-n", namespace, check=False).returncode == 0
+
+    for kind in ("configmap/fixed-config", "service/fixed", "deployment/fixed", "poddisruptionbudget/fixed",
+                 "servicemonitor/fixed", "prometheusrule/fixed"):
+        wait_until(lambda k=kind: exists(*k.split("/")), 120, f"the operator to create {kind}")
+    # Deletions of the optional children, and a repair.
+    dev_cluster.kubectl("patch", "llmd", "fixed", "-n", namespace, "--type=merge", "-p", json.dumps(
+        {"spec": {"replicas": 1, "monitoring": {"serviceMonitor": False, "prometheusRule": False}}}))
+    for kind in ("poddisruptionbudget/fixed", "servicemonitor/fixed", "prometheusrule/fixed"):
+        wait_until(lambda k=kind: not exists(*k.split("/")), 60, f"the operator to delete {kind}")
+    dev_cluster.kubectl("delete", "service", "fixed", "-n", namespace)
+    wait_until(lambda: exists("service", "fixed"), 90, "the operator to put the deleted Service back")
+    # The autoscaler takes the idle fleet from 3 down to its minimum.
+    wait_until(lambda: (get_json(dev_cluster, "deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 1),
+               120, "the autoscaler to scale `scaled` down to 1")
+    tested = helm(dev_cluster, "test", release, "-n", namespace, "--timeout", "180s", timeout=200)
+    assert "Phase:          Succeeded" in tested.stdout, tested.stdout
+
+    account = f"{release}-fleetserve-operator"
+    user = f"system:serviceaccount:{namespace}:{account}"
+    used, denied = uses_of(audit_events(dev_cluster, user))
+    granted = grants_of(dev_cluster, namespace, release, account)
+    print(f"\nRBAC of {user} (audit log, Metadata level):\n{table(granted, used, denied)}")
+    assert used, "no request of the operator's ServiceAccount in the audit log"
+    unused = sorted(granted - used)
+    assert not denied, f"requests the chart's RBAC denied: {sorted(denied)}"
+    assert not unused, f"granted but never used (least privilege): {unused}"
