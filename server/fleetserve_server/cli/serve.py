@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import asyncio
 
+    from fleetserve_server.resources import bound_native_caches
+
+    bound_native_caches()  # before torch loads: oneDNN's shape caches otherwise grow RSS for hours
     from fleetserve_server.api.logs import configure_logging
     from fleetserve_server.api.server import serve
 

@@ -160,6 +160,8 @@ def create_engine(
     """
     from fleetserve_server.engine.llm_engine import LLMEngine
 
+    resources.bound_native_caches()  # effective if no oneDNN primitive exists yet (`fleetserve serve` sets it earlier)
+
     for name, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs),
                         ("block_size", block_size)):
         _check_int(name, value)
