@@ -12,6 +12,7 @@ import base64
 import http.client
 import json
 import os
+import select
 import ssl
 import tempfile
 import threading
@@ -129,17 +130,26 @@ class Kube:
             headers["Content-Type"] = content_type
         if self.server.token:
             headers["Authorization"] = f"Bearer {self.server.token}"
-        for attempt in (0, 1):
-            # A keep-alive connection the server has closed fails on first use: retry once, fresh.
+        # Only a request that is safe to repeat is resent after a connection error: a GET, or a
+        # PUT/PATCH with a resourceVersion precondition (a repeat after success answers 409). A POST,
+        # a DELETE or a plain PATCH may have taken effect before the connection broke, so the error
+        # goes to the caller, whose loop re-reads the state and decides again.  So that an idle
+        # keep-alive connection the server closed does not make such a request fail, it is replaced
+        # before sending when the server has already closed it.
+        retry = method in ("GET", "HEAD") or (method in ("PUT", "PATCH") and _has_resource_version(body))
+        for attempt in (0, 1) if retry else (0,):
             try:
-                conn = self._conn(fresh=attempt == 1)
+                conn = self._conn(fresh=attempt == 1 or (not retry and _closed_by_peer(self._local)))
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read().decode()
                 break
-            except (http.client.HTTPException, ConnectionError, OSError):
-                if attempt == 1:
-                    raise
+            except (http.client.HTTPException, ConnectionError, OSError) as exc:
+                self._conn(fresh=True)  # never reuse a broken connection
+                if attempt == 1 or not retry:
+                    if isinstance(exc, OSError):
+                        raise
+                    raise ConnectionError(f"{method} {path}: {exc!r}") from exc
         if resp.status >= 300:
             raise KubeError(resp.status, method, path, raw)
         return json.loads(raw) if raw else {}
@@ -164,6 +174,23 @@ class Kube:
 
     def delete(self, path: str, body: JsonObj | None = None) -> JsonObj:
         return self.request("DELETE", path, body)
+
+
+def _has_resource_version(body: Any) -> bool:
+    return isinstance(body, dict) and bool((body.get("metadata") or {}).get("resourceVersion"))
+
+
+def _closed_by_peer(local: threading.local) -> bool:
+    """True when this thread's idle keep-alive connection is readable: the server closed it (EOF)."""
+    conn = getattr(local, "conn", None)
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def ns_path(namespace: str, resource: str, name: str = "", group: str = "") -> str:

@@ -513,11 +513,24 @@ class PodWorker(threading.Thread):
             pass
 
     def _confirm_deletion(self) -> None:
-        try:
-            self.ctx.kube.delete(self.path, {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}})
-        except KubeError as exc:
-            if exc.status not in (404, 409):
-                raise
+        """Delete the pod (grace 0, this uid only); after a connection error, look before sending again."""
+        for _ in range(5):
+            try:
+                self.ctx.kube.delete(self.path, {"gracePeriodSeconds": 0, "preconditions": {"uid": self.uid}})
+                return
+            except KubeError as exc:
+                if exc.status not in (404, 409):
+                    raise
+                return
+            except OSError as exc:  # did it take effect? the pod (with this uid) is gone if it did
+                log.warning("pod %s/%s: confirming the deletion: %s", self.ns, self.pod_name, exc)
+                time.sleep(0.5)
+                try:
+                    current = self.ctx.kube.get_or_none(self.path)
+                except OSError:
+                    continue
+                if current is None or current["metadata"].get("uid") != self.uid:
+                    return
 
     # ------------------------------------------------------------------ status
     def _report(self) -> None:
@@ -537,3 +550,5 @@ class PodWorker(threading.Thread):
         except KubeError as exc:
             if exc.status not in (404, 409):
                 log.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, exc)
+        except OSError as exc:  # not resent blindly; the next report sends the then-current status
+            log.warning("pod %s/%s: status update failed: %s", self.ns, self.pod_name, exc)
