@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fleetserve_server.bench.launch import ServerProcess
-from serve_util import MODEL, launch, metric, tiny_model  # noqa: F401 - fixtures
+from serve_util import MODEL, launch, metric, server_factory, tiny_model  # noqa: F401 - fixtures
 
 NORMAL = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0,
           "ignore_eos": True}
@@ -320,3 +320,24 @@ def test_queued_stream_gets_headers_and_a_comment_at_once(abuse_server: ServerPr
     finally:
         busy.close()
     assert_healthy(abuse_server)
+
+
+def test_waiting_queue_is_bounded_by_default(server_factory) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """No --max-queue-length: the bound comes from the KV cache, 4 x 4096 / 2048 = 8 waiting requests."""
+    proc = server_factory("--kv-cache-tokens", "4096", "--max-num-seqs", "1")
+    long_body = {"model": MODEL, "prompt": "running", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    short_body = {"model": MODEL, "prompt": "waiting", "max_tokens": 2, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        running = pool.submit(httpx.post, proc.base_url + "/v1/completions", json=long_body, timeout=300)
+        from serve_util import wait_for
+
+        wait_for(lambda: metric(proc.base_url, "fleetserve_requests_running") == 1, 60, "the long request to run")
+        waiting = [pool.submit(httpx.post, proc.base_url + "/v1/completions", json=short_body, timeout=300)
+                   for _ in range(8)]
+        wait_for(lambda: metric(proc.base_url, "fleetserve_requests_waiting") == 8, 60, "eight waiting requests")
+        refused = httpx.post(proc.base_url + "/v1/completions", json=short_body, timeout=60)
+        assert_openai_error(refused, 429)
+        assert int(refused.headers["retry-after"]) >= 1
+        assert metric(proc.base_url, "fleetserve_requests_rejected", reason="queue_full") == 1
+        assert running.result().status_code == 200
+        assert all(w.result().status_code == 200 for w in waiting)
