@@ -13,13 +13,15 @@ conversion or two concurrent ones never leave a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -118,12 +120,39 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None, progress: bool = 
     )
 
 
+@contextlib.contextmanager
+def fill_lock(target: Path) -> Iterator[None]:
+    """Hold the lock file next to ``target`` while filling it.
+
+    Replicas sharing one model cache (a PersistentVolumeClaim) would otherwise
+    all download or convert the same model at once: one fills it, the others
+    wait here and then find it filled. ``flock`` is released by the kernel when
+    the holder dies, so a crashed filler never blocks the next pod.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def convert_gguf(gguf: Path, target: Path, *, progress: bool = True,
                  sampling: Mapping[str, float] | None = None) -> Path:
-    """Dequantize ``gguf`` into a safetensors HF directory at ``target`` (once);
-    ``sampling`` (e.g. temperature, top_p) goes into its generation_config.json."""
+    """Dequantize ``gguf`` into a safetensors HF directory at ``target`` (once, by one
+    process: see :func:`fill_lock`); ``sampling`` (e.g. temperature, top_p) goes into
+    its generation_config.json."""
     if (target / "config.json").is_file():
         return target
+    with fill_lock(target):
+        if (target / "config.json").is_file():  # another replica filled it while we waited
+            return target
+        return _convert_gguf(gguf, target, progress=progress, sampling=sampling)
+
+
+def _convert_gguf(gguf: Path, target: Path, *, progress: bool,
+                  sampling: Mapping[str, float] | None) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,11 +230,13 @@ def _download_hf(repo_id: str, root: Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            repo_id,
-            cache_dir=str(root / "hf"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-        )
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        with fill_lock(root / "hf" / repo_id.replace("/", "--")):
+            try:  # filled by an earlier pod (shared cache): no network at all
+                local = snapshot_download(repo_id, cache_dir=str(root / "hf"), allow_patterns=patterns,
+                                          local_files_only=True)
+            except Exception:  # not (completely) there yet: this replica downloads it
+                local = snapshot_download(repo_id, cache_dir=str(root / "hf"), allow_patterns=patterns)
     except Exception as exc:  # network down, gated repo, unknown id: all the same to a user
         raise RuntimeError(
             f"model: could not download hf:{repo_id} from the Hugging Face Hub ({type(exc).__name__}: "
