@@ -63,6 +63,8 @@ class ClusterConfig:
     # The service proxy retries a refused connect on the next backend (`up --proxy-retry-next-backend`);
     # off by default, as kube-proxy cannot do it.
     proxy_retry_next_backend: bool = False
+    # etcd serves TLS and requires a client certificate of its own CA (pki.ETCD_CA), as with kubeadm.
+    etcd_tls: bool = True
 
     def __post_init__(self) -> None:
         if self.nodes < 0:
@@ -90,6 +92,7 @@ class ClusterConfig:
         except FileNotFoundError:
             raise DevClusterError(f"no dev cluster in {state_dir}: run `fleetserve dev-cluster up`") from None
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("etcd_tls", False)  # a cluster created before etcd had TLS keeps plain etcd
         return cls(**known)
 
     def save(self, state_dir: Path) -> None:
@@ -166,7 +169,14 @@ def _probe(fn: Callable[[], bool]) -> bool:
 
 def etcd_healthy(cluster: Cluster) -> bool:
     def go() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", cluster.port("etcd"), timeout=3)
+        conn: http.client.HTTPConnection
+        if cluster.config.etcd_tls:
+            p = cluster.pki
+            ctx = ssl.create_default_context(cafile=str(p.crt(pki.ETCD_CA)))
+            ctx.load_cert_chain(str(p.crt("etcd-healthcheck-client")), str(p.key("etcd-healthcheck-client")))
+            conn = http.client.HTTPSConnection("127.0.0.1", cluster.port("etcd"), timeout=3, context=ctx)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", cluster.port("etcd"), timeout=3)
         try:
             conn.request("GET", "/health")
             resp = conn.getresponse()
@@ -193,16 +203,26 @@ def _healthz(port_name: str) -> Callable[[Cluster], bool]:
 # ---------------------------------------------------------------- command lines
 
 
+def _etcd_url(c: Cluster, port: str) -> str:
+    return f"{'https' if c.config.etcd_tls else 'http'}://127.0.0.1:{c.port(port)}"
+
+
 def etcd_argv(c: Cluster) -> list[str]:
-    peer = f"http://127.0.0.1:{c.port('etcd-peer')}"
-    client = f"http://127.0.0.1:{c.port('etcd')}"
+    peer, client = _etcd_url(c, "etcd-peer"), _etcd_url(c, "etcd")
+    p = c.pki
+    tls = [
+        f"--cert-file={p.crt('etcd-server')}", f"--key-file={p.key('etcd-server')}",
+        f"--trusted-ca-file={p.crt(pki.ETCD_CA)}", "--client-cert-auth=true",
+        f"--peer-cert-file={p.crt('etcd-peer')}", f"--peer-key-file={p.key('etcd-peer')}",
+        f"--peer-trusted-ca-file={p.crt(pki.ETCD_CA)}", "--peer-client-cert-auth=true",
+    ] if c.config.etcd_tls else []
     return [
         str(tools.tool_path("etcd")), "--name=fleetserve-dev", f"--data-dir={c.state_dir / 'etcd'}",
         f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
         f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
         f"--initial-cluster=fleetserve-dev={peer}", "--initial-cluster-state=new",
         # A throwaway dev store on a shared machine: durability is not worth the fsync latency.
-        "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648",
+        "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=2147483648", *tls,
     ]
 
 
@@ -227,7 +247,9 @@ def apiserver_argv(c: Cluster) -> list[str]:
     audit = audit_log_path(c.state_dir).parent
     return [
         str(tools.tool_path("kube-apiserver")),
-        f"--etcd-servers=http://127.0.0.1:{c.port('etcd')}",
+        f"--etcd-servers={_etcd_url(c, 'etcd')}",
+        *([f"--etcd-cafile={c.pki.crt(pki.ETCD_CA)}", f"--etcd-certfile={c.pki.crt('apiserver-etcd-client')}",
+           f"--etcd-keyfile={c.pki.key('apiserver-etcd-client')}"] if c.config.etcd_tls else []),
         "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={c.port('apiserver')}",
         f"--tls-cert-file={p.crt('apiserver')}", f"--tls-private-key-file={p.key('apiserver')}",
         f"--client-ca-file={p.ca_crt}",

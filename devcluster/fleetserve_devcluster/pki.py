@@ -29,6 +29,7 @@ SERVICE_CIDR = "10.0.0.0/24"
 KUBERNETES_SERVICE_IP = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CLUSTER_NAME = "fleetserve-dev"
+ETCD_CA = "etcd-ca"
 
 _OPENSSL_CNF = """\
 [req]
@@ -155,6 +156,14 @@ def ensure_pki(root: Path) -> PKIPaths:
     for stem, (subject, usage) in CLIENT_IDENTITIES.items():
         _new_leaf(paths, stem, subject, usage)
     _new_leaf(paths, "front-proxy-client", "/CN=front-proxy-client", "clientAuth", ca="front-proxy-ca")
+    # etcd's own CA, as kubeadm sets it up: only holders of its client certificates (the API server,
+    # the health probe) may talk to etcd; a certificate of the cluster CA (e.g. the admin's) may not.
+    _new_ca(paths, ETCD_CA, "fleetserve-dev-etcd-ca")
+    loopback = ["DNS:localhost", "IP:127.0.0.1"]
+    _new_leaf(paths, "etcd-server", "/CN=fleetserve-dev-etcd", "serverAuth, clientAuth", loopback, ca=ETCD_CA)
+    _new_leaf(paths, "etcd-peer", "/CN=fleetserve-dev-etcd", "serverAuth, clientAuth", loopback, ca=ETCD_CA)
+    _new_leaf(paths, "apiserver-etcd-client", "/CN=kube-apiserver-etcd-client", "clientAuth", ca=ETCD_CA)
+    _new_leaf(paths, "etcd-healthcheck-client", "/CN=kube-etcd-healthcheck-client", "clientAuth", ca=ETCD_CA)
     if not (paths.sa_key.exists() and paths.sa_pub.exists()):
         _new_key(paths.sa_key)
         _openssl("pkey", "-in", str(paths.sa_key), "-pubout", "-out", str(paths.sa_pub), cwd=root)
