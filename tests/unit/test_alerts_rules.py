@@ -66,6 +66,9 @@ def test_every_issue_alert_exists() -> None:
         "FleetserveTimeToFirstTokenHigh", "FleetserveFleetAtMaxReplicas", "FleetserveReplicasNotReady",
         "FleetserveMemoryDoesNotFit", "FleetserveOperatorScrapeErrors", "FleetserveOperatorReconcileErrors",
         "FleetserveServerTargetDown", "FleetserveOperatorDown",
+        # issue 18 point 5: serving-SLO alerts
+        "FleetserveTTFTBudgetBurnFast", "FleetserveTTFTBudgetBurnSlow", "FleetserveKVCacheEvictionsRising",
+        "FleetserveAutoscalerPinnedQueueGrowing", "FleetserveProvisioningTooSlow",
     }
     names = _alert_names()
     assert len(names) == len(set(names)), f"duplicate alert names: {names}"

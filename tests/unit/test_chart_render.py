@@ -206,7 +206,9 @@ def _granted(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_rbac_is_least_privilege() -> None:
-    for objs in (render(), render("-f", CHART / "ci" / "namespaced-values.yaml")):
+    # The namespaced example uses the chart's PodMonitor, so rbac.monitoringChildren=false there.
+    for objs, monitoring_children in ((render(), True),
+                                      (render("-f", CHART / "ci" / "namespaced-values.yaml"), False)):
         for kind in ("ClusterRole", "Role"):
             for group, resource, verb in _granted(_rules_of(objs, kind)):
                 assert "*" not in (group, resource, verb), f"{kind} grants a wildcard"
@@ -236,9 +238,10 @@ def test_rbac_is_least_privilege() -> None:
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch", "get", "patch"},
             ("", "namespaces"): {"list", "watch"},
         }
-        # Always: the operator creates them per LLMDeployment whenever their CRDs exist.
-        expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "create", "patch", "delete"}
-        expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "create", "patch", "delete"}
+        # The operator creates them per LLMDeployment whenever their CRDs exist (rbac.monitoringChildren).
+        if monitoring_children:
+            expected[("monitoring.coreos.com", "servicemonitors")] = {"get", "create", "patch", "delete"}
+            expected[("monitoring.coreos.com", "prometheusrules")] = {"get", "create", "patch", "delete"}
         actual: dict[tuple[str, str], set[str]] = {}
         for group, resource, verb in granted:
             actual.setdefault((group, resource), set()).add(verb)

@@ -81,6 +81,54 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           {{`{{ $labels.namespace }}`}} (job {{`{{ $labels.job }}`}}, {{`{{ $labels.instance }}`}}) for
           {{ $a.targetDown.for }}: the pod is down or hung, and the autoscaler is blind to it too.
         runbook_url: {{ $rb }}#fleetserveservertargetdown
+    {{- $slo := $a.ttftSLO }}
+    {{- $le := $slo.targetBucket }}
+    {{- range $w := list $slo.fast $slo.slow }}
+    - alert: {{ $w.alertName }}
+      # Multi-window burn rate (Google SRE workbook): the share of requests whose first token took
+      # longer than the target, over a long and a short window, both above burnRate x the error
+      # budget (1 - objective). The short window makes the alert stop soon after the burn stops.
+      expr: >-
+        (
+        1 - sum by (namespace, model) (rate(fleetserve_time_to_first_token_seconds_bucket{le="{{ $le }}"}[{{ $w.longWindow }}]))
+        / sum by (namespace, model) (rate(fleetserve_time_to_first_token_seconds_count[{{ $w.longWindow }}]))
+        > {{ $w.burnRate }} * (1 - {{ $slo.objective }})
+        )
+        and on (namespace, model)
+        (
+        1 - sum by (namespace, model) (rate(fleetserve_time_to_first_token_seconds_bucket{le="{{ $le }}"}[{{ $w.shortWindow }}]))
+        / sum by (namespace, model) (rate(fleetserve_time_to_first_token_seconds_count[{{ $w.shortWindow }}]))
+        > {{ $w.burnRate }} * (1 - {{ $slo.objective }})
+        )
+      for: {{ $w.for }}
+      labels:
+        severity: {{ $w.severity }}
+      annotations:
+        summary: Model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} burns its time-to-first-token error budget
+        description: >-
+          {{`{{ $value | humanizePercentage }}`}} of the first tokens of model {{`{{ $labels.model }}`}} in namespace
+          {{`{{ $labels.namespace }}`}} took longer than {{ $le }}s over the last {{ $w.longWindow }} (and over
+          {{ $w.shortWindow }}): {{ $w.burnRate }} times the error budget of the {{ mulf 100 $slo.objective }}% objective,
+          which at this rate is spent in {{ $w.budgetSpentIn }}.
+        runbook_url: {{ $rb }}#{{ lower $w.alertName }}
+    {{- end }}
+    - alert: FleetserveKVCacheEvictionsRising
+      # Pressure evictions free cached prefix blocks to make room for running sequences; a steady
+      # rate means the prefix cache is thrashing (blocks are evicted before they are reused).
+      expr: >-
+        sum by (namespace, model) (rate(fleetserve_kv_cache_evictions_total{reason="pressure"}[{{ $a.kvCacheEvictions.window }}]))
+        > {{ $a.kvCacheEvictions.blocksPerSecond }}
+      for: {{ $a.kvCacheEvictions.for }}
+      labels:
+        severity: {{ $a.kvCacheEvictions.severity }}
+      annotations:
+        summary: The prefix cache of model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} is thrashing
+        description: >-
+          Servers of model {{`{{ $labels.model }}`}} in namespace {{`{{ $labels.namespace }}`}} evict
+          {{`{{ printf "%.1f" $value }}`}} cached KV blocks/s under memory pressure (more than
+          {{ $a.kvCacheEvictions.blocksPerSecond }}/s for {{ $a.kvCacheEvictions.for }}): shared prompt prefixes are
+          dropped before they are reused, so prompts are recomputed.
+        runbook_url: {{ $rb }}#fleetservekvcacheevictionsrising
 - name: fleetserve-operator
   rules:
     - alert: FleetserveFleetAtMaxReplicas
@@ -103,6 +151,45 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           per replica (more than {{ $a.fleetAtMaxReplicas.queuePerReplica }} for {{ $a.fleetAtMaxReplicas.for }}):
           the autoscaler cannot add capacity.
         runbook_url: {{ $rb }}#fleetservefleetatmaxreplicas
+    - alert: FleetserveAutoscalerPinnedQueueGrowing
+      # The value is the queue's growth per minute; `and` adds the at-the-maximum condition.
+      expr: >-
+        (max by (namespace, name) (deriv(fleetserve_operator_observed_queue_length[{{ $a.autoscalerPinned.window }}])) * 60
+        > {{ $a.autoscalerPinned.queueGrowthPerMinute }})
+        and on (namespace, name)
+        (max by (namespace, name) (fleetserve_operator_desired_replicas)
+        >= on (namespace, name) max by (namespace, name) (fleetserve_operator_max_replicas))
+      for: {{ $a.autoscalerPinned.for }}
+      labels:
+        severity: {{ $a.autoscalerPinned.severity }}
+      annotations:
+        summary: LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} is pinned at maxReplicas while its queue grows
+        description: >-
+          The autoscaler of LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}} wants
+          maxReplicas and its queue keeps growing by {{`{{ printf "%.2f" $value }}`}} requests/minute (over
+          {{ $a.autoscalerPinned.window }}, for {{ $a.autoscalerPinned.for }}): load outgrows the most capacity it may add.
+        runbook_url: {{ $rb }}#fleetserveautoscalerpinnedqueuegrowing
+    - alert: FleetserveProvisioningTooSlow
+      # No replica Ready while the operator wants some (a scale-from-zero, or every pod Pending) for
+      # longer than a node and a model load should take; a fleet whose model does not fit has its
+      # own alert (FleetserveMemoryDoesNotFit) and is left out.
+      expr: >-
+        (max by (namespace, name) (fleetserve_operator_desired_replicas) > 0)
+        and on (namespace, name)
+        (max by (namespace, name) (fleetserve_operator_ready_replicas) == 0)
+        unless on (namespace, name)
+        (max by (namespace, name) (fleetserve_operator_condition{type="MemoryFits", status="False"}) == 1)
+      for: {{ $a.provisioning.limit }}
+      labels:
+        severity: {{ $a.provisioning.severity }}
+      annotations:
+        summary: LLMDeployment {{`{{ $labels.namespace }}/{{ $labels.name }}`}} has no Ready replica after {{ $a.provisioning.limit }}
+        description: >-
+          LLMDeployment {{`{{ $labels.name }}`}} in namespace {{`{{ $labels.namespace }}`}} wants
+          {{`{{ $value }}`}} replicas and none has been Ready for {{ $a.provisioning.limit }} (the provisioning limit):
+          its pods are Pending (no node with a free GPU), pulling, or still loading the model, and requests
+          to it wait or fail.
+        runbook_url: {{ $rb }}#fleetserveprovisioningtooslow
     - alert: FleetserveReplicasNotReady
       expr: >-
         max by (namespace, name) (fleetserve_operator_desired_replicas)

@@ -6,6 +6,11 @@ from typing import Any
 
 from .labels import PORT_NAME, child_labels, selector_labels
 
+# Same base as the chart's alerts.runbookBaseURL default; the sections are in docs/runbooks.md.
+RUNBOOK_BASE_URL = "https://github.com/fleetserve/fleetserve/blob/main/docs/runbooks.md"
+# The job label of server targets that the chart's alert rules select (values.yaml alerts.serverJob).
+SERVER_JOB = "fleetserve-server"
+
 
 def build_service_monitor(name: str, namespace: str, scrape_interval_seconds: int) -> dict[str, Any]:
     return {
@@ -15,7 +20,12 @@ def build_service_monitor(name: str, namespace: str, scrape_interval_seconds: in
         "spec": {
             "selector": {"matchLabels": selector_labels(name)},
             "namespaceSelector": {"matchNames": [namespace]},
-            "endpoints": [{"port": PORT_NAME, "path": "/metrics", "interval": f"{scrape_interval_seconds}s"}],
+            "endpoints": [{
+                "port": PORT_NAME, "path": "/metrics", "interval": f"{scrape_interval_seconds}s",
+                # The chart's alerts select server targets by this job (alerts.serverJob's default);
+                # without it the job is the Service's name and FleetserveServerTargetDown never fires.
+                "relabelings": [{"targetLabel": "job", "replacement": SERVER_JOB}],
+            }],
         },
     }
 
@@ -23,23 +33,23 @@ def build_service_monitor(name: str, namespace: str, scrape_interval_seconds: in
 def build_prometheus_rule(name: str, namespace: str, max_queue_length: int | None) -> dict[str, Any]:
     """Alerts scoped to this LLMDeployment's pods (by the Service's job label)."""
     sel = f'namespace="{namespace}",service="{name}"'
+    # Alert names must differ from the chart's (charts/fleetserve/templates/_alerts.tpl): Alertmanager
+    # groups and silences by name, and the chart's per-pod FleetserveKVCacheNearlyFull already covers
+    # the KV cache, so this rule has no KV-cache alert of its own.
     rules: list[dict[str, Any]] = [
         {
-            "alert": "FleetserveKVCacheNearlyFull",
-            "expr": f"avg(fleetserve_kv_cache_usage_ratio{{{sel}}}) > 0.95",
-            "for": "10m",
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": f"KV cache of {namespace}/{name} above 95% for 10 minutes",
-                "description": "Requests are being preempted; raise replicas or autoscaling.maxReplicas.",
-            },
-        },
-        {
             "alert": "FleetserveReplicasUnavailable",
-            "expr": f'count(up{{{sel}}} == 1) < count(up{{{sel}}})',
+            # Targets minus up targets: `count(up == 1)` is empty (not 0) when every replica is
+            # down, so it is defaulted to 0; the value is the number of pods not up.
+            "expr": f"count(up{{{sel}}}) - (count(up{{{sel}}} == 1) or vector(0)) > 0",
             "for": "15m",
             "labels": {"severity": "warning"},
-            "annotations": {"summary": f"some pods of {namespace}/{name} are not scraped as up for 15 minutes"},
+            "annotations": {
+                "summary": f"{{{{ $value }}}} pods of {namespace}/{name} are not scraped as up for 15 minutes",
+                "description": f"Prometheus cannot scrape {{{{ $value }}}} server pods of LLMDeployment {namespace}/{name} "
+                "(every pod when none is up): they are down, hung or not Ready yet.",
+                "runbook_url": f"{RUNBOOK_BASE_URL}#fleetservereplicasunavailable",
+            },
         },
         {
             "alert": "FleetserveRequestsRejected",
@@ -50,7 +60,8 @@ def build_prometheus_rule(name: str, namespace: str, max_queue_length: int | Non
                 "summary": f"{namespace}/{name} rejects requests because its queue is full",
                 "description": "Clients get 429s"
                 + (f" (engine.maxQueueLength {max_queue_length})" if max_queue_length else "")
-                + "; add replicas.",
+                + ' at {{ printf "%.2f" $value }}/s; add replicas.',
+                "runbook_url": f"{RUNBOOK_BASE_URL}#fleetserverequestsrejected",
             },
         },
     ]
