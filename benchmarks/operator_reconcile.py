@@ -13,16 +13,28 @@ apply from this client, one request after the other.
 The operator's CPU seconds per CR (sequential phase) and for the burst are
 reported too: on a shared machine they show its own cost, apart from the
 API server's.
+
+API calls: the operator process runs with benchmarks/api_count/ on its
+PYTHONPATH, which counts every request both of its clients send (fleetserve's
+own and kopf's), so the numbers compare any two versions of the operator:
+requests per CR while creating, per reconcile (the operator's
+``fleetserve_operator_reconciles_total``), and per CR per minute once every
+fleet has converged (``--idle`` seconds, longer than one resync), with the
+writes among them.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import socket
 import statistics
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -92,6 +104,37 @@ def baseline(kube: Kube, ns: str, n: int) -> list[float]:
     return times
 
 
+def api_counts(path: Path) -> collections.Counter[str]:
+    try:
+        return collections.Counter(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return collections.Counter()
+
+
+def reconciles(port: int) -> float:
+    """Sum of fleetserve_operator_reconciles_total over every trigger and result."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("fleetserve_operator_reconciles_total{"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def summarize_calls(delta: collections.Counter[str], per: float) -> dict[str, Any]:
+    total = sum(delta.values())
+    writes = sum(n for k, n in delta.items() if k.split()[0] in WRITES and not k.endswith(" events"))
+    return {"total": round(total / per, 2), "writes_excluding_events": round(writes / per, 2),
+            "by_call": {k: round(n / per, 2) for k, n in delta.most_common(8)}}
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -101,6 +144,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequential", type=int, default=20)
     parser.add_argument("--burst", type=int, default=50)
+    parser.add_argument("--idle", type=float, default=75.0,
+                        help="seconds to count API calls once every fleet converged (> one 60 s resync)")
     args = parser.parse_args()
 
     cluster = acquire()
@@ -109,9 +154,15 @@ def main() -> int:
     kube = Kube(cluster.api_client())
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", ns)
-    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+    count_file = Path(f"/tmp/{ns}-api-calls.json")
+    python_path = os.pathsep.join(p for p in (str(ROOT / "benchmarks" / "api_count"), os.environ.get("PYTHONPATH"))
+                                  if p)
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path,
+           "FLEETSERVE_BENCH_API_COUNT": str(count_file)}
     log = open(f"/tmp/{ns}-operator.log", "w")
-    op = subprocess.Popen([str(ROOT / ".venv" / "bin" / "fleetserve"), "operator", "-n", ns, "--metrics-port", "0"],
+    port = free_port()
+    op = subprocess.Popen([sys.executable, "-m", "fleetserve_cli.main", "operator", "-n", ns, "--metrics-port",
+                           str(port), "--metrics-host", "127.0.0.1"],
                           env=env, stdout=log, stderr=subprocess.STDOUT)
     results: dict[str, Any] = {}
     try:
@@ -126,6 +177,7 @@ def main() -> int:
         results["rss_idle_mb"] = round(rss_mb(op.pid), 1)
 
         latencies = []
+        calls_before = api_counts(count_file)
         cpu_before = cpu_s(op.pid)
         for i in range(args.sequential):
             name = f"seq-{i}"
@@ -135,6 +187,9 @@ def main() -> int:
                 time.sleep(0.02)
             latencies.append(time.perf_counter() - start)
         results["operator_cpu_s_per_sequential_cr"] = round((cpu_s(op.pid) - cpu_before) / args.sequential, 3)
+        time.sleep(3)  # let the last CR's follow-up events settle before the next phase counts
+        results["api_calls_per_cr_sequential"] = summarize_calls(api_counts(count_file) - calls_before,
+                                                                 args.sequential)
         results["apply_to_children_p50_s"] = round(statistics.median(latencies), 3)
         results["apply_to_children_p95_s"] = round(pct(latencies, 0.95), 3)
         base = baseline(kube, ns, args.sequential)
@@ -142,6 +197,7 @@ def main() -> int:
         results["baseline_direct_apply_p95_s"] = round(pct(base, 0.95), 3)
 
         names = [f"burst-{i}" for i in range(args.burst)]
+        calls_before, reconciles_before = api_counts(count_file), reconciles(port)
         cpu_before = cpu_s(op.pid)
         start = time.perf_counter()
         for name in names:
@@ -155,6 +211,20 @@ def main() -> int:
         results[f"burst_{args.burst}_all_reconciled_s"] = round(time.perf_counter() - start, 2)
         results["operator_cpu_s_burst"] = round(cpu_s(op.pid) - cpu_before, 2)
         results[f"rss_with_{args.sequential + args.burst + 1}_crs_mb"] = round(rss_mb(op.pid), 1)
+        time.sleep(3)
+        calls, done = api_counts(count_file) - calls_before, reconciles(port) - reconciles_before
+        results["api_calls_per_cr_burst"] = summarize_calls(calls, args.burst)
+        results["reconciles_per_cr_burst"] = round(done / args.burst, 2)
+        results["api_calls_per_reconcile_burst"] = round(sum(calls.values()) / max(done, 1), 2)
+
+        crs = args.sequential + args.burst + 1
+        calls_before, reconciles_before = api_counts(count_file), reconciles(port)
+        time.sleep(args.idle)
+        calls, done = api_counts(count_file) - calls_before, reconciles(port) - reconciles_before
+        per_cr_minute = crs * args.idle / 60
+        results["idle_api_calls_per_cr_per_min"] = summarize_calls(calls, per_cr_minute)
+        results["idle_reconciles_per_cr_per_min"] = round(done / per_cr_minute, 2)
+        results["idle_api_calls_per_reconcile"] = round(sum(calls.values()) / max(done, 1), 2)
     finally:
         op.terminate()
         op.wait(timeout=30)

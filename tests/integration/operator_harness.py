@@ -82,21 +82,23 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def operator(cluster: DevClusterHandle, namespace: str, metrics_port: int = 0, cleanup: bool = True,
-             resync_seconds: float | None = None) -> Iterator[Any]:
+             resync_seconds: float | None = None, kubeconfig: Path | None = None) -> Iterator[Any]:
     """Run the real operator (kopf's KopfRunner, our registry) watching ``namespace``.
 
     With ``cleanup`` the namespace's LLMDeployments are deleted while the
     operator still runs (older operators held them with a finalizer).
     ``resync_seconds`` shortens the periodic full reconcile, so a test of
     what only the resync repairs does not wait the default minute.
+    ``kubeconfig`` runs the operator under other credentials (e.g. a service
+    account's token) than the cluster's admin.
     """
     from fleetserve_operator import handlers
     from fleetserve_operator.kube import Kube
     from kopf.testing import KopfRunner
 
     saved_env = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # kopf's own login reads it
-    handlers._kube = Kube(cluster.api_client())
+    os.environ["KUBECONFIG"] = str(kubeconfig or cluster.kubeconfig)  # kopf's own login reads it
+    handlers._kube = Kube.from_environment() if kubeconfig else Kube(cluster.api_client())
     handlers.OPTIONS.metrics_port = metrics_port
     handlers.OPTIONS.metrics_host = "127.0.0.1"
     saved_resync = getattr(handlers.OPTIONS, "resync_seconds", None)

@@ -49,7 +49,7 @@ def _condition(monitoring: MonitoringPlan, failures: list[MonitoringFailure]) ->
     if failures:
         first = failures[0]
         reason = first.reason or f"HTTP{first.status}"
-        text = "; ".join(f.describe() for f in failures)
+        text = "; ".join([*(f.describe() for f in failures), *monitoring.conflicts])
         return "False", reason, f"{text}. Serving is not affected; the operator retries on every resync"
     if monitoring.conflicts:
         return "False", "Conflict", "; ".join(monitoring.conflicts) + "; delete it or turn it off in spec.monitoring"
