@@ -254,7 +254,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                if args.malloc_arena_max else {})}
     extra = ["--device", "cpu", "--log-format", "json", *args.server_flag]
     proc = start_server(f"soak-{args.label}", fleetserve_argv(args.model, port, extra), port=port,
-                        ready_path="/ready", log_dir=Path(args.out).parent / "logs", timeout=900, env=env)
+                        ready_path="/ready", log_dir=Path(args.log_dir), timeout=900, env=env)
     pid = proc.process.pid
     try:
         async with httpx.AsyncClient(base_url=proc.base_url, timeout=600,
@@ -336,6 +336,7 @@ def main() -> int:
                         "also trace Python allocations; slower)")
     parser.add_argument("--server-flag", action="append", default=[], help="extra `fleetserve serve` flag (repeat)")
     parser.add_argument("--out", default="benchmarks/results/soak.json")
+    parser.add_argument("--log-dir", default="/tmp/fleetserve-soak-logs", help="where the server's log goes")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
