@@ -8,7 +8,8 @@ every child, deletion of the optional ones (PodDisruptionBudget, ServiceMonitor,
 repair of a deleted child, the autoscaler scaling a fleet down, `helm test`. Then every request of
 that ServiceAccount in the log is compared with what the chart grants it:
 
-* a grant never used fails the test (least privilege: the chart gives only what the code needs);
+* a grant never used fails the test (least privilege: the chart gives only what the code needs),
+  except the two only a scale-down of ready servers uses (NEEDS_READY_SERVERS, printed);
 * a use that was denied (403) fails the test (the chart gives what the code needs).
 
 The table (granted / used / unused / denied per resource) is printed either way.
@@ -37,6 +38,11 @@ CPU = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
 
 Use = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
+# Used only when the autoscaler scales down a fleet of *ready* servers (the pod-deletion-cost
+# annotation, ordered by node age): that needs running model servers, which this test does not
+# start; tests/e2e/test_autoscaler_fleet.py scales such a fleet down. Listed, never silently dropped.
+NEEDS_READY_SERVERS: set[Use] = {("", "pods", "patch"), ("", "nodes", "list")}
+
 
 @pytest.fixture
 def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
@@ -53,7 +59,9 @@ def audit_events(cluster: DevClusterHandle, user: str) -> list[dict[str, Any]]:
         for line in log.read_text().splitlines():
             if f'"{user}"' in line:
                 event = json.loads(line)
-                if event.get("user", {}).get("username") == user and event.get("stage") == "ResponseComplete":
+                # A watch is logged when it starts (ResponseStarted) and only completes when it ends.
+                if event.get("user", {}).get("username") == user and event.get("stage") in (
+                        "ResponseComplete", "ResponseStarted"):
                     events.append(event)
     return events
 
@@ -166,6 +174,7 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
     granted = grants_of(dev_cluster, namespace, release, account)
     print(f"\nRBAC of {user} (audit log, Metadata level):\n{table(granted, used, denied)}")
     assert used, "no request of the operator's ServiceAccount in the audit log"
-    unused = sorted(granted - used)
+    unused = sorted(granted - used - NEEDS_READY_SERVERS)
+    print(f"not exercised here (need ready servers): {sorted(NEEDS_READY_SERVERS - used)}")
     assert not denied, f"requests the chart's RBAC denied: {sorted(denied)}"
     assert not unused, f"granted but never used (least privilege): {unused}"

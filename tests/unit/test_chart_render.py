@@ -223,18 +223,17 @@ def test_rbac_is_least_privilege() -> None:
                 if resource == "pods":  # patch: the pod-deletion-cost annotation before a scale-down
                     assert verb in ("get", "list", "watch", "patch"), f"pods: unexpected verb {verb}"
         granted = _granted(_rules_of(objs, "ClusterRole") + _rules_of(objs, "Role"))
-        # Exactly the verbs operator/fleetserve_operator/handlers.py lists.
+        # Exactly the verbs the operator uses (proven from the audit log by test_helm_rbac_audit.py).
         expected = {
             ("fleetserve.io", "llmdeployments"): {"get", "list", "watch", "patch"},
-            ("fleetserve.io", "llmdeployments/status"): {"get", "patch"},
-            ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
-            ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-            ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+            ("fleetserve.io", "llmdeployments/status"): {"patch"},
+            ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+            ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
+            ("", "services"): {"get", "list", "watch", "create", "patch"},
             ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
-            ("", "pods"): {"get", "list", "watch", "patch"},
+            ("", "pods"): {"list", "watch", "patch"},
             ("", "nodes"): {"list"},
             ("", "events"): {"create"},
-            ("events.k8s.io", "events"): {"create"},
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch", "get", "patch"},
             ("", "namespaces"): {"list", "watch"},
         }
