@@ -33,8 +33,9 @@ from hypothesis import strategies as st
 from operator_fixtures import cpu_body
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+# scale_down_percent=100: these tests are about the node wait, not the scale-down rate policy
 POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=5, target_queue_length=4, target_kv_cache_usage=0.8,
-                           scale_up_stabilization_s=0, scale_down_stabilization_s=0)
+                           scale_up_stabilization_s=0, scale_down_stabilization_s=0, scale_down_percent=100)
 
 
 def at(seconds_ago: float) -> str:

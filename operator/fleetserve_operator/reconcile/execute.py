@@ -67,8 +67,15 @@ def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
     futures = {kind: _readers.submit(kube.get, kind, namespace, child_name(kind, name)) for kind in wanted}
     pods = _readers.submit(kube.list, "Pod", namespace, f"{LABEL_INSTANCE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}")
     children: dict[str, dict[str, Any] | None] = {kind: None for kind in CHILD_KINDS}
-    children.update({kind: future.result() for kind, future in futures.items()})
-    return Observed(children=children, pods=pods.result(), monitoring_kinds=kinds)
+    unreadable: dict[str, tuple[int, str, str]] = {}
+    for kind, future in futures.items():
+        try:
+            children[kind] = future.result()
+        except KubeError as exc:
+            if kind not in MONITORING_KINDS:
+                raise
+            unreadable[kind] = (exc.status, exc.reason, exc.message)  # optional: never blocks the rest
+    return Observed(children=children, pods=pods.result(), monitoring_kinds=kinds, unreadable=unreadable)
 
 
 def execute(kube: Kube, cr: dict[str, Any], result: Plan, now: datetime | None = None) -> None:
@@ -105,7 +112,8 @@ def execute(kube: Kube, cr: dict[str, Any], result: Plan, now: datetime | None =
 
 def _execute_monitoring(kube: Kube, cr: dict[str, Any], monitoring: MonitoringPlan) -> list[MonitoringFailure]:
     meta = cr["metadata"]
-    failures: list[MonitoringFailure] = []
+    failures = [MonitoringFailure(kind, meta["name"], "get", status, reason, message)
+                for kind, (status, reason, message) in monitoring.unreadable.items()]
     for verb, objs in (("apply", monitoring.apply), ("delete", monitoring.delete)):
         for obj in objs:
             try:

@@ -53,6 +53,8 @@ class Observed:
     children: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     monitoring_kinds: frozenset[str] = frozenset()
+    # optional kind -> (HTTP status, reason, message) of a read the API server refused
+    unreadable: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class MonitoringPlan:
     wanted: list[str] = field(default_factory=list)
     requested: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
+    unreadable: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
 
 def plan_replicas(spec: LLMDeploymentSpec, status: dict[str, Any] | None) -> int:
@@ -166,6 +169,10 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
         applies, deletes = (result.monitoring.apply, result.monitoring.delete) if optional else (
             result.apply, result.delete)
         want, live = desired[kind], observed.children.get(kind)
+        if optional and kind in observed.unreadable:
+            if want is not None:  # cannot even read it (e.g. 403 on get): MonitoringReady says so
+                result.monitoring.unreadable[kind] = observed.unreadable[kind]
+            continue
         if live is not None and not _owned_by(live, meta["uid"]):
             if want is not None:
                 text = f"{kind} {live['metadata']['name']} exists and is not owned by this LLMDeployment"
