@@ -133,7 +133,7 @@ async def serve(args: argparse.Namespace) -> int:
         stop_wait.cancel()
         if stop.is_set():
             # Drain: /ready turns 503 (the Service stops sending), in-flight and held requests finish.
-            app.draining = True
+            app.start_drain()
             log.info("draining: %d request(s) in flight", app.inflight)
             try:
                 await asyncio.wait_for(app.idle.wait(), timeout=args.drain_timeout)

@@ -142,6 +142,11 @@ class RouterApp:
             if decision is None:
                 if tried and not self.fleet.ready_keys():
                     tried.clear()  # everything we tried is down: wait for any replica again
+                if self.draining:  # SIGTERM: nothing new is held; the client retries another router
+                    self.metrics.rejected.labels(reason="draining").inc()
+                    await self._fail(send, started, 503, "the router is shutting down with no ready replica; "
+                                     "retry", "draining", {"retry-after": "1"})
+                    return
                 try:
                     waiter = self.hold.enter(waiter)
                 except HoldFull as exc:
@@ -249,6 +254,12 @@ class RouterApp:
                         "more_body": False})
         else:
             await _json(send, status, body, headers)
+
+    def start_drain(self) -> None:
+        """SIGTERM: /ready turns 503, new requests get 503, held ones are answered 503 now (they
+        could outlive the drain grace); requests already on a replica finish."""
+        self.draining = True
+        self.hold.release()
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
