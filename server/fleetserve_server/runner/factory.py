@@ -60,12 +60,13 @@ class LoadedEngine:
     max_model_len: int
 
     def warmup(self) -> None:
-        """A forward over a full step budget, then a decode: the step's largest activations
+        """A forward over a full step budget, then a decode of a full batch: the step's largest activations
         are allocated (and the allocator's heap grown) and the weights faulted in before
         ``/ready``, as the KV cache already is."""
         config = self.engine.config
         self.runner.warmup(prefill_tokens=min(config.max_batch_tokens, self.max_model_len - 1,
-                                              config.num_blocks * config.block_size))
+                                              config.num_blocks * config.block_size),
+                           decode_batch=config.max_num_seqs)
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:

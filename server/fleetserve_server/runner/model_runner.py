@@ -62,11 +62,12 @@ class TorchModelRunner:
     def release(self, seq_id: int) -> None:
         self.sampler.release(seq_id)
 
-    def warmup(self, prefill_tokens: int = 2) -> None:
-        """Run one ``prefill_tokens``-token prefill and one decode on the first blocks
-        (free blocks: overwritten later). A full step budget allocates the step's largest
-        activations once, so the process's resident memory after warm-up is what it keeps
-        under load."""
+    def warmup(self, prefill_tokens: int = 2, decode_batch: int = 1) -> None:
+        """Run one ``prefill_tokens``-token prefill, then one decode step of ``decode_batch``
+        sequences over that context, on the first blocks (free blocks: overwritten later).
+        A full step budget and a full decode batch allocate a step's largest activations
+        (and grow the allocator's heap to them) once, so the process's resident memory after
+        warm-up is what it keeps under load."""
         from fleetserve_server.engine.sampling_params import SamplingParams
 
         n = max(1, min(prefill_tokens, self.model.max_positions - 1, self.num_blocks * self.block_size - 1))
@@ -74,8 +75,10 @@ class TorchModelRunner:
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         first = ScheduledSequence(-1, [0] * n, 0, table, True, greedy)
         self.execute(ScheduledBatch([first]))
-        self.execute(ScheduledBatch([ScheduledSequence(-1, [0], n, table, True, greedy)]))
-        self.release(-1)
+        self.execute(ScheduledBatch([ScheduledSequence(-1 - i, [0], n, table, True, greedy)
+                                     for i in range(max(1, decode_batch))]))
+        for i in range(max(1, decode_batch)):
+            self.release(-1 - i)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
