@@ -90,7 +90,7 @@ async def test_stop_strings_and_seed_reproducibility() -> None:
 
 
 @pytest.mark.parametrize("body, param, status", [
-    (chat_body(n=2), "n", 400),
+    (chat_body(n=17), "n", 400),
     (chat_body(model="other"), "model", 400),
     (chat_body(temperature=-1), "temperature", 400),
     (chat_body(top_p=0), "top_p", 400),

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from fleetserve_server.api.choices import start_group
 from fleetserve_server.api.context import APIContext, get_context
 from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
@@ -14,7 +15,6 @@ from fleetserve_server.api.generation import (
     off_loop,
     openai_finish_reason,
     require_serving,
-    start_run,
     vocab_size,
 )
 from fleetserve_server.api.logprobs import TokenText, chat_logprobs
@@ -82,36 +82,37 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
         return chat_logprobs(entries, token_text) if req.logprobs and entries is not None else None
 
     log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None
-    run = await start_run(ctx, request, serving, endpoint="chat", prompt_ids=prompt_ids, params=params,
-                          log_prompt=log_prompt)
-    response_id = f"chatcmpl-{run.engine_id}"
+    n = req.n or 1
+    group = await start_group(ctx, request, serving, endpoint="chat", prompts=[prompt_ids], params=[params], n=n,
+                              log_prompts=[log_prompt])
+    response_id = f"chatcmpl-{group.engine_id}"
     if req.stream:
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None, usage: Any = None,
-                  choices: bool = True, logprobs: ChatLogprobs | None = None) -> str:
+        def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> str:
             body = ChatCompletionChunk(
-                id=response_id, created=run.created, model=serving.model.served_name,
-                system_fingerprint=serving.model.fingerprint,
-                choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason,  # type: ignore[arg-type]
-                                         logprobs=logprobs)] if choices else [],
-                usage=usage,
+                id=response_id, created=group.created, model=serving.model.served_name,
+                system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage,
             )
             return sse_event(body.model_dump_json())
 
         return stream_response(
-            run, req.stream_options, opening=chunk(DeltaMessage(role="assistant", content="")),
-            delta_event=lambda delta: chunk(DeltaMessage(content=delta.text), openai_finish_reason(delta.finish_reason),
-                                            logprobs=logprobs_of(delta.logprobs)),
-            usage_event=lambda usage: chunk(DeltaMessage(), usage=usage, choices=False),
+            group, req.stream_options,  # type: ignore[arg-type]  # RunGroup streams like a GenerationRun
+            opening=chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                           for i in range(n)]),
+            delta_event=lambda delta: chunk([ChatChunkChoice(
+                index=group.index_of(delta), delta=DeltaMessage(content=delta.text),
+                finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
+                logprobs=logprobs_of(delta.logprobs))]),
+            usage_event=lambda usage: chunk([], usage=usage),
         )
-    entries: list[TokenLogprob] = []
-    async for delta in run.deltas():
-        entries.extend(delta.logprobs or ())
+    entries: list[list[TokenLogprob]] = [[] for _ in group.runs]
+    async for delta in group.deltas():
+        entries[group.index_of(delta)].extend(delta.logprobs or ())
     return ChatCompletionResponse(
-        id=response_id, created=run.created, model=serving.model.served_name,
+        id=response_id, created=group.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
-        choices=[ChatChoice(message=ChatResponseMessage(content="".join(run.text)),
+        choices=[ChatChoice(index=i, message=ChatResponseMessage(content="".join(run.text)),
                             finish_reason=openai_finish_reason(run.finish_reason),  # type: ignore[arg-type]
-                            logprobs=logprobs_of(entries))],
-        usage=run.usage,
+                            logprobs=logprobs_of(entries[i]))
+                 for i, run in enumerate(group.runs)],
+        usage=group.usage,
     )
-

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from fleetserve_server.api.choices import start_group
 from fleetserve_server.api.context import get_context
 from fleetserve_server.api.errors import invalid
 from fleetserve_server.api.generation import (
@@ -14,7 +15,6 @@ from fleetserve_server.api.generation import (
     off_loop,
     openai_finish_reason,
     require_serving,
-    start_run,
     vocab_size,
 )
 from fleetserve_server.api.logprobs import TokenText, completion_logprobs
@@ -31,10 +31,23 @@ from fleetserve_server.engine.interfaces import RequestOutputDelta, TokenLogprob
 router = APIRouter()
 
 
+MAX_BATCH_PROMPTS = 64  # prompts in one /v1/completions request (each may have n copies)
+
+
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """The request's prompts: one string, one token list, or a batch of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        if len(prompt) > MAX_BATCH_PROMPTS:
+            raise invalid(f"prompt: at most {MAX_BATCH_PROMPTS} prompts per request, got {len(prompt)}",
+                          param="prompt")
+        return list(prompt)
+    return [prompt]  # token ids (or an empty list: prompt_token_ids names the problem)
+
+
 def prompt_token_ids(serving: Serving, prompt: Any) -> list[int]:
-    """Token ids of a single prompt (text or ids); a batch of prompts is a 400 (n = 1 per request)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # the SDK wraps single prompts sometimes: ["text"] or [[ids]]
+    """Token ids of a single prompt (text or ids)."""
     if isinstance(prompt, str):
         if not prompt:
             raise invalid("prompt is empty; send at least one character", param="prompt")
@@ -48,8 +61,7 @@ def prompt_token_ids(serving: Serving, prompt: Any) -> list[int]:
         if bad:
             raise invalid(f"prompt: token id {bad[0]} is outside the vocabulary [0, {limit})", param="prompt")
         return list(prompt)
-    raise invalid("prompt: batched prompts are not supported; send one prompt (a string or a list of "
-                  "token ids) per request", param="prompt")
+    raise invalid("prompt must be a string, a list of token ids, or a list of either", param="prompt")
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
@@ -57,76 +69,83 @@ def prompt_token_ids(serving: Serving, prompt: Any) -> list[int]:
 async def create_completion(req: CompletionRequest, request: Request) -> Any:
     ctx = get_context(request)
     serving = require_serving(ctx.state, req.model)
+    n = req.n or 1
     offending = [name for name, on in (
-        ("best_of", req.best_of not in (None, 1)), ("suffix", bool(req.suffix)),
+        ("best_of", req.best_of not in (None, n)), ("suffix", bool(req.suffix)),
         ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
-    prompt_ids = await off_loop(prompt_token_ids, serving, req.prompt)  # CPU-heavy: not on the event loop
-    params = build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(prompt_ids),
-                                   max_model_len=serving.model.max_model_len, prompt_param="prompt",
-                                   defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
-                                   logprobs=req.logprobs,
-                                   prompt_logprobs=req.logprobs if req.echo else None)
+    prompts = split_prompts(req.prompt)
+    prompt_ids: list[list[int]] = [await off_loop(prompt_token_ids, serving, p) for p in prompts]  # CPU-heavy
+    params = [build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(ids),
+                                    max_model_len=serving.model.max_model_len, prompt_param="prompt",
+                                    defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
+                                    logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+              for ids in prompt_ids]
     token_text = TokenText(serving.tokenizer)
-    echo_text = ""
-    if req.echo:
-        single = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
-        echo_text = single if isinstance(single, str) else serving.tokenizer.decode(prompt_ids)
+    echo_texts = [(p if isinstance(p, str) else serving.tokenizer.decode(ids)) if req.echo else ""
+                  for p, ids in zip(prompts, prompt_ids, strict=True)]
     top_n = req.logprobs or 0
 
-    def logprobs_of(delta_ids: list[int], entries: list[TokenLogprob] | None, prompt: list[TokenLogprob | None] | None,
-                    offset: int) -> CompletionLogprobs | None:
+    def logprobs_of(prompt: int, delta_ids: list[int], entries: list[TokenLogprob] | None,
+                    prompt_scores: list[TokenLogprob | None] | None, offset: int) -> CompletionLogprobs | None:
         if req.logprobs is None:
             return None
         ids: list[int] = []
         scored: list[TokenLogprob | None] = []
-        if prompt is not None:
-            ids.extend(prompt_ids)
-            scored.extend(prompt)
+        if prompt_scores is not None:
+            ids.extend(prompt_ids[prompt])
+            scored.extend(prompt_scores)
         ids.extend(delta_ids)
         scored.extend(entries or [None] * len(delta_ids))
         return completion_logprobs(scored, ids, token_text, top_n=top_n, offset=offset)
 
-    run = await start_run(ctx, request, serving, endpoint="completions", prompt_ids=prompt_ids, params=params,
-                          log_prompt=req.prompt if ctx.request_log.log_prompts else None)
-    response_id = f"cmpl-{run.engine_id}"
+    log_prompts = [p if ctx.request_log.log_prompts else None for p in prompts]
+    group = await start_group(ctx, request, serving, endpoint="completions", prompts=prompt_ids, params=params,
+                              n=n, log_prompts=log_prompts)
+    response_id = f"cmpl-{group.engine_id}"
     if req.stream:
         def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
-            body = CompletionResponse(id=response_id, created=run.created, model=serving.model.served_name,
+            body = CompletionResponse(id=response_id, created=group.created, model=serving.model.served_name,
                                       system_fingerprint=serving.model.fingerprint, choices=choices, usage=usage)
             return sse_event(body.model_dump_json())
 
-        emitted = {"chars": 0, "echoed": False}
+        chars = [0] * len(group.runs)
+        echoed = [False] * len(group.runs)
 
         def delta_event(delta: RequestOutputDelta) -> str:
+            index = group.index_of(delta)
+            prompt = index // n
             text = delta.text
             prompt_scores = None
-            if req.echo and not emitted["echoed"]:
-                emitted["echoed"] = True
-                text = echo_text + text
-                prompt_scores = delta.prompt_logprobs or [None] * len(prompt_ids)
-            offset = emitted["chars"]
-            emitted["chars"] += len(text)
+            if req.echo and not echoed[index]:
+                echoed[index] = True
+                text = echo_texts[prompt] + text
+                prompt_scores = delta.prompt_logprobs or [None] * len(prompt_ids[prompt])
+            offset = chars[index]
+            chars[index] += len(text)
             return chunk([CompletionChoice(
-                text=text, finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
-                logprobs=logprobs_of(delta.token_ids, delta.logprobs, prompt_scores, offset))])
+                index=index, text=text, finish_reason=openai_finish_reason(delta.finish_reason),  # type: ignore[arg-type]
+                logprobs=logprobs_of(prompt, delta.token_ids, delta.logprobs, prompt_scores, offset))])
 
-        return stream_response(run, req.stream_options, delta_event=delta_event,
+        return stream_response(group, req.stream_options, delta_event=delta_event,  # type: ignore[arg-type]
                                usage_event=lambda usage: chunk([], usage=usage))
-    token_ids: list[int] = []
-    entries: list[TokenLogprob] = []
-    prompt_scores: list[TokenLogprob | None] | None = [None] * len(prompt_ids) if req.echo else None
-    async for delta in run.deltas():
-        token_ids.extend(delta.token_ids)
-        entries.extend(delta.logprobs or ())
+    token_ids: list[list[int]] = [[] for _ in group.runs]
+    entries: list[list[TokenLogprob]] = [[] for _ in group.runs]
+    scores: list[list[TokenLogprob | None] | None] = [
+        [None] * len(prompt_ids[i // n]) if req.echo else None for i in range(len(group.runs))]
+    async for delta in group.deltas():
+        index = group.index_of(delta)
+        token_ids[index].extend(delta.token_ids)
+        entries[index].extend(delta.logprobs or ())
         if delta.prompt_logprobs is not None:
-            prompt_scores = delta.prompt_logprobs
+            scores[index] = delta.prompt_logprobs
     return CompletionResponse(
-        id=response_id, created=run.created, model=serving.model.served_name,
+        id=response_id, created=group.created, model=serving.model.served_name,
         system_fingerprint=serving.model.fingerprint,
-        choices=[CompletionChoice(text=echo_text + "".join(run.text),
+        choices=[CompletionChoice(index=i, text=echo_texts[i // n] + "".join(run.text),
                                   finish_reason=openai_finish_reason(run.finish_reason),  # type: ignore[arg-type]
-                                  logprobs=logprobs_of(token_ids, entries or None, prompt_scores, 0))],
-        usage=run.usage,
+                                  logprobs=logprobs_of(i // n, token_ids[i], entries[i] or None, scores[i], 0))
+                 for i, run in enumerate(group.runs)],
+        usage=group.usage,
     )

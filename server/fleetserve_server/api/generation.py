@@ -88,9 +88,6 @@ def check_unsupported(req: _SamplingFields, offending: list[str]) -> None:
     ``offending`` names endpoint-specific fields the caller found set to a
     value other than "off" (e.g. ``tools``, ``suffix``).
     """
-    if req.n is not None and req.n != 1:
-        raise invalid(f"n={req.n} is not supported: fleetserve returns exactly one choice; "
-                      "send n=1 (or omit it) and issue several requests instead", param="n")
     if offending:
         raise invalid(f"{offending[0]} is not supported by fleetserve; omit it", param=offending[0])
 
