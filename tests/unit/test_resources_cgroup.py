@@ -153,3 +153,9 @@ def test_startup_refuses_memory_that_is_not_free() -> None:
     check_memory_free(torch.device("cpu"), kv_bytes=GiB // 64, reserve_bytes=1, capacity=4096)
     with pytest.raises(InsufficientMemoryError, match=r"KV cache \(123 tokens = .* GiB\).* only .* GiB is free"):
         check_memory_free(torch.device("cpu"), kv_bytes=1 << 50, reserve_bytes=GiB, capacity=123)
+
+
+def test_native_caches_are_capped_unless_the_user_chose() -> None:
+    env: dict[str, str] = {"LRU_CACHE_CAPACITY": "8"}
+    resources.bound_native_caches(env)
+    assert env == {"LRU_CACHE_CAPACITY": "8", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": resources.NATIVE_CACHE_CAPACITY}
