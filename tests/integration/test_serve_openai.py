@@ -134,7 +134,7 @@ def test_over_long_prompt_is_a_bad_request_in_openai_shape(server: ServerProcess
     assert err.code == "context_length_exceeded" and err.param == "max_tokens"
     assert "2048" in err.message and "2500" in err.message
     with pytest.raises(openai.BadRequestError) as info2:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, n=17)  # 1..16 are served
     assert info2.value.param == "n"
     with pytest.raises(openai.BadRequestError) as info3:
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
