@@ -83,13 +83,14 @@ def test_per_request_registries_are_empty_after_load(server_factory: Callable[..
 
     def back_to_baseline() -> bool:
         after = registries(url)
-        return all(after.get(k) == v for k, v in before.items() if not k.endswith(PREFIX_CACHE) and not k.startswith(SNAPSHOT))
+        return all(after.get(k, 0) <= v for k, v in before.items() if not k.endswith(PREFIX_CACHE) and not k.startswith(SNAPSHOT))
 
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and not back_to_baseline():
         time.sleep(0.2)
     after = registries(url)
     grown = {k: (before.get(k), v) for k, v in after.items()
-             if v != before.get(k) and not k.endswith(PREFIX_CACHE) and not k.startswith(SNAPSHOT)}
+             if v > before.get(k, 0) and not k.endswith(PREFIX_CACHE) and not k.startswith(SNAPSHOT)}
+    # Smaller than at /ready is fine (e.g. the batch-size buffer the warm-up filled, drained by a scrape).
     assert not grown, f"registries not back at their /ready size after {len(kinds)} requests {counts}: {grown}"
     assert metric(url, "fleetserve_kv_cache_usage_ratio") == 0

@@ -414,3 +414,17 @@ def test_deltas_are_plain_dataclasses():
     d = run_all(engine)["d"]["deltas"]
     assert all(isinstance(x, RequestOutputDelta) for x in d)
     assert d[-1].finish_reason == "length" and d[0].finish_reason is None
+
+
+def test_batch_size_buffer_is_bounded_when_nobody_scrapes(monkeypatch):
+    # stats() drains the per-step batch sizes; a server whose /metrics is never scraped must not
+    # keep one entry per step for days.
+    import fleetserve_server.engine.llm_engine as llm_engine_module
+
+    monkeypatch.setattr(llm_engine_module, "MAX_RECENT_BATCH_SIZES", 5)
+    engine, _ = make()
+    engine.add_request("r", "hello there", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    run_all(engine)
+    assert engine.num_steps > 5
+    assert len(engine.stats().recent_batch_sizes) == 5
+    assert engine.stats().recent_batch_sizes == []

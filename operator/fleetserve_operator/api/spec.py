@@ -124,7 +124,7 @@ class Engine(ApiModel):
         600, ge=1, le=604_800, alias="cacheTTLSeconds", description="idle seconds before a cached prefix is freed"
     )
     max_queue_length: int | None = Field(
-        None, ge=1, le=1_000_000, description="waiting requests before new ones get 429 (default: unbounded)"
+        None, ge=1, le=1_000_000, description="waiting requests before new ones get 429 (default: 4 x the KV capacity / maxModelLen, at least maxNumSeqs)"
     )
     drain_timeout_seconds: int = Field(
         30, ge=0, le=3600,

@@ -28,6 +28,10 @@ from fleetserve_server.engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# Batch sizes kept between two stats() calls at most (one int per engine step).
+MAX_RECENT_BATCH_SIZES = 10_000
+
+
 @dataclass
 class _RequestState:
     """Output-side state of one request: its detokenizer and streamed text."""
@@ -203,7 +207,10 @@ class LLMEngine:
         now = self.clock()
         self.num_steps += 1
         with self._stats_lock:
-            self._recent_batch_sizes.append(len(out.scheduled))
+            # Drained by every stats() call (each /metrics scrape); a server nobody scrapes must not
+            # grow by one entry per step for days, so past the bound the histogram just misses steps.
+            if len(self._recent_batch_sizes) < MAX_RECENT_BATCH_SIZES:
+                self._recent_batch_sizes.append(len(out.scheduled))
         for seq in got_token:
             state = self._requests[seq.request_id]
             try:
