@@ -11,7 +11,7 @@ import pytest
 from fleetserve_devcluster.testing import DevClusterHandle, wait_until
 from fleetserve_devcluster.tools import ToolMissingError, cache_dir, tool_path
 
-__all__ = ["get_json", "helm", "prometheus_operator_crds", "wait_until"]  # wait_until: the shared one, for the Helm tests' imports
+__all__ = ["get_json", "helm", "install_prometheus_operator_crds", "prometheus_operator_crds", "wait_until"]  # wait_until: the shared one, for the Helm tests' imports
 
 
 def helm(cluster: DevClusterHandle, *args: str | Path, check: bool = True,
@@ -41,3 +41,17 @@ def prometheus_operator_crds() -> Path:
         pytest.fail(f"the Prometheus Operator CRDs {PROMETHEUS_OPERATOR_VERSION} are not provisioned in {out}: "
                     "run `hack/install-tools.sh prometheus-operator-crds` (part of `make install`)", pytrace=False)
     return out
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def install_prometheus_operator_crds(cluster: DevClusterHandle) -> None:
+    """Cluster-wide and left in place, as on a cluster with kube-prometheus-stack."""
+    crds = prometheus_operator_crds()
+    for name in ("servicemonitors", "prometheusrules", "podmonitors"):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                        str(crds / f"monitoring.coreos.com_{name}.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}.monitoring.coreos.com")
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.fleetserve.io", "--timeout=60s")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from fleetserve_devcluster.testing import DevClusterHandle
-from helm_util import get_json, helm, prometheus_operator_crds, wait_until
+from helm_util import get_json, helm, install_prometheus_operator_crds, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "fleetserve"
@@ -34,17 +34,6 @@ def release(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[str]:
     yield name
     helm(dev_cluster, "uninstall", name, "-n", namespace, "--ignore-not-found", "--wait", "--timeout", "120s",
          check=False)
-
-
-def install_prometheus_operator_crds(cluster: DevClusterHandle) -> None:
-    """Cluster-wide and left in place, as on a cluster with kube-prometheus-stack."""
-    crds = prometheus_operator_crds()
-    for name in ("servicemonitors", "prometheusrules", "podmonitors"):
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
-                        str(crds / f"monitoring.coreos.com_{name}.yaml"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{name}.monitoring.coreos.com")
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/llmdeployments.fleetserve.io", "--timeout=60s")
 
 
 def llmd(cluster: DevClusterHandle, namespace: str, name: str) -> dict[str, Any] | None:

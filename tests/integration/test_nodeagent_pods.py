@@ -77,10 +77,12 @@ def test_env_volumes_and_mount_namespace(dev_cluster: DevClusterHandle, namespac
     # An update of the ConfigMap reaches the running pod's file.
     dev_cluster.kubectl("patch", "configmap", "cfg", "-n", namespace, "-p", '{"data":{"server.yaml":"port: 9000\\n"}}')
     wait_until(lambda: config.read_text() == "port: 9000\n", 30, "the ConfigMap update in the pod's volume")
-    # Once the pod is gone, its (empty) mount points on the host can go too.
+    # Once the pod is gone, the agent removes the (empty) mount points it created on the host; one
+    # that something wrote into on the host would stay (and fail this wait).
     dev_cluster.kubectl("delete", "pod", "env", "-n", namespace, "--wait=true", timeout=120)
-    for mount_point in ("/etc/fleetserve-nodeagent-test", "/scratch-nodeagent-test"):
-        Path(mount_point).rmdir()  # fails if anything was written into it on the host
+    mount_points = ("/etc/fleetserve-nodeagent-test", "/scratch-nodeagent-test")
+    wait_until(lambda: not any(Path(m).exists() for m in mount_points), 60,
+               "the agent to remove the pod's mount points from the host")
 
 
 def test_service_account_token_carries_the_pods_rbac(dev_cluster: DevClusterHandle, namespace: str) -> None:
