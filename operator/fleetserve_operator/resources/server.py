@@ -52,7 +52,9 @@ def server_config(spec: LLMDeploymentSpec, fit: MemoryFit) -> dict[str, Any]:
         "device": "cpu" if spec.resources.gpus == 0 else "auto",
         "max_model_len": engine.max_model_len,
         "max_num_seqs": engine.max_num_seqs,
-        "max_batch_tokens": engine.effective_max_batch_tokens,
+        # None unless the CR sets it: the server then sizes its own step budget (2048 on CUDA, a ~1 s
+        # step on the CPU cores it may use); the planner assumes the CUDA value (reconcile/fit.py).
+        "max_batch_tokens": engine.max_batch_tokens,
         "kv_cache_memory_fraction": engine.kv_cache_memory_fraction,
         "block_size": engine.block_size,
         "prefix_caching": engine.prefix_caching,
