@@ -41,6 +41,7 @@ from .probes import Probe, ProbeTracker, run_action
 from .status import ContainerView, PodView, build_status, now_rfc3339, same_status
 from .volumes import (
     ATOMIC_KINDS,
+    Claims,
     HostPathNotAllowed,
     VolumeNotSupported,
     plan_mounts,
@@ -215,7 +216,8 @@ class PodWorker(threading.Thread):
         self.dir.chmod(0o700)
         try:
             for volume in spec.get("volumes") or []:
-                self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow)
+                self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow,
+                                                                  self._claims())
         except HostPathNotAllowed as exc:
             return self._fail("HostPathNotAllowed", str(exc))
         except VolumeNotSupported as exc:
@@ -267,6 +269,9 @@ class PodWorker(threading.Thread):
         self.tokens[key] = (token, time.monotonic() + 0.8 * expiration)
         return str(token)
 
+    def _claims(self) -> Claims:
+        return Claims(self.ctx.kube.get_or_none, self.ns, self.ctx.host_path_allow, self.ctx.state_dir)
+
     def _net(self) -> PodNetwork:
         return PodNetwork(pod_ip=self.view.pod_ip or "", host_ip=self.alloc.host_ip, node_name=self.node)
 
@@ -274,12 +279,15 @@ class PodWorker(threading.Thread):
         """(Re)write the API-backed volumes; a missing object blocks container starts, as in Kubernetes."""
         try:
             for volume in self.pod["spec"].get("volumes") or []:
+                if volume["name"] not in self.volume_dirs:  # e.g. a claim not bound yet at admission
+                    self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow,
+                                                                      self._claims())
                 if any(k in volume for k in ATOMIC_KINDS):
                     files = volume_files(volume, self.pod, self._fetch, self._token, self._net())
                     if write_atomic(self.volume_dirs[volume["name"]], files) and self.config_error is None:
                         log.info("pod %s/%s: volume %s updated", self.ns, self.pod_name, volume["name"])
             self.config_error = None
-        except ContainerConfigError as exc:
+        except (ContainerConfigError, VolumeNotSupported) as exc:
             self.config_error = str(exc)
         except KubeError as exc:
             self.config_error = f"cannot read a volume's source: {exc}"

@@ -6,6 +6,11 @@ directory, `..data` is a symlink to it, and every visible entry is a symlink
 into `..data`.  An update writes a new timestamped directory and renames a new
 `..data` link over the old one, so a process reading through the bind mount
 sees either the old or the new contents, never a mix.
+
+A persistentVolumeClaim volume is the directory of the PersistentVolume the claim
+is bound to (a `local` or `hostPath` PV), bind-mounted like a hostPath volume.
+The PV's path must lie in the dev cluster's hostPath allow-list or in its own
+`<state dir>/persistent-volumes` (see `Claims`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .kube import KubeError
 from .pods import ContainerConfigError, PodNetwork, field_value, resource_value
 from .subpath import SubPathError, open_beneath
 
@@ -30,6 +36,12 @@ Fetch = Callable[[str, str, str], "JsonObj | None"]
 TokenSource = Callable[["str | None", int], str]
 
 ATOMIC_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+# Where local/hostPath PersistentVolumes may always point (inside the cluster's 0700 state dir),
+# besides the `up --allow-host-path` directories.
+PERSISTENT_VOLUMES_DIR = "persistent-volumes"
+# PersistentVolumeSpec fields that are not its volume source.
+_PV_SPEC_FIELDS = {"accessModes", "capacity", "claimRef", "mountOptions", "nodeAffinity",
+                   "persistentVolumeReclaimPolicy", "storageClassName", "volumeMode", "volumeAttributesClassName"}
 
 
 class VolumeNotSupported(Exception):
@@ -181,8 +193,88 @@ def allowed_host_path(path: str, allow: tuple[str, ...]) -> Path:
         "`fleetserve dev-cluster up --allow-host-path DIR` to allow a directory")
 
 
-def prepare_volume(volume: JsonObj, pod_dir: Path, host_path_allow: tuple[str, ...] = ()) -> Path:
-    """The host directory of a volume that needs no API data (emptyDir, hostPath), or of an atomic one.
+@dataclass(frozen=True)
+class Claims:
+    """What a persistentVolumeClaim volume needs: API reads (`get(path)` -> object or None on 404,
+    e.g. `Kube.get_or_none`), the pod's namespace, and where a PersistentVolume may point."""
+
+    get: Callable[[str], JsonObj | None]
+    namespace: str
+    host_path_allow: tuple[str, ...]
+    state_dir: Path
+
+    def allowed_roots(self) -> tuple[str, ...]:
+        return (*self.host_path_allow, str(self.state_dir / PERSISTENT_VOLUMES_DIR))
+
+    def read(self, path: str, what: str) -> JsonObj | None:
+        try:
+            return self.get(path)
+        except KubeError as exc:
+            raise ContainerConfigError(f"cannot read {what}: {exc}") from None
+
+
+def _host_directory(name: str, path: Path, kind: str) -> Path:
+    """Create a hostPath of type "" / DirectoryOrCreate / FileOrCreate if missing, as the kubelet does."""
+    if kind in ("", "DirectoryOrCreate") and not path.exists():
+        path.mkdir(parents=True, exist_ok=True)
+    elif kind == "FileOrCreate" and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    elif not path.exists():
+        raise ContainerConfigError(f"volume {name!r}: hostPath {path} does not exist (type {kind})")
+    return path
+
+
+def claim_host_path(volume: JsonObj, claims: Claims) -> Path:
+    """The host directory of the PersistentVolume bound to a persistentVolumeClaim volume's claim.
+
+    A claim that is missing, being deleted or not bound yet is a ContainerConfigError (retried, the
+    pod waits as the kubelet's does); a PV that is not `local` or `hostPath` is VolumeNotSupported,
+    and one outside the allowed roots HostPathNotAllowed (both fail the pod).
+    """
+    name, claim = volume["name"], str(volume["persistentVolumeClaim"].get("claimName") or "")
+    pvc = claims.read(f"/api/v1/namespaces/{claims.namespace}/persistentvolumeclaims/{claim}",
+                      f'persistentvolumeclaim "{claim}"')
+    if pvc is None:
+        raise ContainerConfigError(f'volume {name!r}: persistentvolumeclaim "{claim}" not found')
+    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        raise ContainerConfigError(f'volume {name!r}: persistentvolumeclaim "{claim}" is being deleted')
+    pv_name = (pvc.get("spec") or {}).get("volumeName") or ""
+    phase = (pvc.get("status") or {}).get("phase") or "Pending"
+    if phase != "Bound" or not pv_name:
+        raise ContainerConfigError(f'volume {name!r}: persistentvolumeclaim "{claim}" is not bound to a '
+                                   f"PersistentVolume yet (phase {phase})")
+    pv = claims.read(f"/api/v1/persistentvolumes/{pv_name}", f'persistentvolume "{pv_name}"')
+    if pv is None:
+        raise ContainerConfigError(f'volume {name!r}: persistentvolume "{pv_name}" of claim "{claim}" not found')
+    spec = pv.get("spec") or {}
+    ref = spec.get("claimRef") or {}
+    if (ref.get("namespace"), ref.get("name")) != (claims.namespace, claim) or (
+            ref.get("uid") and ref["uid"] != pvc["metadata"].get("uid")):
+        raise ContainerConfigError(f'volume {name!r}: persistentvolume "{pv_name}" is bound to another claim '
+                                   f"({ref.get('namespace')}/{ref.get('name')}), not to {claims.namespace}/{claim}")
+    if spec.get("volumeMode") == "Block":
+        raise VolumeNotSupported(f'volume {name!r}: persistentvolume "{pv_name}" has volumeMode Block; the '
+                                 "dev-cluster node agent mounts only Filesystem volumes")
+    if "local" in spec:
+        path = allowed_host_path(str(spec["local"]["path"]), claims.allowed_roots())
+        if not path.is_dir():  # a local PV is an existing directory (a disk's mount point); never created
+            raise ContainerConfigError(f'volume {name!r}: the local path {path} of persistentvolume "{pv_name}" '
+                                       "does not exist or is not a directory")
+        return path
+    if "hostPath" in spec:
+        source = spec["hostPath"]
+        path = allowed_host_path(str(source["path"]), claims.allowed_roots())
+        return _host_directory(name, path, source.get("type", ""))
+    other = sorted(k for k in spec if k not in _PV_SPEC_FIELDS)
+    raise VolumeNotSupported(f'volume {name!r}: persistentvolume "{pv_name}" of type {other} is not supported '
+                             "by the dev-cluster node agent (supported: local, hostPath)")
+
+
+def prepare_volume(volume: JsonObj, pod_dir: Path, host_path_allow: tuple[str, ...] = (),
+                   claims: Claims | None = None) -> Path:
+    """The host directory of a volume that needs no API data (emptyDir, hostPath), of an atomic one,
+    or of a persistentVolumeClaim's PersistentVolume (needs `claims`).
 
     An emptyDir is 0777 (as the kubelet makes it) so a container running as any user can write it;
     it is still private, inside the pod's 0700 directory.  A hostPath must lie in `host_path_allow`.
@@ -197,24 +289,20 @@ def prepare_volume(volume: JsonObj, pod_dir: Path, host_path_allow: tuple[str, .
     if "hostPath" in volume:
         spec = volume["hostPath"]
         path = allowed_host_path(str(spec["path"]), host_path_allow)
-        kind = spec.get("type", "")
-        if kind in ("", "DirectoryOrCreate") and not path.exists():
-            path.mkdir(parents=True, exist_ok=True)
-        elif kind == "FileOrCreate" and not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
-        elif not path.exists():
-            raise ContainerConfigError(f"volume {name!r}: hostPath {path} does not exist (type {kind})")
-        return path
+        return _host_directory(name, path, spec.get("type", ""))
+    if "persistentVolumeClaim" in volume and claims is not None:
+        return claim_host_path(volume, claims)
     other = sorted(k for k in volume if k != "name")
     raise VolumeNotSupported(f"volume {name!r} of type {other} is not supported by the dev-cluster node agent "
-                             "(supported: configMap, secret, projected, downwardAPI, emptyDir, hostPath)")
+                             "(supported: configMap, secret, projected, downwardAPI, emptyDir, hostPath, "
+                             "persistentVolumeClaim of a local or hostPath PersistentVolume)")
 
 
 def plan_mounts(container: JsonObj, volume_dirs: dict[str, Path], volumes: list[JsonObj]) -> list[Mount]:
     """The bind mounts of one container, in volumeMounts order.
 
-    ConfigMap/Secret/projected/downward volumes are always read-only, as in Kubernetes;
+    ConfigMap/Secret/projected/downward volumes are always read-only, as in Kubernetes, and so is
+    a persistentVolumeClaim volume with `readOnly: true`;
     a `subPath` mount binds one entry (it does not follow later updates, exactly like the
     kubelet's subPath mounts).  The subPath is checked here, for a clear
     CreateContainerConfigError, and resolved again by the launcher when it mounts it: beneath
@@ -234,6 +322,8 @@ def plan_mounts(container: JsonObj, volume_dirs: dict[str, Path], volumes: list[
             except SubPathError as exc:
                 raise ContainerConfigError(f"volumeMounts {vm['mountPath']!r} of volume {name!r}: "
                                            f"{exc.strerror}") from None
-        read_only = bool(vm.get("readOnly")) or any(k in by_name.get(name, {}) for k in ATOMIC_KINDS)
+        volume = by_name.get(name, {})
+        read_only = (bool(vm.get("readOnly")) or any(k in volume for k in ATOMIC_KINDS)
+                     or bool((volume.get("persistentVolumeClaim") or {}).get("readOnly")))
         mounts.append(Mount(str(source), vm["mountPath"], read_only, sub_path))
     return mounts
