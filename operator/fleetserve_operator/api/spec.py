@@ -158,7 +158,11 @@ class Autoscaling(ApiModel):
     )
 
     enabled: bool = Field(False, description="scale from the pods' queue and KV-cache metrics")
-    min_replicas: int = Field(1, ge=1, le=1000, description="fewest replicas the autoscaler keeps")
+    min_replicas: int = Field(
+        1, ge=0, le=1000,
+        description="fewest replicas the autoscaler keeps; 0 (scale to zero when idle) needs router.enabled, "
+                    "whose held requests bring the fleet back",
+    )
     max_replicas: int = Field(4, ge=1, le=1000, description="most replicas the autoscaler creates")
     target_queue_length: float = Field(
         4.0, gt=0, le=100_000, description="waiting requests per replica the autoscaler aims for"
@@ -208,10 +212,42 @@ class Monitoring(ApiModel):
     prometheus_rule: bool = Field(True, description="create a PrometheusRule with fleetserve's alerts")
 
 
+class Router(ApiModel):
+    """``fleetserve router`` in front of the servers: prefix-aware routing, and requests held while no
+    replica is ready (what makes ``autoscaling.minReplicas: 0`` safe)."""
+
+    enabled: bool = Field(
+        False,
+        description="run <name>-router: the Service <name> then selects the router pods and <name>-servers the "
+                    "server pods",
+    )
+    replicas: int = Field(2, ge=1, le=100, description="router pods (each holds its own requests)")
+    hold_timeout_seconds: int = Field(
+        900, ge=1, le=86_400,
+        description="how long a request waits for a ready replica (node provisioning, image pull, model load) "
+                    "before it gets 503",
+    )
+    max_held_requests: int = Field(
+        1000, ge=0, le=1_000_000, description="requests one router pod holds at once; more get 429 + Retry-After"
+    )
+
+
+def _spec_rules() -> tuple[Rule, ...]:
+    return (
+        *pod_settings_rules(),
+        Rule("!has(self.autoscaling) || !self.autoscaling.enabled || self.autoscaling.minReplicas > 0 || "
+             "(has(self.router) && self.router.enabled)",
+             "autoscaling.minReplicas may be 0 only with router.enabled: true (the router holds the requests "
+             "that arrive while no replica runs, and its held-requests gauge brings the fleet back)",
+             lambda s: not s.autoscaling.enabled or s.autoscaling.min_replicas > 0 or s.router.enabled,
+             field="autoscaling.minReplicas"),
+    )
+
+
 class LLMDeploymentSpec(ApiModel):
     """Desired state of a fleet of fleetserve inference servers."""
 
-    RULES = pod_settings_rules()
+    RULES = _spec_rules()
 
     model: ModelSource = Field(description="the model to serve")
     image: str = Field(DEFAULT_IMAGE, min_length=1, max_length=512, description="server container image")
@@ -231,6 +267,10 @@ class LLMDeploymentSpec(ApiModel):
         None, description="Secret holding the API key clients must send as a Bearer token"
     )
     monitoring: Monitoring = Field(default_factory=lambda: Monitoring.model_validate({}), description="Prometheus Operator integration")
+    router: Router = Field(
+        default_factory=lambda: Router.model_validate({}),
+        description="the prefix-aware router in front of the servers (holds requests through scale-from-zero)",
+    )
     # Pod settings (api/pod.py). None of them is copied from the LLMDeployment's own metadata:
     # only podLabels/podAnnotations reach the pod template, so relabelling the CR rolls no pod.
     image_pull_secrets: list[LocalObjectReference] = Field(

@@ -15,16 +15,17 @@ from pydantic import Field
 
 from .base import ApiModel
 
-ConditionType = Literal["Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded", "MonitoringReady"]
+ConditionType = Literal["Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded", "MonitoringReady",
+                        "RouterReady"]
 CONDITION_TYPES: tuple[str, ...] = ("Ready", "Progressing", "MemoryFits", "ScalingActive", "Degraded",
-                                    "MonitoringReady")
+                                    "MonitoringReady", "RouterReady")
 
 
 class Condition(ApiModel):
     """One condition; ``lastTransitionTime`` changes only when ``status`` changes."""
 
     type: ConditionType = Field(
-        description="Ready, Progressing, MemoryFits, ScalingActive, Degraded or MonitoringReady")
+        description="Ready, Progressing, MemoryFits, ScalingActive, Degraded, MonitoringReady or RouterReady")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
     reason: str = Field(max_length=1024, description="CamelCase reason")
     message: str = Field("", max_length=32768, description="human-readable explanation, with numbers")
@@ -68,6 +69,9 @@ class ObservedMetrics(ApiModel):
         None, ge=0, description="kvCacheUsage x 100, rounded (the KV% printer column)"
     )
     pods: int | None = Field(None, ge=0, description="pods scraped")
+    held_requests: int | None = Field(
+        None, ge=0, description="requests the router pods hold for want of a ready replica (router.enabled)"
+    )
 
 
 class WaitingForNodes(ApiModel):
@@ -106,9 +110,12 @@ class LLMDeploymentStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, MemoryFits, ...")
 
 
-def observed_metrics(queue_length: float | None, kv_cache_usage: float | None, pods: int) -> dict[str, object]:
+def observed_metrics(queue_length: float | None, kv_cache_usage: float | None, pods: int,
+                     held_requests: int | None = None) -> dict[str, object]:
     """``status.autoscaler.observed`` as a camelCase dict, with the percent column filled in."""
     out: dict[str, object] = {"pods": pods}
+    if held_requests is not None:
+        out["heldRequests"] = held_requests
     if queue_length is not None:
         out["queueLength"] = round(float(queue_length), 3)
     if kv_cache_usage is not None:

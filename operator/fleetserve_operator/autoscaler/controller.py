@@ -32,6 +32,7 @@ Kubernetes HPA does with a Deployment's replicas.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -47,13 +48,13 @@ from fleetserve_operator.kube import Kube, KubeError, resource_path
 from fleetserve_operator.reconcile.fit import check_memory_fit
 from fleetserve_operator.reconcile.locks import cr_lock
 from fleetserve_operator.reconcile.plan import plan_replicas as plan_replicas_for_deployment
-from fleetserve_operator.resources.labels import selector_string
+from fleetserve_operator.resources.labels import router_selector_string, selector_string
 
 from .decision import plan_replicas
 from .history import History
 from .nodes import DELETION_COST_ANNOTATION, NodeWait, cost_patches, deletion_costs, node_wait, placements
 from .pods import PodCensus, take_census
-from .scraper import ScrapeResult, scrape_pods
+from .scraper import RouterMetrics, ScrapeResult, scrape_pods, scrape_routers
 from .status import (
     REASON_DISABLED,
     REASON_MEMORY,
@@ -86,6 +87,8 @@ class FleetState:
     history: History | None = None
     seen_spec_replicas: int | None = None
     clock: Callable[[], float] = field(default=time.monotonic)
+    # Each router pod's fleetserve_router_requests_total at the previous tick (traffic detection).
+    router_routed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,10 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     scrape = await scrape_pods(census.ready, scrape_timeout(policy))
     current = size_in_effect(spec, cr.get("status") or {})
     observation = observe(current, census, scrape, wait)
+    router_note = ""
+    if spec.router.enabled:
+        held, traffic, router_note = await _router_load(kube, namespace, name, state, scrape_timeout(policy))
+        observation = dataclasses.replace(observation, held=held, traffic=traffic)
 
     mono = state.clock()
     if state.history is None:
@@ -184,7 +191,7 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     if decision.direction == "down":
         state.history = state.history.scaled(mono, decision.current, decision.desired, policy.scale_down_period_s)
 
-    summary = scrape_summary(census, scrape)
+    summary = "; ".join(p for p in (scrape_summary(census, scrape), router_note) if p)
     patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall,
                                     wait.to_status())
     if spec.replicas != decision.desired:
@@ -210,6 +217,40 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     export_metrics(namespace, name, observation, decision)
     return TickResult(next_tick_s=max(0.0, policy.scrape_interval_s - (state.clock() - started)),
                       decision=decision, observation=observation, scaled=scaled, status_patch=patch)
+
+
+async def _router_load(kube: Kube, namespace: str, name: str, state: FleetState,
+                       timeout_s: float) -> tuple[int | None, bool, str]:
+    """(held requests, traffic since the last tick, a note on failures) from the ready router pods.
+
+    Held is None — unknown, so the fleet neither scales to zero nor trusts a 0 — when no router pod
+    answered, or when one did not and those that did hold nothing."""
+    pods = await asyncio.to_thread(kube.list, "Pod", namespace, router_selector_string(name))
+    targets = take_census(pods).ready
+    answered, failures = await scrape_routers(targets, timeout_s)
+    note = ""
+    if not targets:
+        note = "no ready router pod to read held requests from"
+    elif failures:
+        note = f"{len(answered)} of {len(targets)} ready router pods answered /metrics ({failures[0]})"
+    held_sum = int(round(sum(m.held for m in answered)))
+    held: int | None = held_sum if answered and (held_sum > 0 or not failures) else None
+    traffic = _routed_since(state, answered)
+    return held, traffic, note
+
+
+def _routed_since(state: FleetState, answered: list[RouterMetrics]) -> bool:
+    """Whether any router pod routed a request since the previous tick (a counter that went down
+    means a restarted pod: counted as traffic, as is a pod seen for the first time with a count)."""
+    traffic = False
+    seen: dict[str, float] = {}
+    for m in answered:
+        before = state.router_routed.get(m.pod)
+        if (before is None and m.routed > 0) or (before is not None and m.routed != before):
+            traffic = True
+        seen[m.pod] = m.routed
+    state.router_routed = seen
+    return traffic
 
 
 def disabled_message(replicas: int) -> str:

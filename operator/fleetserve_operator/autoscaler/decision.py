@@ -60,6 +60,9 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
     """
     current = observation.current_replicas
     ready = observation.ready
+    held = observation.held
+    if policy.min_replicas == 0 and current == 0 and ready == 0:
+        return _from_zero(observation, policy)
     if ready == 0:
         return _hold(observation, policy, Limit.NO_READY_PODS,
                      f"no ready pod to read metrics from ({_pods_not_ready(observation)})")
@@ -72,14 +75,20 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
     queue = observation.queue_length
     kv = observation.kv_cache_usage
     assert queue is not None and kv is not None  # answered > 0 here
+    queue += held or 0  # requests the router holds are load too
     queue_ratio = queue / ready / policy.target_queue_length
     kv_ratio = kv / policy.target_kv_cache_usage
     by_queue = _proposal(ready, current, queue_ratio)
     by_kv = _proposal(ready, current, kv_ratio)
-    recommendation = max(by_queue, by_kv, 1)
+    # Scale to zero only behind a router that answered (it holds what arrives meanwhile), and only
+    # with no traffic at all: KV blocks of idle cached prefixes are no load.
+    idle = policy.min_replicas == 0 and held == 0 and not observation.traffic and queue == 0
+    recommendation = 0 if idle else max(by_queue, by_kv, 1)
 
     ready_text = f"{ready} ready" + (f" (+{observation.starting} starting)" if observation.starting else "")
     queue_text = f"queue {_num(queue)} {_cmp(queue_ratio)} {_num(policy.target_queue_length)} × {ready_text}"
+    if idle:
+        queue_text = f"no request running, waiting or held, none routed since the last scrape; {queue_text}"
     kv_text = f"KV cache {kv:.0%} {_cmp(kv_ratio)} {policy.target_kv_cache_usage:.0%} target on {ready_text}"
     if recommendation > current:
         signal = Signal.QUEUE if by_queue >= by_kv else Signal.KV_CACHE
@@ -151,6 +160,27 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
         reason = f"{why} → {desired}"
     return Decision(current=current, desired=desired, reason=reason, signal=signal,
                     limit=limit, recommendation=recommendation)
+
+
+def _from_zero(observation: FleetObservation, policy: AutoscalingPolicy) -> Decision:
+    """No replica (scaled to zero behind the router): come back as soon as the router holds a request,
+    with enough replicas for what it holds (queue target per replica, at most +4 at once)."""
+    held = observation.held
+    if held is None:
+        return Decision(current=0, desired=0, signal=Signal.NONE, limit=Limit.ROUTER_METRICS_UNAVAILABLE,
+                        recommendation=None,
+                        reason="no replica runs and no router pod answered /metrics (held requests unknown): "
+                               "holding 0")
+    if held == 0:
+        return Decision(current=0, desired=0, signal=Signal.NONE, limit=Limit.SCALED_TO_ZERO, recommendation=0,
+                        reason="scaled to zero: the router holds no request → 0")
+    wanted = max(1, math.ceil(held / policy.target_queue_length - _EPS))
+    desired = min(wanted, 4, policy.max_replicas)
+    capped = "" if desired == wanted else f" (capped at {desired}: at most 4 from zero, maxReplicas {policy.max_replicas})"
+    return Decision(current=0, desired=desired, signal=Signal.QUEUE, limit=Limit.SCALE_FROM_ZERO,
+                    recommendation=desired,
+                    reason=f"the router holds {held} request{'s' if held != 1 else ''} and no replica runs: "
+                           f"{held} / {_num(policy.target_queue_length)} per replica → {desired}{capped}")
 
 
 def _proposal(ready: int, current: int, ratio: float) -> int:

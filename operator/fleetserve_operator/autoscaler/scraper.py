@@ -153,3 +153,60 @@ async def scrape_pods(targets: Sequence[ScrapeTarget], timeout_s: float,
     metrics = tuple(r for r in results if isinstance(r, PodMetrics))
     failures = tuple(r for r in results if isinstance(r, ScrapeFailure))
     return ScrapeResult(metrics=metrics, failures=failures)
+
+
+# The router's gauge of requests waiting for a ready replica, and its counter of routed requests.
+ROUTER_HELD_NAME = "fleetserve_router_requests_held"
+ROUTER_ROUTED_NAME = "fleetserve_router_requests_total"
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    """One router pod's held requests (gauge) and requests routed so far (counter, all routes)."""
+
+    pod: str
+    held: float
+    routed: float
+
+
+def parse_router_metrics(pod: str, text: str) -> RouterMetrics:
+    """``fleetserve_router_requests_held`` and the sum of ``fleetserve_router_requests_total``."""
+    held: float | None = None
+    routed = 0.0
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == ROUTER_HELD_NAME:
+                    held = (held or 0.0) + float(sample.value)
+                elif sample.name == ROUTER_ROUTED_NAME:
+                    routed += float(sample.value)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MetricsError(ScrapeError.PARSE, f"router pod {pod}: /metrics is not Prometheus text format: {exc}") from exc
+    if held is None:
+        raise MetricsError(ScrapeError.MISSING_METRIC, f"router pod {pod}: /metrics has no {ROUTER_HELD_NAME}")
+    if not (math.isfinite(held) and math.isfinite(routed)) or held < 0:
+        raise MetricsError(ScrapeError.PARSE, f"router pod {pod}: {ROUTER_HELD_NAME} {held} is not a count >= 0")
+    return RouterMetrics(pod=pod, held=held, routed=routed)
+
+
+async def scrape_routers(targets: Sequence[ScrapeTarget], timeout_s: float) -> tuple[list[RouterMetrics], list[str]]:
+    """Scrape every ready router pod concurrently: (what answered, why the others did not)."""
+    if not targets:
+        return [], []
+    async with httpx.AsyncClient(trust_env=False, follow_redirects=False) as http:
+        async def one(target: ScrapeTarget) -> RouterMetrics | str:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await http.get(target.url, timeout=timeout_s)
+                    body = response.text
+            except (TimeoutError, httpx.HTTPError) as exc:
+                return f"router pod {target.pod}: {target.url}: {type(exc).__name__}: {exc}"
+            if response.status_code != 200:
+                return f"router pod {target.pod}: {target.url} answered HTTP {response.status_code}"
+            try:
+                return parse_router_metrics(target.pod, body)
+            except MetricsError as exc:
+                return str(exc)
+
+        results = await asyncio.gather(*(one(t) for t in targets))
+    return [r for r in results if isinstance(r, RouterMetrics)], [r for r in results if isinstance(r, str)]

@@ -37,7 +37,7 @@ def decision_status(current: dict[str, Any], observation: FleetObservation, deci
     auto_new = dict(auto_now)
     queue, kv = observation.queue_length, observation.kv_cache_usage
     per_replica = queue / observation.ready if queue is not None and observation.ready else None
-    auto_new["observed"] = observed_metrics(per_replica, kv, observation.answered)
+    auto_new["observed"] = observed_metrics(per_replica, kv, observation.answered, observation.held)
     if waiting_for_nodes is not None:
         auto_new["waitingForNodes"] = waiting_for_nodes
     elif auto_now.get("waitingForNodes") is not None:

@@ -57,6 +57,9 @@ class Limit(StrEnum):
     WAITING_FOR_NODES = "WaitingForNodes"
     METRICS_UNAVAILABLE = "MetricsUnavailable"
     NO_READY_PODS = "NoReadyPods"
+    SCALED_TO_ZERO = "ScaledToZero"
+    SCALE_FROM_ZERO = "ScaleFromZero"
+    ROUTER_METRICS_UNAVAILABLE = "RouterMetricsUnavailable"
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,10 @@ class FleetObservation:
     waiting_for_nodes: int = 0
     metrics: tuple[PodMetrics, ...] = ()
     scrape_errors: dict[ScrapeError, int] = field(default_factory=dict)
+    # With the router on: requests its pods hold (None: router off, or no router pod answered),
+    # and whether it routed any request since the previous tick (traffic the scrape may not catch).
+    held: int | None = None
+    traffic: bool = False
 
     @property
     def answered(self) -> int:
@@ -192,4 +199,4 @@ class Decision:
 
     @property
     def metrics_ok(self) -> bool:
-        return self.limit not in (Limit.METRICS_UNAVAILABLE, Limit.NO_READY_PODS)
+        return self.limit not in (Limit.METRICS_UNAVAILABLE, Limit.NO_READY_PODS, Limit.ROUTER_METRICS_UNAVAILABLE)

@@ -22,10 +22,21 @@ from pydantic import ValidationError
 from .. import metrics
 from ..api.spec import spec_from_body
 from ..kube import Kube, KubeError
-from ..resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, config_map_name
+from ..resources.labels import LABEL_MANAGED_BY, MANAGED_BY, selector_string
+from ..status.conditions import get_condition
 from ..status.monitoring import MonitoringFailure, monitoring_status
 from .locks import coalescing_lock, cr_lock
-from .plan import CHILD_KINDS, MONITORING_KINDS, MonitoringPlan, Observed, Plan, plan
+from .plan import (
+    CHILD_KINDS,
+    MONITORING_KINDS,
+    ROUTER_SLOTS,
+    MonitoringPlan,
+    Observed,
+    Plan,
+    child_name,
+    plan,
+    slot_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +64,25 @@ monitoring_cache = _MonitoringCache()
 _readers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="observe")
 
 
-def child_name(kind: str, instance: str) -> str:
-    return config_map_name(instance) if kind == "ConfigMap" else instance
+def _router_children_possible(cr: dict[str, Any]) -> bool:
+    """Whether the router's children may exist: it is on, or it was (RouterReady is in the status
+    until the reconcile that deletes them). Otherwise their reads are skipped."""
+    router = (cr.get("spec") or {}).get("router") or {}
+    return bool(router.get("enabled")) or get_condition(
+        (cr.get("status") or {}).get("conditions"), "RouterReady") is not None
 
 
 def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
-    """Read every child by name, the pods by label, and which monitoring kinds exist."""
+    """Read every child by name, the server pods by label, and which monitoring kinds exist."""
     meta = cr["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     kinds = monitoring_cache.get(kube)
-    wanted = [k for k in CHILD_KINDS if k not in MONITORING_KINDS or k in kinds]
+    router = _router_children_possible(cr)
+    wanted = [k for k in CHILD_KINDS if (k not in MONITORING_KINDS or k in kinds) and (router or k not in ROUTER_SLOTS)]
     # The reads are independent: issue them together (one round trip of latency, not six).
-    futures = {kind: _readers.submit(kube.get, kind, namespace, child_name(kind, name)) for kind in wanted}
-    pods = _readers.submit(kube.list, "Pod", namespace, f"{LABEL_INSTANCE}={name},{LABEL_MANAGED_BY}={MANAGED_BY}")
+    futures = {slot: _readers.submit(kube.get, slot_kind(slot), namespace, child_name(slot, name)) for slot in wanted}
+    # The server pods only (the router's pods carry another app.kubernetes.io/name).
+    pods = _readers.submit(kube.list, "Pod", namespace, f"{selector_string(name)},{LABEL_MANAGED_BY}={MANAGED_BY}")
     children: dict[str, dict[str, Any] | None] = {kind: None for kind in CHILD_KINDS}
     unreadable: dict[str, tuple[int, str, str]] = {}
     for kind, future in futures.items():

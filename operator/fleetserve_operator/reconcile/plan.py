@@ -28,17 +28,50 @@ from pydantic import ValidationError
 from ..api.spec import LLMDeploymentSpec, spec_from_body
 from ..events import Event
 from ..resources.hashing import applied_hash, stamp
+from ..resources.labels import config_map_name, router_name, servers_service_name
 from ..resources.monitoring import build_prometheus_rule, build_service_monitor
 from ..resources.network import build_pdb, build_service, wants_pdb
+from ..resources.router import (
+    build_router_deployment,
+    build_router_pdb,
+    build_router_role,
+    build_router_role_binding,
+    build_router_service_account,
+    build_servers_service,
+    router_ready,
+    wants_router_pdb,
+)
 from ..resources.server import build_config_map, build_deployment, template_hash
 from ..status.compute import compute_status, invalid_spec_status, status_events, status_patch
 from ..status.conditions import get_condition
 from .drift import describe, differences
 from .fit import MemoryFit, check_memory_fit
 
-# Child kinds in the order they are applied (the ConfigMap before the pods that mount it).
-CHILD_KINDS = ("ConfigMap", "Service", "Deployment", "PodDisruptionBudget", "ServiceMonitor", "PrometheusRule")
+# Child slots in the order they are applied (the ConfigMap before the pods that mount it; the
+# router's account before its pods). A slot is a kind, or ``Kind/role`` for a second object of a
+# kind (``Deployment/router`` is ``<name>-router``): see :func:`slot_kind` and :func:`child_name`.
+CHILD_KINDS = ("ConfigMap", "Service/servers", "Service", "Deployment", "PodDisruptionBudget",
+               "ServiceAccount/router", "Role/router", "RoleBinding/router", "Deployment/router",
+               "PodDisruptionBudget/router", "ServiceMonitor", "PrometheusRule")
 MONITORING_KINDS = frozenset({"ServiceMonitor", "PrometheusRule"})
+ROUTER_SLOTS = frozenset({"Service/servers", "ServiceAccount/router", "Role/router", "RoleBinding/router",
+                          "Deployment/router", "PodDisruptionBudget/router"})
+
+
+def slot_kind(slot: str) -> str:
+    """The Kubernetes kind of a child slot (``Deployment/router`` -> ``Deployment``)."""
+    return slot.split("/", 1)[0]
+
+
+def child_name(slot: str, instance: str) -> str:
+    """The object name of a child slot of LLMDeployment ``instance``."""
+    if slot == "ConfigMap":
+        return config_map_name(instance)
+    if slot == "Service/servers":
+        return servers_service_name(instance)
+    if slot.endswith("/router"):
+        return router_name(instance)
+    return instance
 
 
 @dataclass
@@ -103,7 +136,9 @@ def plan_replicas(spec: LLMDeploymentSpec, status: dict[str, Any] | None) -> int
     if not auto.enabled:
         return spec.replicas
     desired = (status or {}).get("desiredReplicas")
-    wanted = desired if isinstance(desired, int) else auto.min_replicas
+    # Until the autoscaler has decided: minReplicas, but one replica warm when that is 0 (it scales to
+    # zero after the scale-down window without traffic).
+    wanted = desired if isinstance(desired, int) else max(auto.min_replicas, 1)
     return max(auto.min_replicas, min(auto.max_replicas, wanted))
 
 
@@ -120,7 +155,17 @@ def desired_children(
     name, namespace = meta["name"], meta["namespace"]
     out: dict[str, dict[str, Any] | None] = dict.fromkeys(CHILD_KINDS)
     out["ConfigMap"] = build_config_map(name, namespace, spec, fit)
-    out["Service"] = build_service(name, namespace)
+    # The Service turns to the router once a router pod is ready (and back at once when it is
+    # switched off), so clients never face a Service with no endpoint while the router starts.
+    out["Service"] = build_service(name, namespace, via_router=routes_via_router(spec, observed))
+    if spec.router.enabled:
+        out["Service/servers"] = build_servers_service(namespace, name)
+        out["ServiceAccount/router"] = build_router_service_account(namespace, name)
+        out["Role/router"] = build_router_role(namespace, name)
+        out["RoleBinding/router"] = build_router_role_binding(namespace, name)
+        out["Deployment/router"] = build_router_deployment(namespace, name, spec)
+        if wants_router_pdb(spec):
+            out["PodDisruptionBudget/router"] = build_router_pdb(namespace, name)
     if fit.status != "False":
         out["Deployment"] = build_deployment(name, namespace, spec, fit, replicas)
         if wants_pdb(replicas):
@@ -129,15 +174,28 @@ def desired_children(
         # It cannot fit (any more): keep the object, run no pod.
         out["Deployment"] = build_deployment(name, namespace, spec, fit, 0)
     if "ServiceMonitor" in observed.monitoring_kinds and spec.monitoring.service_monitor:
-        out["ServiceMonitor"] = build_service_monitor(name, namespace, spec.autoscaling.scrape_interval_seconds)
+        out["ServiceMonitor"] = build_service_monitor(name, namespace, spec.autoscaling.scrape_interval_seconds,
+                                                      router=spec.router.enabled)
     if "PrometheusRule" in observed.monitoring_kinds and spec.monitoring.prometheus_rule:
-        out["PrometheusRule"] = build_prometheus_rule(name, namespace, spec.engine.max_queue_length)
+        out["PrometheusRule"] = build_prometheus_rule(
+            name, namespace, spec.engine.max_queue_length,
+            servers_service=servers_service_name(name) if spec.router.enabled else None)
     for obj in out.values():
         if obj is not None:
             # Owner reference only: kopf.adopt() would also copy every label of the CR into the
             # children and the pod template, so relabelling it (or a Helm chart bump) rolled the pods.
             kopf.append_owner_reference(obj, owner=cr)  # type: ignore[arg-type]
     return out
+
+
+def routes_via_router(spec: LLMDeploymentSpec, observed: Observed) -> bool:
+    """Whether Service ``<name>`` selects the router pods: the router is on and one of its pods is
+    ready (or the Service already points at it)."""
+    if not spec.router.enabled:
+        return False
+    live = observed.children.get("Service") or {}
+    already = ((live.get("spec") or {}).get("selector") or {}).get("app.kubernetes.io/name") == "fleetserve-router"
+    return already or router_ready(observed.children.get("Deployment/router")) > 0
 
 
 def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
@@ -175,7 +233,7 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
             continue
         if live is not None and not _owned_by(live, meta["uid"]):
             if want is not None:
-                text = f"{kind} {live['metadata']['name']} exists and is not owned by this LLMDeployment"
+                text = f"{slot_kind(kind)} {live['metadata']['name']} exists and is not owned by this LLMDeployment"
                 (result.monitoring.conflicts if optional else conflicts).append(text)
             continue
         if want is None:
@@ -186,9 +244,9 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
         if live is None:
             applies.append(stamped)
             if _recreated(kind, cr, observed, replicas):
-                repaired.append(f"recreated {kind} {want['metadata']['name']} (it was deleted)")
+                repaired.append(f"recreated {slot_kind(kind)} {want['metadata']['name']} (it was deleted)")
             else:
-                created.append(kind)
+                created.append(kind if "/" not in kind else f"{slot_kind(kind)} {want['metadata']['name']}")
         elif applied_hash(live) != applied_hash(stamped):
             applies.append(stamped)
             updated.append(_describe_update(kind, live, stamped))
@@ -200,7 +258,8 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
                     drift.remove("spec.replicas")
                     result.events.append(_scaled_outside(cr, spec, live, replicas))
                 if drift:
-                    repaired.append(f"restored {kind} {want['metadata']['name']}: {describe(stamped, live, drift)}")
+                    repaired.append(f"restored {slot_kind(kind)} {want['metadata']['name']}: "
+                                    f"{describe(stamped, live, drift)}")
     if created:
         result.events.append(Event("Normal", "Created", "created " + ", ".join(created)))
     if updated:
@@ -212,6 +271,8 @@ def plan(cr: dict[str, Any], observed: Observed, now: datetime) -> Plan:
     new = compute_status(
         cr, spec, fit, replicas,
         deployment=observed.children.get("Deployment"),
+        router=observed.children.get("Deployment/router"),
+        via_router=routes_via_router(spec, observed),
         pods=observed.pods,
         conflicts=conflicts,
         rolling=bool(updated or created or result.apply),
@@ -235,6 +296,10 @@ def _recreated(kind: str, cr: dict[str, Any], observed: Observed, replicas: int)
     meta, status = cr["metadata"], cr.get("status") or {}
     if status.get("observedGeneration") != meta.get("generation"):
         return False
+    if kind in ROUTER_SLOTS:
+        if get_condition(status.get("conditions"), "RouterReady") is None:
+            return False  # the router was just switched on
+        return kind != "PodDisruptionBudget/router" or observed.children.get("Deployment/router") is not None
     if kind in ("ConfigMap", "Service", "Deployment"):
         return True
     if kind == "PodDisruptionBudget":
@@ -258,7 +323,7 @@ def _scaled_outside(cr: dict[str, Any], spec: LLMDeploymentSpec, live: dict[str,
 
 
 def _describe_update(kind: str, live: dict[str, Any], desired: dict[str, Any]) -> str:
-    if kind == "Deployment":
+    if kind in ("Deployment", "Deployment/router"):
         old_hash, new_hash = template_hash(live), template_hash(desired)
         old_replicas = (live.get("spec") or {}).get("replicas")
         parts = []
@@ -266,8 +331,9 @@ def _describe_update(kind: str, live: dict[str, Any], desired: dict[str, Any]) -
             parts.append(f"pod template {old_hash} -> {new_hash} (rolling the pods)")
         if old_replicas != desired["spec"]["replicas"]:
             parts.append(f"replicas {old_replicas} -> {desired['spec']['replicas']}")
-        return "Deployment: " + (", ".join(parts) or "metadata")
-    return kind
+        which = "Deployment" if kind == "Deployment" else f"Deployment {desired['metadata']['name']}"
+        return f"{which}: " + (", ".join(parts) or "metadata")
+    return kind if "/" not in kind else f"{slot_kind(kind)} {desired['metadata']['name']}"
 
 
 def _describe_validation_error(exc: ValidationError) -> str:

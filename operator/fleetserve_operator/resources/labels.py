@@ -5,6 +5,7 @@ from __future__ import annotations
 MANAGED_BY = "fleetserve"
 FIELD_MANAGER = "fleetserve"
 APP_NAME = "fleetserve-server"
+ROUTER_APP_NAME = "fleetserve-router"  # the router's pods and objects (spec.router.enabled)
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -31,6 +32,30 @@ def selector_labels(instance: str) -> dict[str, str]:
 def child_labels(instance: str) -> dict[str, str]:
     """Labels on every child object and pod."""
     return {**selector_labels(instance), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def router_selector_labels(instance: str) -> dict[str, str]:
+    """Labels that select one LLMDeployment's router pods (never its server pods)."""
+    return {LABEL_NAME: ROUTER_APP_NAME, LABEL_INSTANCE: instance}
+
+
+def router_child_labels(instance: str) -> dict[str, str]:
+    """Labels on the router's objects and pods."""
+    return {**router_selector_labels(instance), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def router_name(instance: str) -> str:
+    """The router's Deployment, PodDisruptionBudget, ServiceAccount, Role and RoleBinding."""
+    return f"{instance}-router"
+
+
+def servers_service_name(instance: str) -> str:
+    """With the router on: the Service that selects the server pods (the router watches its EndpointSlices)."""
+    return f"{instance}-servers"
+
+
+def router_selector_string(instance: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in router_selector_labels(instance).items())
 
 
 def selector_string(instance: str) -> str:

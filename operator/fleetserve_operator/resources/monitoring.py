@@ -4,35 +4,66 @@ from __future__ import annotations
 
 from typing import Any
 
-from .labels import PORT_NAME, child_labels, selector_labels
+from .labels import (
+    APP_NAME,
+    LABEL_INSTANCE,
+    LABEL_NAME,
+    PORT_NAME,
+    ROUTER_APP_NAME,
+    child_labels,
+    selector_labels,
+)
 
 # Same base as the chart's alerts.runbookBaseURL default; the sections are in docs/runbooks.md.
 RUNBOOK_BASE_URL = "https://github.com/fleetserve/fleetserve/blob/main/docs/runbooks.md"
 # The job label of server targets that the chart's alert rules select (values.yaml alerts.serverJob).
 SERVER_JOB = "fleetserve-server"
+# The job of the router pods' targets (values.yaml alerts.routerJob).
+ROUTER_JOB = "fleetserve-router"
+_SERVICE_APP_LABEL = "__meta_kubernetes_service_label_app_kubernetes_io_name"
 
 
-def build_service_monitor(name: str, namespace: str, scrape_interval_seconds: int) -> dict[str, Any]:
+def build_service_monitor(name: str, namespace: str, scrape_interval_seconds: int,
+                          router: bool = False) -> dict[str, Any]:
+    """The servers' /metrics; with ``router`` also the router pods' (Service ``<name>`` then selects
+    them and ``<name>-servers`` the servers): one endpoint per job, each keeping its own Service's targets."""
+    server: dict[str, Any] = {
+        "port": PORT_NAME, "path": "/metrics", "interval": f"{scrape_interval_seconds}s",
+        # The chart's alerts select server targets by this job (alerts.serverJob's default);
+        # without it the job is the Service's name and FleetserveServerTargetDown never fires.
+        "relabelings": [{"targetLabel": "job", "replacement": SERVER_JOB}],
+    }
+    selector: dict[str, Any] = {"matchLabels": selector_labels(name)}
+    endpoints = [server]
+    if router:
+        selector = {"matchLabels": {LABEL_INSTANCE: name},
+                    "matchExpressions": [{"key": LABEL_NAME, "operator": "In", "values": [APP_NAME, ROUTER_APP_NAME]}]}
+        server["relabelings"] = [*server["relabelings"], _keep(APP_NAME)]
+        endpoints.append({
+            "port": PORT_NAME, "path": "/metrics", "interval": f"{scrape_interval_seconds}s",
+            "relabelings": [{"targetLabel": "job", "replacement": ROUTER_JOB}, _keep(ROUTER_APP_NAME)],
+        })
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": {"name": name, "namespace": namespace, "labels": child_labels(name)},
         "spec": {
-            "selector": {"matchLabels": selector_labels(name)},
+            "selector": selector,
             "namespaceSelector": {"matchNames": [namespace]},
-            "endpoints": [{
-                "port": PORT_NAME, "path": "/metrics", "interval": f"{scrape_interval_seconds}s",
-                # The chart's alerts select server targets by this job (alerts.serverJob's default);
-                # without it the job is the Service's name and FleetserveServerTargetDown never fires.
-                "relabelings": [{"targetLabel": "job", "replacement": SERVER_JOB}],
-            }],
+            "endpoints": endpoints,
         },
     }
 
 
-def build_prometheus_rule(name: str, namespace: str, max_queue_length: int | None) -> dict[str, Any]:
-    """Alerts scoped to this LLMDeployment's pods (by the Service's job label)."""
-    sel = f'namespace="{namespace}",service="{name}"'
+def _keep(app: str) -> dict[str, Any]:
+    return {"action": "keep", "sourceLabels": [_SERVICE_APP_LABEL], "regex": app}
+
+
+def build_prometheus_rule(name: str, namespace: str, max_queue_length: int | None,
+                          servers_service: str | None = None) -> dict[str, Any]:
+    """Alerts scoped to this LLMDeployment's server pods (by their Service's label: ``<name>``, or
+    ``<name>-servers`` with the router on)."""
+    sel = f'namespace="{namespace}",service="{servers_service or name}"'
     # Alert names must differ from the chart's (charts/fleetserve/templates/_alerts.tpl): Alertmanager
     # groups and silences by name, and the chart's per-pod FleetserveKVCacheNearlyFull already covers
     # the KV cache, so this rule has no KV-cache alert of its own.

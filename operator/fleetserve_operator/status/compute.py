@@ -89,6 +89,8 @@ def compute_status(
     conflicts: list[str],
     rolling: bool,
     now: datetime,
+    router: dict[str, Any] | None = None,
+    via_router: bool = False,
 ) -> dict[str, Any]:
     """The operator's part of the status after this reconcile.
 
@@ -135,7 +137,11 @@ def compute_status(
         put("Ready", "False", "MemoryDoesNotFit", "no replica can run: " + fit.message)
         put("Progressing", "False", "MemoryDoesNotFit", "no Deployment is rolled out until the model fits")
     elif desired == 0:
-        put("Ready", "False", "ScaledToZero", "desired replicas is 0; no pod serves " + endpoint(name, namespace))
+        if via_router:
+            put("Ready", "False", "ScaledToZero", "desired replicas is 0: the router holds requests sent to "
+                + endpoint(name, namespace) + " while the autoscaler brings a replica back")
+        else:
+            put("Ready", "False", "ScaledToZero", "desired replicas is 0; no pod serves " + endpoint(name, namespace))
         put("Progressing", "False" if settled else "True",
             "ScaledToZero" if settled else "ScalingDown", f"{pods_now} pods left")
     else:
@@ -155,6 +161,11 @@ def compute_status(
             put("Progressing", "True", "RollingOut",
                 f"{updated}/{desired} pods updated, {ready} ready, {pods_now} in total")
 
+    if spec.router.enabled:
+        put("RouterReady", *router_condition(spec, router, via_router, name, namespace))
+    else:
+        conditions = [c for c in conditions if c.get("type") != "RouterReady"]
+
     waiting_pods = _waiting_for_nodes(pods, spec.scheduling.max_node_provision_seconds, now)
     problems = ([("ChildConflict", c) for c in conflicts] + _deployment_problems(deployment)
                 + _pod_problems(pods, waiting_pods))
@@ -168,6 +179,29 @@ def compute_status(
         put("Degraded", "False", "AsExpected", "no pod is crash-looping, unschedulable or failed")
     status["conditions"] = sort_conditions(conditions)
     return status
+
+
+def router_condition(spec: LLMDeploymentSpec, router: dict[str, Any] | None, via_router: bool, name: str,
+                     namespace: str) -> tuple[str, str, str]:
+    """(status, reason, message) of ``RouterReady``: whether Service ``<name>`` routes (and holds)
+    through ready router pods."""
+    wanted = spec.router.replicas
+    ready = int(((router or {}).get("status") or {}).get("readyReplicas") or 0)
+    for cond in ((router or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return "False", "ProgressDeadlineExceeded", f"router Deployment {name}-router: {cond.get('message', '')}"
+    if router is None:
+        return "False", "Creating", f"creating the router Deployment {name}-router"
+    if ready == 0:
+        return "False", "RouterNotReady", (f"0/{wanted} router pods ready; Service {name} still selects the "
+                                           f"server pods until one is" if not via_router else
+                                           f"0/{wanted} router pods ready: requests to Service {name} fail")
+    how = (f"Service {name} routes through {ready}/{wanted} ready router pods to the servers of Service "
+           f"{name}-servers; requests are held up to {spec.router.hold_timeout_seconds} s while no server "
+           f"is ready (at most {spec.router.max_held_requests} per router pod)")
+    if not via_router:
+        return "False", "Switching", how
+    return "True", "RouterAvailable" if ready >= wanted else "PartiallyAvailable", how
 
 
 def invalid_spec_status(current: dict[str, Any], message: str, generation: int, now: datetime) -> dict[str, Any]:
