@@ -42,6 +42,9 @@ Use = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 # annotation, ordered by node age): that needs running model servers, which this test does not
 # start; tests/e2e/test_autoscaler_fleet.py scales such a fleet down. Listed, never silently dropped.
 NEEDS_READY_SERVERS: set[Use] = {("", "pods", "patch"), ("", "nodes", "list")}
+# Held, never called: the API server lets the operator write the router's Role (list/watch on
+# EndpointSlices) only when it holds those permissions itself (RBAC escalation prevention).
+HELD_TO_GRANT: set[Use] = {("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch")}
 
 
 @pytest.fixture
@@ -139,6 +142,7 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
             llmd("fixed", replicas=2),  # two replicas: a PodDisruptionBudget
             llmd("scaled", replicas=3, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
                                                     "scaleDownStabilizationSeconds": 0, "scrapeIntervalSeconds": 1}),
+            llmd("routed", router={"enabled": True, "replicas": 2}),  # the router's children, then their deletion
         ],
     }
     values_file = Path(dev_cluster.state_dir) / f"{release}-values.yaml"
@@ -162,6 +166,14 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
         wait_until(lambda k=kind: not exists(*k.split("/")), 60, f"the operator to delete {kind}")
     dev_cluster.kubectl("delete", "service", "fixed", "-n", namespace)
     wait_until(lambda: exists("service", "fixed"), 90, "the operator to put the deleted Service back")
+    router_children = ("deployment/routed-router", "poddisruptionbudget/routed-router", "service/routed-servers",
+                       "serviceaccount/routed-router", "role/routed-router", "rolebinding/routed-router")
+    for kind in router_children:
+        wait_until(lambda k=kind: exists(*k.split("/")), 120, f"the operator to create {kind}")
+    dev_cluster.kubectl("patch", "llmd", "routed", "-n", namespace, "--type=merge", "-p",
+                        json.dumps({"spec": {"router": {"enabled": False}}}))
+    for kind in router_children:
+        wait_until(lambda k=kind: not exists(*k.split("/")), 60, f"the operator to delete {kind}")
     # The autoscaler takes the idle fleet from 3 down to its minimum.
     wait_until(lambda: (get_json(dev_cluster, "deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 1),
                120, "the autoscaler to scale `scaled` down to 1")
@@ -174,7 +186,9 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
     granted = grants_of(dev_cluster, namespace, release, account)
     print(f"\nRBAC of {user} (audit log, Metadata level):\n{table(granted, used, denied)}")
     assert used, "no request of the operator's ServiceAccount in the audit log"
-    unused = sorted(granted - used - NEEDS_READY_SERVERS)
+    unused = sorted(granted - used - NEEDS_READY_SERVERS - HELD_TO_GRANT)
     print(f"not exercised here (need ready servers): {sorted(NEEDS_READY_SERVERS - used)}")
+    print(f"held only to grant them to the router's Role: {sorted(HELD_TO_GRANT)}")
+    assert not HELD_TO_GRANT & used, f"the operator called what it only holds for the router: {HELD_TO_GRANT & used}"
     assert not denied, f"requests the chart's RBAC denied: {sorted(denied)}"
     assert not unused, f"granted but never used (least privilege): {unused}"

@@ -69,6 +69,8 @@ def test_every_issue_alert_exists() -> None:
         # issue 18 point 5: serving-SLO alerts
         "FleetserveTTFTBudgetBurnFast", "FleetserveTTFTBudgetBurnSlow", "FleetserveKVCacheEvictionsRising",
         "FleetserveAutoscalerPinnedQueueGrowing", "FleetserveProvisioningTooSlow",
+        # issue 16 point 2: requests held by the router with no ready replica
+        "FleetserveRequestsHeldTooLong",
     }
     names = _alert_names()
     assert len(names) == len(set(names)), f"duplicate alert names: {names}"

@@ -212,7 +212,12 @@ def test_rbac_is_least_privilege() -> None:
         for kind in ("ClusterRole", "Role"):
             for group, resource, verb in _granted(_rules_of(objs, kind)):
                 assert "*" not in (group, resource, verb), f"{kind} grants a wildcard"
-                assert resource not in ("secrets", "pods/exec", "clusterroles", "roles", "rolebindings"), resource
+                assert resource not in ("secrets", "pods/exec", "clusterroles", "clusterrolebindings"), resource
+                # Roles/RoleBindings only for the router's identity (spec.router), and never `escalate` or
+                # `bind`: without them the API server refuses any Role that grants more than the operator
+                # itself holds (list/watch on EndpointSlices).
+                if resource in ("roles", "rolebindings"):
+                    assert verb in ("get", "create", "patch", "delete"), f"{resource}: {verb}"
                 if resource in ("endpointslices", "customresourcedefinitions", "namespaces", "nodes"):
                     assert verb in ("get", "list", "watch") or (resource, verb) == ("customresourcedefinitions", "patch"), \
                         f"{resource} must be read-only, got {verb}"
@@ -227,9 +232,14 @@ def test_rbac_is_least_privilege() -> None:
         expected = {
             ("fleetserve.io", "llmdeployments"): {"get", "list", "watch", "patch"},
             ("fleetserve.io", "llmdeployments/status"): {"patch"},
-            ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+            ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
             ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-            ("", "services"): {"get", "list", "watch", "create", "patch"},
+            ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+            # the router's ServiceAccount, Role and RoleBinding, and what that Role grants it
+            ("", "serviceaccounts"): {"get", "create", "patch", "delete"},
+            ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch", "delete"},
+            ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch", "delete"},
+            ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
             ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
             ("", "pods"): {"list", "watch", "patch"},
             ("", "nodes"): {"list"},

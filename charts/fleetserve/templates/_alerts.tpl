@@ -129,6 +129,24 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           {{ $a.kvCacheEvictions.blocksPerSecond }}/s for {{ $a.kvCacheEvictions.for }}): shared prompt prefixes are
           dropped before they are reused, so prompts are recomputed.
         runbook_url: {{ $rb }}#fleetservekvcacheevictionsrising
+- name: fleetserve-router
+  rules:
+    - alert: FleetserveRequestsHeldTooLong
+      # The router pods (spec.router) of one Service held requests at every evaluation for the
+      # threshold: no ready replica took them for that long (a scale-from-zero or node provisioning
+      # that does not end). The value is how many are held now.
+      expr: max by (namespace, service) (fleetserve_router_requests_held{job="{{ $a.routerJob }}"}) > 0
+      for: {{ $a.requestsHeld.threshold }}
+      labels:
+        severity: {{ $a.requestsHeld.severity }}
+      annotations:
+        summary: Requests to {{`{{ $labels.namespace }}/{{ $labels.service }}`}} have been held for {{ $a.requestsHeld.threshold }} with no ready replica
+        description: >-
+          The router of Service {{`{{ $labels.service }}`}} in namespace {{`{{ $labels.namespace }}`}} has held
+          requests without a break for {{ $a.requestsHeld.threshold }} ({{`{{ $value }}`}} now): no server replica
+          became ready for them (Pending pods, a GPU node still provisioning, a model still loading). Clients are
+          waiting; past spec.router.holdTimeoutSeconds they get 503.
+        runbook_url: {{ $rb }}#fleetserverequestsheldtoolong
 - name: fleetserve-operator
   rules:
     - alert: FleetserveFleetAtMaxReplicas
