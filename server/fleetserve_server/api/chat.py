@@ -29,6 +29,7 @@ from fleetserve_server.api.protocol import (
     DeltaMessage,
 )
 from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
+from fleetserve_server.api.structured import compile_response_format
 from fleetserve_server.engine.interfaces import TokenLogprob
 
 router = APIRouter()
@@ -65,17 +66,17 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     serving = require_serving(ctx.state, req.model)
     offending = [name for name, on in (
         ("tools", bool(req.tools)), ("tool_choice", req.tool_choice not in (None, "none")),
-        ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
     if req.top_logprobs and not req.logprobs:
         raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
     prompt_ids = await off_loop(render_chat_prompt, ctx, req)  # CPU-heavy for long chats: not on the loop
+    grammar = await compile_response_format(serving, req.response_format)  # off the loop, cached per schema
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = build_sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                                    max_model_len=serving.model.max_model_len, prompt_param="messages",
                                    defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
-                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=grammar)
     token_text = TokenText(serving.tokenizer)
 
     def logprobs_of(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:

@@ -26,6 +26,7 @@ from fleetserve_server.api.protocol import (
 )
 from fleetserve_server.api.sse import ERROR_RESPONSES, STREAM_200, sse_event, stream_response
 from fleetserve_server.api.state import Serving
+from fleetserve_server.api.structured import compile_response_format
 from fleetserve_server.engine.interfaces import RequestOutputDelta, TokenLogprob
 
 router = APIRouter()
@@ -72,15 +73,16 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
     n = req.n or 1
     offending = [name for name, on in (
         ("best_of", req.best_of not in (None, n)), ("suffix", bool(req.suffix)),
-        ("response_format", req.response_format is not None and req.response_format.type != "text"),
     ) if on]
     check_unsupported(req, offending)
     prompts = split_prompts(req.prompt)
+    grammar = await compile_response_format(serving, req.response_format)  # off the loop, cached per schema
     prompt_ids: list[list[int]] = [await off_loop(prompt_token_ids, serving, p) for p in prompts]  # CPU-heavy
     params = [build_sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(ids),
                                     max_model_len=serving.model.max_model_len, prompt_param="prompt",
                                     defaults=serving.model.default_sampling, vocab_size=vocab_size(serving),
-                                    logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+                                    logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
+                                    grammar=grammar)
               for ids in prompt_ids]
     token_text = TokenText(serving.tokenizer)
     echo_texts = [(p if isinstance(p, str) else serving.tokenizer.decode(ids)) if req.echo else ""

@@ -95,7 +95,8 @@ def check_unsupported(req: _SamplingFields, offending: list[str]) -> None:
 def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, prompt_len: int,
                           max_model_len: int, prompt_param: str,
                           defaults: dict[str, Any] | None = None, vocab_size: int | None = None,
-                          logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                          logprobs: int | None = None, prompt_logprobs: int | None = None,
+                          grammar: Any = None) -> SamplingParams:
     """Validate sampling fields against the model's context limit; 400s name the field.
 
     Fields the request leaves out take the model's ``defaults`` (its
@@ -145,6 +146,7 @@ def build_sampling_params(req: _SamplingFields, *, max_tokens: int | None, promp
             logit_bias=logit_bias,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
         )
     except ValueError as exc:
         message = str(exc)

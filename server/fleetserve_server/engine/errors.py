@@ -66,6 +66,14 @@ class SequenceError(Exception):
         return str(self.cause)
 
 
+class GrammarError(Exception):
+    """A request's ``response_format`` grammar refused its next token or reached a dead end.
+
+    The engine fails that request alone (a server-side fault: the sampler masks the
+    logits with the same grammar, so a valid run never gets here).
+    """
+
+
 class RequestFailedError(Exception):
     """One request failed inside the engine after admission; the engine itself is fine.
 

@@ -8,11 +8,25 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fleetserve_server.engine.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class TokenGrammar(Protocol):
+    """One request's position in its ``response_format`` grammar (``runner.grammar.RequestGrammar``).
+
+    The engine calls ``accept`` with every token the sequence gets (``GrammarError`` if it
+    is not allowed) and ends the sequence once ``is_complete`` (nothing but a stop token may
+    follow). The runner's sampler only reads ``next_mask``, the tokens allowed next.
+    """
+
+    next_mask: Any
+    is_complete: bool
+
+    def accept(self, token_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class ScheduledSequence:
     num_generated: int = 0
     # the sequence's tokens so far (prompt + output), only when its params need them (penalties)
     history: Sequence[int] = ()
+    # with response_format: the request's grammar state (the sampler masks with its next_mask)
+    grammar: TokenGrammar | None = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from fleetserve_server.engine.block_manager import BlockManager
 from fleetserve_server.engine.config import EngineConfig
 from fleetserve_server.engine.detokenizer import IncrementalDetokenizer, find_stop, partial_stop_len
-from fleetserve_server.engine.errors import QueueFullError, RequestValidationError, SequenceError
+from fleetserve_server.engine.errors import (
+    GrammarError,
+    QueueFullError,
+    RequestValidationError,
+    SequenceError,
+)
 from fleetserve_server.engine.interfaces import (
     EngineStats,
     FinishReason,
@@ -132,7 +137,14 @@ class LLMEngine:
             )
         if any(isinstance(t, bool) or not isinstance(t, int) for t in params.stop_token_ids):
             raise RequestValidationError("stop_token_ids must be integers", param="stop_token_ids")
-        return Sequence(request_id, token_ids, params, arrival_time=self.clock(), prompt=text)
+        seq = Sequence(request_id, token_ids, params, arrival_time=self.clock(), prompt=text)
+        if params.grammar is not None:
+            try:
+                seq.grammar = params.grammar.matcher()
+            except Exception as exc:  # noqa: BLE001 - a broken grammar is this request's problem
+                raise RequestValidationError(f"response_format: the grammar cannot start ({exc})",
+                                             param="response_format") from None
+        return seq
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a sequence made by ``make_sequence``."""
@@ -215,6 +227,9 @@ class LLMEngine:
             state = self._requests[seq.request_id]
             try:
                 deltas.append(self._process_token(state, now))
+            except GrammarError as exc:  # this request's grammar alone: the others go on
+                log.warning("request %s failed in its grammar: %s", seq.request_id, exc)
+                deltas.append(self._fail(state, f"structured output failed: {exc}", None))
             except Exception as exc:  # noqa: BLE001 - this request's output alone is broken
                 log.exception("processing the output of request %s failed", seq.request_id)
                 deltas.append(self._fail(state, f"internal error while processing the output "
@@ -277,12 +292,16 @@ class LLMEngine:
             seq.first_token_time = now
         reason: FinishReason | None = None
         stopped_on_string = False
+        if seq.grammar is not None:
+            seq.grammar.accept(token)  # GrammarError: step() fails this request alone
         if (token in self.runner.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"  # the stop token's text is not part of the output
         else:
             new_text = state.detokenizer.add(token)
             if new_text and self._append_text(state, new_text):
                 reason, stopped_on_string = "stop", True
+        if reason is None and seq.grammar is not None and seq.grammar.is_complete:
+            reason = "stop"  # the JSON value is complete: nothing but a stop token could follow
         if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= self.config.max_model_len):
             reason = "length"
         if reason is not None:
@@ -315,6 +334,7 @@ class LLMEngine:
             e2e = seq.finish_time - seq.arrival_time
             self._mean_e2e = e2e if self._mean_e2e is None else 0.8 * self._mean_e2e + 0.2 * e2e
         self.scheduler.finish(seq, reason)
+        seq.grammar = None  # the matcher is this request's alone: freed with it
         self.runner.release(seq.seq_id)
         del self._requests[seq.request_id]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 MAX_SEED = 2**63  # exclusive bound: torch.Generator.manual_seed rejects larger values
 MAX_LOGPROBS = 20
@@ -41,6 +42,10 @@ class SamplingParams:
     output). ``logit_bias`` is ``((token_id, bias), ...)``. ``logprobs`` asks
     for the chosen token's log-probability plus that many alternatives (None:
     off); ``prompt_logprobs`` the same for every prompt position.
+    ``grammar`` (``response_format``) is a compiled grammar with a ``matcher()``
+    method (``runner.grammar.CompiledJSONGrammar``): each sequence gets its own
+    matcher, the sampler masks every token the grammar forbids, and the sequence
+    ends ("stop") once the grammar is complete.
     Invalid values raise ``ValueError`` naming the field and the limit.
     """
 
@@ -60,6 +65,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +107,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not (0 <= _int(name, value) <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.grammar is not None and not callable(getattr(self.grammar, "matcher", None)):
+            raise ValueError(f"grammar must be a compiled grammar with a matcher() method, got "
+                             f"{type(self.grammar).__name__}")
 
     def _check_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

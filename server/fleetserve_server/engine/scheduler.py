@@ -142,6 +142,7 @@ class Scheduler:
                     params=seq.params,
                     num_generated=seq.num_output_tokens,
                     history=seq.token_ids if seq.params.has_penalties or seq.params.prompt_logprobs is not None else (),
+                    grammar=seq.grammar,
                 )
             )
         return ScheduledBatch(seqs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-from fleetserve_server.engine.interfaces import FinishReason, StepLogprobs, TokenLogprob
+from fleetserve_server.engine.interfaces import FinishReason, StepLogprobs, TokenGrammar, TokenLogprob
 from fleetserve_server.engine.sampling_params import SamplingParams
 
 
@@ -57,6 +57,9 @@ class Sequence:
         self.num_cached_tokens: int | None = None
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        # with params.grammar: where the output stands in it (set by the engine at admission,
+        # advanced with every appended token, dropped when the sequence finishes)
+        self.grammar: TokenGrammar | None = None
         # with params.logprobs: one per output token; with params.prompt_logprobs: one per prompt
         # token, the first None (nothing predicts it), filled as prefill chunks run
         self.output_logprobs: list[TokenLogprob] = []

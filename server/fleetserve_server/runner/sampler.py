@@ -4,7 +4,11 @@ One batched path, no Python loop over rows or over the vocabulary:
 
 1. logits processing (only when some row asks for it): ``logit_bias``,
    ``min_tokens`` (EOS and stop ids masked), repetition / presence /
-   frequency penalties from the sequence's token history;
+   frequency penalties from the sequence's token history; then the
+   ``response_format`` grammars: the constrained rows' ``next_mask`` bitmasks
+   go into one int32 tensor and one kernel call sets every forbidden logit to
+   -inf (``runner.grammar.apply_token_masks``); the grammar itself advances in
+   the engine, with the token it accepts;
 2. greedy rows take the argmax of the processed logits;
 3. sampling rows with top-k or top-p cut the vocabulary with one ``topk`` to
    a bounded candidate set (``CANDIDATES`` tokens, or top_k if larger) and
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fleetserve_server.engine.errors import SequenceError
 from fleetserve_server.engine.interfaces import ScheduledSequence, TokenLogprob
 from fleetserve_server.engine.sampling_params import SamplingParams
 
@@ -88,9 +93,15 @@ class Sampler:
         """Nothing to forget: the noise is counter-based (kept for the runner's interface)."""
 
     def sample(self, logits: torch.Tensor, rows: Sequence[ScheduledSequence]) -> list[int]:
+        """One token per row. ``logits`` itself is never changed (the runner reads the model's
+        raw distribution from it afterwards for logprobs)."""
         params = [r.params for r in rows]
-        if any(p.needs_logits_processing for p in params):
+        processed = any(p.needs_logits_processing for p in params)
+        if processed:
             logits = self.process_logits(logits, rows)
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:
+            logits = self.mask_logits(logits if processed else logits.clone(), rows, constrained)
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampling) < len(rows):
             out = logits.argmax(dim=-1).tolist()
@@ -127,6 +138,24 @@ class Sampler:
                 for i, (t, c, n) in enumerate(zip(token_ids, chosen, top_n, strict=True))]
 
     # ---- logits processing ---------------------------------------------------
+
+    @staticmethod
+    def mask_logits(logits: torch.Tensor, rows: Sequence[ScheduledSequence], constrained: list[int]) -> torch.Tensor:
+        """In place: -inf for every token the row's grammar forbids next (rows ``constrained``).
+
+        A row whose mask does not fit the vocabulary fails alone (``SequenceError``, raised
+        before anything is drawn)."""
+        from fleetserve_server.runner.grammar import apply_token_masks  # xgrammar: only with response_format
+
+        width = (logits.shape[-1] + 31) // 32
+        masks = [rows[i].grammar.next_mask for i in constrained]  # type: ignore[union-attr]
+        bad = [rows[i].seq_id for i, m in zip(constrained, masks, strict=True)
+               if not isinstance(m, torch.Tensor) or m.dtype != torch.int32 or tuple(m.shape) != (1, width)]
+        if bad:
+            raise SequenceError(bad, f"the response_format mask does not fit the model's vocabulary "
+                                     f"({logits.shape[-1]} tokens)")
+        apply_token_masks(logits, masks, constrained)
+        return logits
 
     def process_logits(self, logits: torch.Tensor, rows: Sequence[ScheduledSequence]) -> torch.Tensor:
         """Bias, min_tokens masks and penalties, applied to a copy of ``logits``."""
