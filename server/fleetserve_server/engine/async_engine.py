@@ -180,6 +180,12 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop is not running (shut down)")
         if self._thread is None:
             raise EngineDeadError("the engine loop has not been started")
+        runner_health = getattr(self.engine.runner, "check_health", None)  # e.g. a dead tensor-parallel rank
+        if runner_health is not None:
+            try:
+                runner_health()
+            except Exception as exc:  # noqa: BLE001 - any failure the runner reports makes the engine unusable
+                raise EngineDeadError(f"the model runner failed: {exc}") from exc
 
     def stats(self) -> EngineStats:
         stats = self.engine.stats()

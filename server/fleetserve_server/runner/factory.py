@@ -58,6 +58,11 @@ class LoadedEngine:
     weights_bytes: int
     kv_cache_bytes: int
     max_model_len: int
+    tensor_parallel_size: int = 1
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); they also stop when this process exits."""
+        self.runner.close()
 
     def warmup(self) -> None:
         """A forward over a full step budget, then a decode of a full batch: the step's largest activations
@@ -143,6 +148,7 @@ def create_engine(
     keep_layers: tuple[int, ...] = (),
     clock: Any = time.monotonic,
     progress: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> LoadedEngine:
     """Resolve ``model``, size the KV cache with the planner, load and wire up an engine.
 
@@ -157,7 +163,14 @@ def create_engine(
 
     ``max_batch_tokens=None``: 2048 on CUDA, ``cpu_max_batch_tokens`` on CPU.
     ``threads``: torch's intra-op threads (``resources.choose_threads``: never
-    more than the usable cores).
+    more than the usable cores); with tensor parallelism on CPU, per rank
+    (default: the usable cores shared out, at least one each).
+
+    ``tensor_parallel_size`` N > 1 splits the model over N processes, one per
+    GPU (``runner.distributed``; on CPU N processes share the host, a test
+    setup): this process is rank 0, with the scheduler, the block manager and
+    the sampler; the plan is per device (``memory.plan_memory``) and every rank
+    allocates the same KV blocks for its share of the KV heads.
     """
     from fleetserve_server.engine.llm_engine import LLMEngine
 
@@ -170,6 +183,8 @@ def create_engine(
         _check_int("max_batch_tokens", max_batch_tokens)
     if threads is not None:
         _check_int("threads", threads)
+    _check_int("tensor_parallel_size", tensor_parallel_size)
+    tp_size = tensor_parallel_size
     if kv_cache_tokens is not None:
         _check_int("kv_cache_tokens", kv_cache_tokens, block_size)
     if quantization not in QUANTIZATIONS:
@@ -182,23 +197,31 @@ def create_engine(
     dt = resolve_dtype(dtype, dev)
     _check_quantization_supported(quantization, dev)
     num_threads, why = resources.choose_threads(threads)
+    if tp_size > 1 and threads is None:
+        num_threads, why = max(1, num_threads // tp_size), f"{why}, shared by {tp_size} tensor-parallel ranks"
     torch.set_num_threads(num_threads)
     log.info("torch uses %d intra-op thread(s) (%s)", num_threads, why)
     resolved = resolve_model(model, progress=progress)
     config = read_config(resolved.path)
     arch = memory.architecture_from_config(config, name=resolved.served_name)
+    if tp_size > 1:
+        _check_tensor_parallel(arch, tp_size, device, dev)
     if max_batch_tokens is None:
         max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS if dev.type != "cpu" else cpu_max_batch_tokens(
-            arch, cores=num_threads, max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=block_size)
+            arch, cores=num_threads * tp_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            block_size=block_size)
         log.info("max_batch_tokens %d (the default on %s)", max_batch_tokens, dev.type)
     if kv_cache_tokens is not None and device == "auto" and dev.type == "cpu":
         log.warning("kv_cache_tokens=%d was planned for a GPU; on this CPU the KV cache takes at most "
                     "max_num_seqs x max_model_len tokens", kv_cache_tokens)
         kv_cache_tokens = min(kv_cache_tokens, -(-max_num_seqs * max_model_len // block_size) * block_size)
+    # CPU ranks share one host: each plans with its share of it
+    per_device = device_memory_bytes(dev) // (tp_size if dev.type == "cpu" else 1)
     plan = memory.plan_memory(
-        arch, quantization=quantization, dtype=dt, device=dev.type, device_memory_bytes=device_memory_bytes(dev),
+        arch, quantization=quantization, dtype=dt, device=dev.type, device_memory_bytes=per_device,
         kv_cache_memory_fraction=kv_cache_memory_fraction, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, block_size=block_size, max_batch_tokens=max_batch_tokens,
+        tensor_parallel_size=tp_size, max_tensor_parallel_size=max(tp_size, memory.SERVER_MAX_TENSOR_PARALLEL_SIZE),
     )
     capacity = _kv_capacity(plan, dev, kv_cache_tokens, max_num_seqs, max_model_len, block_size)
     if capacity != plan.kv_capacity_tokens:
@@ -214,20 +237,54 @@ def create_engine(
         max_batch_tokens=max_batch_tokens, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
         cache_ttl_seconds=cache_ttl_seconds, max_queue_length=max_queue_length,
     )
-    loaded = load_model(resolved.path, dtype=dt, device=dev, quantization=quantization,
-                        max_positions=max_model_len, keep_layers=keep_layers)
-    tokenizer = load_tokenizer(resolved.path)
-    check_memory_free(dev, kv_bytes=capacity * plan.kv_bytes_per_token, reserve_bytes=plan.activation_reserve_bytes,
-                      capacity=capacity)
-    runner = TorchModelRunner(loaded.model, num_blocks=num_blocks, block_size=block_size,
-                              eos_token_ids=eos_token_ids(resolved.path, config, tokenizer), seed=seed)
+    workers = None
+    if tp_size > 1:  # started first: every rank loads its shard at the same time
+        from fleetserve_server.runner.distributed import Workers, WorkerSpec, rank_device
+
+        dev = rank_device(dev, 0)
+        workers = Workers(tp_size, WorkerSpec(
+            path=str(resolved.path), dtype=dt, device=dev.type, quantization=quantization,
+            max_positions=max_model_len, num_blocks=num_blocks, block_size=block_size, threads=num_threads,
+            keep_layers=tuple(keep_layers)), dev)
+    try:
+        loaded = load_model(resolved.path, dtype=dt, device=dev, quantization=quantization,
+                            max_positions=max_model_len, keep_layers=keep_layers,
+                            tp=workers.tp if workers is not None else None)
+        tokenizer = load_tokenizer(resolved.path)
+        host_ranks = tp_size if dev.type == "cpu" else 1  # CPU ranks commit their caches in one host's memory
+        check_memory_free(dev, kv_bytes=capacity * plan.kv_bytes_per_token * host_ranks,
+                          reserve_bytes=plan.activation_reserve_bytes * host_ranks, capacity=capacity)
+        runner = TorchModelRunner(loaded.model, num_blocks=num_blocks, block_size=block_size,
+                                  eos_token_ids=eos_token_ids(resolved.path, config, tokenizer), seed=seed,
+                                  workers=workers)
+        if workers is not None:
+            workers.wait_loaded()
+    except BaseException:
+        if workers is not None:
+            workers.stop()
+        raise
     engine = LLMEngine(engine_config, runner, tokenizer, clock)
     return LoadedEngine(
         engine=engine, runner=runner, tokenizer=tokenizer,
         model_name=served_model_name or resolved.served_name, model_path=str(resolved.path),
         memory_plan=plan, quantization=quantization, dtype=dt, device=dev.type,
         weights_bytes=loaded.weights_bytes, kv_cache_bytes=runner.kv_cache_bytes, max_model_len=max_model_len,
+        tensor_parallel_size=tp_size,
     )
+
+
+def _check_tensor_parallel(arch: memory.ModelArchitecture, size: int, device: str, dev: torch.device) -> None:
+    """Raise ValueError unless ``size`` ranks can split ``arch`` on this machine's devices."""
+    from fleetserve_server.sharding import check_tensor_parallel_size
+
+    check_tensor_parallel_size(arch, size)  # names the valid sizes
+    if dev.type == "cuda":
+        if device.startswith("cuda:"):
+            raise ValueError(f"device={device!r} names one GPU; tensor_parallel_size {size} uses cuda:0 .. "
+                             f"cuda:{size - 1}: use device='cuda' or 'auto'")
+        if torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; this machine has "
+                             f"{torch.cuda.device_count()}")
 
 
 def check_memory_free(dev: torch.device, *, kv_bytes: int, reserve_bytes: int, capacity: int) -> None:

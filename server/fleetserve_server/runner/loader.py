@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,6 +99,7 @@ def load_model(
     keep_layers: tuple[int, ...] = (),
     blocksize: int = BNB4_BLOCKSIZE,
     streaming: bool = True,
+    tp: Any = None,
 ) -> LoadedModel:
     """Load ``path`` (a HF directory) and wrap it for paged execution.
 
@@ -105,7 +107,11 @@ def load_model(
     a time, straight into its place on ``device``, quantized layer by layer, so
     host memory never holds the unquantized model. ``streaming=False`` (or a
     checkpoint without safetensors) loads it whole through transformers first —
-    the old route, kept as the benchmark's baseline."""
+    the old route, kept as the benchmark's baseline.
+
+    ``tp`` (a ``runner.distributed.TensorParallel``): load only this rank's
+    shard (``runner.tp.shard_layout``), quantizing each shard on its own; needs
+    a safetensors checkpoint (nothing else is read a slice at a time)."""
     from transformers import AutoModelForCausalLM
 
     if quantization not in QUANTIZATIONS:
@@ -121,11 +127,23 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     if device.type == "cpu" and dtype == "float16":
         raise ValueError("dtype=float16 is not supported on CPU; use float32 or bfloat16")
-    if streaming and any(path.glob("*.safetensors")):
+    layout = None
+    if tp is not None:
+        from fleetserve_server.memory import architecture_from_config
+        from fleetserve_server.runner.tp import shard_layout
+
+        arch = architecture_from_config(config, name=path.name)
+        layout = shard_layout(arch, tp.size, tp.rank)
+        tp.vocab_rows = [b - a for a, b in (shard_layout(arch, tp.size, r).vocab for r in range(tp.size))]
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"model: tensor parallelism loads each rank's shard from safetensors files; "
+                             f"{path} has none (convert the checkpoint, or use tensor_parallel_size 1)")
+    if (streaming or layout is not None) and any(path.glob("*.safetensors")):
         from fleetserve_server.runner.streaming import load_streaming
 
         model = load_streaming(path, dtype=torch_dtype, device=device, quantization=quantization,
-                               max_positions=max_positions, keep_layers=keep_layers, blocksize=blocksize)
+                               max_positions=max_positions, keep_layers=keep_layers, blocksize=blocksize,
+                               layout=layout, tp=tp)
         return LoadedModel(model, config, dtype, device.type, quantization)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     hf.eval()

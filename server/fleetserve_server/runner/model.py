@@ -41,6 +41,7 @@ AVX-NE-CONVERT in oneDNN), bitsandbytes layers and CUDA keep ``F.linear``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,17 @@ class PagedCausalLM(nn.Module):
         self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
         self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
         self.max_positions = max_positions
+        # tensor parallelism (set by ``shard``): the collectives and the first vocabulary row held here
+        self.tp: Any = None
+        self.vocab_start = 0
+
+    def shard(self, layout: Any, tp: Any) -> None:
+        """Make this model rank ``layout.rank``'s shard (``runner.tp.ShardLayout``): its q and KV heads,
+        its vocabulary rows; the loader fills the weights with the matching slices."""
+        self.num_heads, self.num_kv_heads = layout.num_heads, layout.num_kv_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.vocab_start = layout.vocab[0]
+        self.tp = tp
 
     def pack_cpu_linears(self) -> int:
         """Replace every plain ``nn.Linear`` (fused qkv/gate_up, o_proj, down,
@@ -237,7 +249,7 @@ class PagedCausalLM(nn.Module):
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         cos = self.cos[meta.positions].unsqueeze(1)
         sin = self.sin[meta.positions].unsqueeze(1)
-        h = self.embed(input_ids)
+        h = self._embed(input_ids)
         for li, layer in enumerate(self.layers):
             x = self._rms(h, layer.in_norm)
             qkv = layer.qkv(x)
@@ -256,12 +268,34 @@ class PagedCausalLM(nn.Module):
             new_kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1))).to(kv_cache.dtype)  # [2, kv, T, hd]
             kv_rows.index_copy_(0, meta.write_index, new_kv.view(-1, hd))
             out = self._attention(q, k, v, kv_cache[li], meta)
-            h = _add_linear(h, layer.o_proj, out.view(num_tokens, nh * hd))
+            h = self._add_row_parallel(h, layer.o_proj, out.view(num_tokens, nh * hd))
             x = self._rms(h, layer.post_norm)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = _add_linear(h, layer.down, F.silu(gate) * up)
+            h = self._add_row_parallel(h, layer.down, F.silu(gate) * up)
         h = self._rms(h[meta.logits_idx], self.norm)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        if self.tp is not None:  # vocabulary-parallel: rank 0 gathers every rank's columns
+            return self.tp.gather_vocab(logits)
+        return logits
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed(input_ids)
+        # vocabulary-parallel lookup: each rank embeds the ids in its rows, zeros elsewhere; the sum
+        # over ranks adds exactly one non-zero row per token (bit-identical to the full table)
+        weight = self.embed.weight
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), weight)
+        h.masked_fill_(outside[:, None], 0.0)
+        return self.tp.all_reduce(h)
+
+    def _add_row_parallel(self, residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``residual + linear(x)``; tensor-parallel: each rank's partial sum over its input columns,
+        all-reduced (a row-parallel layer's bias lives on rank 0 alone)."""
+        if self.tp is None:
+            return _add_linear(residual, linear, x)
+        return residual + self.tp.all_reduce(linear(x).contiguous())
 
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, meta: StepMetadata

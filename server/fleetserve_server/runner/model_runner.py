@@ -9,13 +9,31 @@ is the costliest matmul of a decode step).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence, StepLogprobs
 from fleetserve_server.runner.model import PagedCausalLM, StepMetadata
 from fleetserve_server.runner.sampler import Sampler
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step in plain ints, what rank 0 broadcasts to tensor-parallel workers: the token ids
+    and their positions, the cache slot each token's KV goes to, each decode sequence's block
+    table and context length (decode sequences first), each multi-token chunk (token slice start,
+    length, start position, its block table when it continues a cached context) and the flat
+    indices of the tokens whose logits are wanted."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    decode_tables: list[list[int]]
+    decode_lens: list[int]
+    prefills: list[tuple[int, int, int, list[int] | None]]
+    logits_idx: list[int]
 
 
 class TorchModelRunner:
@@ -34,6 +52,7 @@ class TorchModelRunner:
         block_size: int,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        workers: Any = None,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
@@ -54,6 +73,9 @@ class TorchModelRunner:
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
         self._block_base = torch.arange(2 * model.num_kv_heads, device=self.device) * num_blocks
         self._neg_inf = torch.finfo(model.dtype).min
+        # tensor parallelism: the model's collectives (every rank) and, on rank 0, the workers
+        self.tp = model.tp
+        self.workers = workers
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -61,6 +83,27 @@ class TorchModelRunner:
 
     def release(self, seq_id: int) -> None:
         self.sampler.release(seq_id)
+
+    def check_health(self) -> None:
+        """Raise ``WorkerFailedError`` when a tensor-parallel worker is gone (no-op without workers)."""
+        if self.workers is not None:
+            problem = self.workers.check_health()
+            if problem:
+                from fleetserve_server.runner.distributed import WorkerFailedError
+
+                raise WorkerFailedError(problem)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; no-op without them)."""
+        if self.workers is not None:
+            self.workers.stop()
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A worker rank's loop: run rank 0's plans on this shard until it sends the stop plan."""
+        while (plan := self.tp.recv_plan()) is not None:
+            input_ids, meta = self._tensors(plan)
+            self.model(input_ids, meta, self.kv_cache)
 
     def warmup(self, prefill_tokens: int = 2, decode_batch: int = 1) -> None:
         """Run one ``prefill_tokens``-token prefill, then one decode step of ``decode_batch``
@@ -85,7 +128,11 @@ class TorchModelRunner:
         if not batch.sequences:
             return {}
         self.last_logprobs = {}
-        input_ids, meta, sample_rows, prompt_rows = self._prepare(batch)
+        plan, sample_rows, prompt_rows = self._prepare(batch)
+        if self.tp is not None:
+            self.check_health()  # a clear error, not a collective's, when a worker is gone
+            self.tp.broadcast_plan(plan)
+        input_ids, meta = self._tensors(plan)
         logits = self.model(input_ids, meta, self.kv_cache)
         n_sample = len(sample_rows)
         if prompt_rows:
@@ -121,14 +168,16 @@ class TorchModelRunner:
         block_size * hd], in [2, kv, len(blocks)] order."""
         return (self._block_base[:, None] + blocks[None, :]).view(-1)
 
-    def _prepare(self, batch: ScheduledBatch):  # type: ignore[no-untyped-def]
+    def _prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[StepPlan, list[ScheduledSequence], list[tuple[ScheduledSequence, int, int]]]:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_tables: list[Sequence[int]] = []
+        decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, Sequence[int] | None]] = []
+        prefills: list[tuple[int, int, int, list[int] | None]] = []
         logits_idx: list[int] = []
         sample_rows: list[ScheduledSequence] = []
         prompt_rows: list[tuple[ScheduledSequence, int, int]] = []
@@ -162,12 +211,12 @@ class TorchModelRunner:
             if n == 1:
                 positions.append(start_pos)
                 slots.append(table[start_pos // bs] * bs + start_pos % bs)
-                decode_tables.append(table)
+                decode_tables.append(list(table))
                 decode_lens.append(end_pos)
             else:
                 positions.extend(range(start_pos, end_pos))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start_pos, end_pos))
-                prefills.append((start, n, start_pos, table if start_pos else None))
+                prefills.append((start, n, start_pos, list(table) if start_pos else None))
             if seq.sample:
                 logits_idx.append(start + n - 1)
                 sample_rows.append(seq)
@@ -177,10 +226,17 @@ class TorchModelRunner:
                 for p in range(start_pos, min(end_pos, num_prompt - 1)):
                     prompt_idx.append(start + p - start_pos)
                     prompt_rows.append((seq, p, seq.history[p + 1]))
-        dev = self.device
         if max(ids) >= self.model.vocab_size or min(ids) < 0:
             bad = next(t for t in ids if t < 0 or t >= self.model.vocab_size)
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {self.model.vocab_size})")
+        # sampling rows first, then the prompt-logprob rows
+        plan = StepPlan(ids, positions, slots, decode_tables, decode_lens, prefills, logits_idx + prompt_idx)
+        return plan, sample_rows, prompt_rows
+
+    def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, StepMetadata]:
+        """The step's tensors on this rank's device (every rank builds the same from the same plan)."""
+        bs, dev = self.block_size, self.device
+        decode_tables, decode_lens = plan.decode_tables, plan.decode_lens
         dindex = dmask = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
@@ -191,20 +247,19 @@ class TorchModelRunner:
                                self._neg_inf)
             dindex = self._block_rows(dblocks.view(-1))
         meta = StepMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            write_index=self._rows(torch.tensor(slots, dtype=torch.long, device=dev)),
+            positions=torch.tensor(plan.positions, dtype=torch.long, device=dev),
+            write_index=self._rows(torch.tensor(plan.slots, dtype=torch.long, device=dev)),
             num_decode=len(decode_tables),
             decode_index=dindex,
             decode_mask=dmask,
             prefills=[
                 (s, n, sp, None if t is None else self._block_rows(torch.tensor(t, dtype=torch.long, device=dev)))
-                for s, n, sp, t in prefills
+                for s, n, sp, t in plan.prefills
             ],
-            # sampling rows first, then the prompt-logprob rows
-            logits_idx=torch.tensor(logits_idx + prompt_idx, dtype=torch.long, device=dev),
+            logits_idx=torch.tensor(plan.logits_idx, dtype=torch.long, device=dev),
             block_size=bs,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta, sample_rows, prompt_rows
+        return torch.tensor(plan.ids, dtype=torch.long, device=dev), meta
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

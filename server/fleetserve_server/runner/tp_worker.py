@@ -1,0 +1,65 @@
+"""``python -m fleetserve_server.runner.tp_worker RANK SIZE PORT SPEC``: one tensor-parallel worker.
+
+Started by rank 0 (``runner.distributed.Workers``), never by hand. It connects
+to rank 0's TCP store, loads its shard and allocates its KV cache, reports
+``loaded`` with a barrier, then runs every plan rank 0 broadcasts until the
+stop plan (exit 0). A failure before that is written to the store as
+``error/RANK`` for rank 0's message, then the worker exits 1; a broken
+collective later (rank 0 or another worker died) exits 1 too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    rank, size, port, spec_json = int(argv[0]), int(argv[1]), int(argv[2]), argv[3]
+    from fleetserve_server.resources import bound_native_caches
+
+    bound_native_caches()  # before torch creates a oneDNN primitive, as `fleetserve serve` does
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from fleetserve_server.runner import distributed
+    from fleetserve_server.runner.loader import load_model
+    from fleetserve_server.runner.model_runner import TorchModelRunner
+
+    logging.basicConfig(level=logging.INFO, format=f"tp-rank{rank} %(levelname)s %(name)s: %(message)s")
+    distributed.watch_parent()
+    fields = json.loads(spec_json)
+    spec = distributed.WorkerSpec(**{**fields, "keep_layers": tuple(fields["keep_layers"])})
+    store = dist.TCPStore("127.0.0.1", port, size, False,
+                          timeout=datetime.timedelta(seconds=distributed.CONNECT_TIMEOUT_SECONDS))
+    store.set(f"connected/{rank}", "1")
+    try:
+        torch.set_num_threads(spec.threads)
+        device = distributed.rank_device(torch.device(spec.device), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tp = distributed.TensorParallel(rank, size, device, store)
+        loaded = load_model(Path(spec.path), dtype=spec.dtype, device=device, quantization=spec.quantization,
+                            max_positions=spec.max_positions, keep_layers=spec.keep_layers, tp=tp)
+        runner = TorchModelRunner(loaded.model, num_blocks=spec.num_blocks, block_size=spec.block_size,
+                                  eos_token_ids=frozenset())
+    except BaseException as exc:
+        store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
+    try:
+        tp.barrier()  # loaded: rank 0 returns from create_engine once every rank is here
+        runner.follow()
+    except RuntimeError as exc:  # a peer died: its connection closed
+        print(f"tp-rank{rank}: stopping: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
