@@ -21,8 +21,13 @@ Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
   (kopf's annotations, the removal of an older operator's finalizer, and ``spec.replicas``,
   which the autoscaler keeps equal to the size in effect); ``llmdeployments/status``: get, patch
 * ``apps`` ``deployments``: get, list, watch, create + patch (server-side apply; an apply
-  that creates the object is also authorized as create), delete
-* core ``configmaps``, ``services``: get, list, watch, create, patch, delete
+  that creates the object is also authorized as create), delete (the router's, when
+  ``spec.router.enabled`` turns false)
+* core ``configmaps``: get, list, watch, create, patch; ``services``: the same and delete
+* the router's identity (``spec.router``): core ``serviceaccounts`` and ``rbac.authorization.k8s.io``
+  ``roles``, ``rolebindings``: get, create, patch, delete — and ``discovery.k8s.io``
+  ``endpointslices``: list, watch, never called, only held so that the API server lets the
+  operator grant them to the router's Role (RBAC escalation prevention)
 * ``policy`` ``poddisruptionbudgets``: get, create, patch, delete
 * core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs), patch
   (only the ``controller.kubernetes.io/pod-deletion-cost`` annotation, before a scale-down)

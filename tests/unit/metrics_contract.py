@@ -15,19 +15,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SERVER_METRICS = REPO / "server" / "fleetserve_server" / "metrics.py"
 OPERATOR_PACKAGE = REPO / "operator" / "fleetserve_operator"
+ROUTER_METRICS = REPO / "router" / "fleetserve_router" / "metrics.py"
 
 # A metric name as a Python string literal in the exporting code.
 _LITERAL = re.compile(r"""["']((?:fleetserve_|vllm:)[a-z0-9_:]+)["']""")
 # A metric name inside a PromQL expression.
 _IN_QUERY = re.compile(r"(?<![\w:])((?:fleetserve_|vllm:)[a-z0-9_:]+)")
-_SERIES_SUFFIXES = ("_bucket", "_sum", "_count")
+# (prometheus_client adds `_total` to a Counter declared without it, as the router's are.)
+_SERIES_SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 # Series Prometheus itself creates for every target.
 PROMETHEUS_BUILTINS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
 def exported_metric_names() -> dict[str, Path]:
     """Every `fleetserve_*`/`vllm:*` name the server and operator code declares -> the file declaring it."""
-    files = [SERVER_METRICS, *sorted(OPERATOR_PACKAGE.rglob("*.py"))]
+    files = [SERVER_METRICS, ROUTER_METRICS, *sorted(OPERATOR_PACKAGE.rglob("*.py"))]
     names: dict[str, Path] = {}
     for path in files:
         if path.exists():
