@@ -78,7 +78,9 @@ class KubeAPI:
         else:
             verify = False
         headers = {}
-        token = cfg.get_api_key_with_prefix("authorization")
+        # The in-cluster loader keeps the service account's token under "BearerToken" (and refreshes
+        # it through the hook), a kubeconfig's token under "authorization".
+        token = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
         if token:
             headers["Authorization"] = token
         return httpx.AsyncClient(base_url=cfg.host, verify=verify, headers=headers,
