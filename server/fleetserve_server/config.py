@@ -54,6 +54,10 @@ class ServerConfig(BaseModel):
         "auto", description="activation dtype (auto: bfloat16 on CUDA, float32 on CPU)"
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = CUDA when available, else CPU")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="split the model over this many GPUs, one process each (Megatron-style; "
+                             "it must divide the attention heads)"
+    )
     max_model_len: int = Field(2048, ge=1, description="context limit in tokens: prompt + completion")
     max_num_seqs: int = Field(32, ge=1, description="sequences scheduled together in one step")
     max_batch_tokens: int | None = Field(

@@ -70,6 +70,7 @@ def load_engine(config: ServerConfig) -> Any:
         quantization=config.quantization,
         dtype=config.dtype,
         device=config.device,
+        tensor_parallel_size=config.tensor_parallel_size,
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
         max_batch_tokens=config.max_batch_tokens,

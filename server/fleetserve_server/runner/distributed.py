@@ -29,6 +29,7 @@ notices a dead worker while the server idles, for ``/health``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -158,6 +159,7 @@ class Workers:
         except BaseException:
             self.stop()
             raise
+        atexit.register(self.stop)  # a process that exits without close() still stops its workers
 
     def _wait_for(self, stage: str) -> None:
         """Until every worker has set ``<stage>/<rank>`` in the store; raise if one exits first."""
@@ -182,6 +184,10 @@ class Workers:
             self.tp.barrier()
         except RuntimeError as exc:
             raise WorkerFailedError(self.check_health() or f"a tensor-parallel worker failed: {exc}") from None
+
+    def rank_memory(self) -> list[dict[str, int]]:
+        """What each worker allocated: ``{"rank", "weights_bytes", "kv_cache_bytes"}``, ranks 1..N-1."""
+        return [json.loads(self.store.get(f"memory/{rank}")) for rank in range(1, self.size)]
 
     def _error(self, rank: int) -> str:
         try:

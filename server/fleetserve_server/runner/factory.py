@@ -60,6 +60,14 @@ class LoadedEngine:
     max_model_len: int
     tensor_parallel_size: int = 1
 
+    def rank_memory(self) -> list[dict[str, int]]:
+        """Bytes each device holds, rank 0 first: ``{"rank", "weights_bytes", "kv_cache_bytes"}``."""
+        from fleetserve_server.runner.loader import model_bytes
+
+        own = {"rank": 0, "weights_bytes": model_bytes(self.runner.model), "kv_cache_bytes": self.kv_cache_bytes}
+        workers = self.runner.workers
+        return [own, *(workers.rank_memory() if workers is not None else [])]
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (idempotent); they also stop when this process exits."""
         self.runner.close()

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from fleetserve_server.runner import distributed
-    from fleetserve_server.runner.loader import load_model
+    from fleetserve_server.runner.loader import load_model, model_bytes
     from fleetserve_server.runner.model_runner import TorchModelRunner
 
     logging.basicConfig(level=logging.INFO, format=f"tp-rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
                             max_positions=spec.max_positions, keep_layers=spec.keep_layers, tp=tp)
         runner = TorchModelRunner(loaded.model, num_blocks=spec.num_blocks, block_size=spec.block_size,
                                   eos_token_ids=frozenset())
+        # what this rank allocated (after packing), for rank 0's per-device report
+        store.set(f"memory/{rank}", json.dumps({"rank": rank, "weights_bytes": model_bytes(runner.model),
+                                                "kv_cache_bytes": runner.kv_cache_bytes}))
     except BaseException as exc:
         store.set(f"error/{rank}", f"{type(exc).__name__}: {exc}")
         traceback.print_exc()
