@@ -75,7 +75,8 @@ def test_children_are_created_owned_and_labelled(dev_cluster: DevClusterHandle, 
         assert status["observedGeneration"] == cr["metadata"]["generation"]
         config = yaml_config(found["configmap"][0])
         assert config["kv_cache_tokens"] == status["memory"]["kvCapacityTokens"]
-        assert "max_batch_tokens" not in config  # unset in the CR: the server sizes its own step budget
+        # exactly what the CR says (512 here); unset, the server sizes its own step budget (unit-tested)
+        assert config.get("max_batch_tokens") == cr["spec"]["engine"].get("maxBatchTokens")
         table = dev_cluster.kubectl("get", "llmd", "fleet", "-n", namespace).stdout.splitlines()
         assert table[1].split()[3] == "0/1" and table[1].split()[-2] == "True"  # READY, FITS
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
