@@ -219,3 +219,16 @@ def test_router_metrics_are_parsed_from_the_router_exposition() -> None:
     assert (parsed.held, parsed.routed) == (3.0, 7.0)
     with pytest.raises(MetricsError, match="no fleetserve_router_requests_held"):
         parse_router_metrics("r0", "fleetserve_requests_waiting 0\n")
+
+
+def test_traffic_between_two_scrapes_counts_even_when_no_scrape_saw_a_request() -> None:
+    from fleetserve_operator.autoscaler.controller import FleetState, _routed_since
+    from fleetserve_operator.autoscaler.scraper import RouterMetrics as Scraped
+
+    state = FleetState()
+    assert not _routed_since(state, [Scraped("r0", 0, 0.0)])      # a new router pod that routed nothing
+    assert not _routed_since(state, [Scraped("r0", 0, 0.0)])
+    assert _routed_since(state, [Scraped("r0", 0, 1.0)])           # one request came and went
+    assert not _routed_since(state, [Scraped("r0", 0, 1.0)])
+    assert _routed_since(state, [Scraped("r0", 0, 0.0)])           # restarted (counter reset): unknown, traffic
+    assert _routed_since(state, [Scraped("r0", 0, 0.0), Scraped("r1", 0, 3.0)])  # a new pod with history

@@ -88,7 +88,7 @@ def condition_event(current: dict[str, Any], patch: dict[str, Any] | None) -> tu
         return None
     before = get_condition(current.get("conditions"), SCALING_ACTIVE) or {}
     after = get_condition(patch["conditions"], SCALING_ACTIVE) or {}
-    lost = (after.get("reason") in (Limit.METRICS_UNAVAILABLE.value,)
+    lost = (after.get("reason") in (Limit.METRICS_UNAVAILABLE.value, Limit.ROUTER_METRICS_UNAVAILABLE.value)
             and (before.get("status"), before.get("reason")) != (after.get("status"), after.get("reason")))
     return ("Warning", str(after["reason"]), str(after.get("message", ""))) if lost else None
 
