@@ -209,6 +209,8 @@ def test_fleet_grows_onto_new_gpu_nodes_and_shrinks_off_them_with_zero_failed_re
         ca_cluster: DevClusterHandle, tmp_path: Path) -> None:
     cluster, namespace = ca_cluster, "ca-fleet"
     create_namespace(cluster, namespace)
+    cluster.kubectl("label", "--overwrite", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                    "pod-security.kubernetes.io/enforce-version=latest")  # as every e2e namespace (conftest.py)
     apply_crds(cluster)
     model_dir = make_model(cluster.state_dir / "test-models" / "tiny-llama")  # goes with `down`
     log = tmp_path / "operator.log"

@@ -94,6 +94,9 @@ class Prometheus:
 def small_model(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> Iterator[str]:
     """`helm install` with one deliberately small LLMDeployment; yields its name once Ready."""
     dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    # The API server's PodSecurity admission refuses any pod of the chart that breaks the restricted profile.
+    dev_cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted",
+                        "pod-security.kubernetes.io/enforce-version=latest")
     release = f"fs-{uuid.uuid4().hex[:8]}"
     values = {
         "watchNamespaces": [namespace],
