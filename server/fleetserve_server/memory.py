@@ -50,11 +50,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 GiB = 1024**3
 MiB = 1024**2
 
-# The largest tensor-parallel size `fleetserve serve` runs today. It does not
-# shard a model across GPUs yet: it loads the whole model onto one device, so
-# the operator plans gpus > 1 as one device holding everything. Raise this
-# together with the server's tensor-parallel runner.
-SERVER_MAX_TENSOR_PARALLEL_SIZE = 1
+# The largest tensor-parallel size `fleetserve serve --tensor-parallel-size` runs:
+# one process per GPU of one pod (one host, NCCL over its NVLink/PCIe), as the
+# operator passes resources.gpus. Eight is a node's usual GPU count; a pod asking
+# for more is planned (and served) as eight ranks, the others idle.
+SERVER_MAX_TENSOR_PARALLEL_SIZE = 8
 
 # bitsandbytes 4-bit layout as the loader quantizes: one absmax per 32 values
 # (bitsandbytes' default is 64; see runner/loader.py for why 32); with nested

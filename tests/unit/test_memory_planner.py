@@ -337,7 +337,7 @@ def test_cli_prints_per_device_rows(capsys):
     rows = [line.split() for line in out.splitlines() if line.startswith("rank ")]
     assert [r[:2] for r in rows] == [["rank", "0"], ["rank", "1"]]
     assert "fits on each of 2 devices" in out and "12416" in out
-    assert "does not implement tensor parallelism" in out  # honest about the server
+    assert "note:" not in out  # `fleetserve serve --tensor-parallel-size 2` runs this split
     code, out, _ = _run_cli(["--model", "Llama-3.1-70B-Instruct", "--quantization", "nf4", "--gpu-memory", "24GiB",
                              "--max-model-len", "8192", "--tensor-parallel-size", "2", "--output", "json"], capsys)
     data = json.loads(out)

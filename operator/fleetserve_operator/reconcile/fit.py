@@ -5,11 +5,12 @@ planner (``fleetserve_server.memory``), so the KV-cache size written into the
 server's config is the number the proof was made with.
 
 The proof is per device: GPU memory is never pooled. ``resources.gpus`` N is
-the server's tensor-parallel size, but `fleetserve serve` does not shard a
-model yet (``memory.SERVER_MAX_TENSOR_PARALLEL_SIZE`` is 1): it loads the whole
-model onto one GPU and the other N - 1 stay idle. So the proof plans what the
-server will really do — one device holding everything — and says so, rather
-than the sum of the GPUs' memory, which no process can use.
+the server's tensor-parallel size (``--tensor-parallel-size``, up to
+``memory.SERVER_MAX_TENSOR_PARALLEL_SIZE``): each of N processes holds its
+Megatron shard on its own GPU, so the proof plans every rank's shard against
+one GPU's memory (``memory.plan_memory``), never the sum of the GPUs' memory,
+which no process can use. A size that cannot split the model's attention
+heads never runs: that is MemoryFits=False, naming the sizes that would.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fleetserve_server.memory import (
     parse_quantity,
     plan_memory,
 )
+from fleetserve_server.sharding import check_tensor_parallel_size
 
 from ..api.spec import LLMDeploymentSpec
 
@@ -109,9 +111,8 @@ def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
         where = f"one {res.gpu_memory} GPU" if tp == 1 else f"each of {tp} x {res.gpu_memory} GPUs"
         if res.gpus > tp:
             idle_note = (
-                f"resources.gpus is {res.gpus}, but the server does not shard a model across GPUs yet (no "
-                f"tensor parallelism): it loads the whole model onto one GPU and the other {res.gpus - tp} stay "
-                f"idle, so GPU memory does not add up; "
+                f"resources.gpus is {res.gpus}, but the server splits a model over at most {tp} GPUs (tensor "
+                f"parallelism): the other {res.gpus - tp} stay idle; "
             )
     else:
         device = "cpu"
@@ -137,6 +138,12 @@ def check_memory_fit(spec: LLMDeploymentSpec) -> MemoryFit:
             f"created and the server sizes its KV cache when it loads the model",
             device, available, None, devices, tp,
         )
+    try:
+        check_tensor_parallel_size(arch, tp)
+    except ValueError as exc:
+        return MemoryFit("False", "InvalidTensorParallelSize",
+                         f"resources.gpus {res.gpus} is the server's tensor-parallel size, and {exc}; set "
+                         f"resources.gpus to one of those", device, available, None, devices, tp)
     try:
         plan = plan_memory(
             arch,

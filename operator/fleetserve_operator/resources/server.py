@@ -50,6 +50,8 @@ def server_config(spec: LLMDeploymentSpec, fit: MemoryFit) -> dict[str, Any]:
         "dtype": spec.dtype,
         # auto: CUDA when the pod got a GPU, the CPU otherwise (also on the dev cluster's pretend GPUs)
         "device": "cpu" if spec.resources.gpus == 0 else "auto",
+        # one rank per GPU, the size the memory proof planned (resources.gpus); 1, the default, is left out
+        "tensor_parallel_size": fit.tensor_parallel_size if fit.tensor_parallel_size > 1 else None,
         "max_model_len": engine.max_model_len,
         "max_num_seqs": engine.max_num_seqs,
         # None unless the CR sets it: the server then sizes its own step budget (2048 on CUDA, a ~1 s

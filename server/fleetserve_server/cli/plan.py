@@ -108,6 +108,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{r.headroom_bytes / GiB:>8.2f} GiB")
         print(plan.message)
         if n > SERVER_MAX_TENSOR_PARALLEL_SIZE:
-            print(f"note: fleetserve serve does not implement tensor parallelism yet (it loads the whole model "
-                  f"onto one GPU); these are the per-device numbers of the Megatron split over {n} GPUs")
+            print(f"note: fleetserve serve runs at most {SERVER_MAX_TENSOR_PARALLEL_SIZE} tensor-parallel ranks; "
+                  f"these are the per-device numbers of the Megatron split over {n} GPUs")
     return 1 if args.check and not plan.fits else 0
