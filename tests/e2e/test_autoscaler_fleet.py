@@ -231,8 +231,11 @@ def test_more_replicas_than_gpus_leaves_pods_pending_degraded_and_stops_growing(
     # 32 clients on a replica or two: far more waiting requests than the server's default queue bound
     # (4 x KV capacity / maxModelLen = 16), which would answer 429 by design. This scenario is about
     # Pending pods, not back-pressure, so the fleet is configured for the burst, as a user would.
-    fleet.apply(llmd_manifest("gpu", model_dir, gpus=1, engine={"maxQueueLength": 128},
-                              autoscaling=autoscaling(maxReplicas=gpus + 4, targetQueueLength=1)))
+    manifest = llmd_manifest("gpu", model_dir, gpus=1, engine={"maxQueueLength": 128},
+                             autoscaling=autoscaling(maxReplicas=gpus + 4, targetQueueLength=1))
+    # No node autoscaler on this cluster: say so (the default waits 900 s for a node before Degraded).
+    manifest["spec"]["scheduling"] = {"maxNodeProvisionSeconds": 0}
+    fleet.apply(manifest)
     wait_ready(fleet, 1)
     load = Load(fleet.proxy_address(), concurrency=4 * (gpus + 4), max_tokens=32).start()
     try:

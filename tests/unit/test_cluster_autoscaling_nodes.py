@@ -9,6 +9,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fleetserve_operator.autoscaler import (
     AutoscalingPolicy,
     FleetObservation,
@@ -16,14 +17,20 @@ from fleetserve_operator.autoscaler import (
     PodMetrics,
     plan_replicas,
 )
+from fleetserve_operator.autoscaler.controller import observe
 from fleetserve_operator.autoscaler.nodes import (
     DELETION_COST_ANNOTATION,
+    DO_NOT_DISRUPT_ANNOTATION,
     PodPlacement,
+    capacity_shortfall,
     cost_patches,
     deletion_costs,
+    disruption_patches,
     node_wait,
     placements,
 )
+from fleetserve_operator.autoscaler.pods import take_census
+from fleetserve_operator.autoscaler.scraper import ScrapeResult
 from fleetserve_operator.autoscaler.status import decision_status
 from fleetserve_operator.autoscaler.types import Limit
 from fleetserve_operator.reconcile.plan import Observed, plan
@@ -170,12 +177,112 @@ def test_past_the_limit_is_degraded_unschedulable_with_a_warning_event() -> None
     assert progressing is not None and progressing["reason"] == "WaitingForNodes"
 
 
-def test_default_limit_zero_degrades_at_once_as_without_a_node_autoscaler() -> None:
+def test_the_default_limit_protects_pending_pods_for_900_s() -> None:
+    # Issue 17: the default was 0, so a fleet without the setting had no protection at all.
     body = cpu_body()
     body["spec"]["autoscaling"] = {"enabled": True, "minReplicas": 1, "maxReplicas": 3}
-    p = planned(body, [running("a", "n1"), pending("b", 1)], NOW)
+    p = planned(body, [running("a", "n1"), pending("b", 600)], NOW)
+    assert (get_condition(p.status["conditions"], "Degraded") or {}).get("status") == "False"
+    assert (get_condition(p.status["conditions"], "Progressing") or {}).get("reason") == "WaitingForNodes"
+    late = planned(body, [running("a", "n1"), pending("b", 901)], NOW)
+    assert (get_condition(late.status["conditions"], "Degraded") or {}).get("reason") == "Unschedulable"
+
+
+def test_limit_zero_degrades_at_once_as_without_a_node_autoscaler() -> None:
+    p = planned(gpu_body(0), [running("a", "n1"), pending("b", 1)], NOW)
     degraded = get_condition(p.status["conditions"], "Degraded")
     assert degraded is not None and degraded["reason"] == "Unschedulable"
+
+
+# --- protection until Ready (issue 17) -------------------------------------------------------
+
+
+def loading(name: str, node: str, seconds_ago: float) -> dict[str, Any]:
+    """Bound to a (new) node, server still loading the model: not Ready."""
+    return {"metadata": {"name": name, "creationTimestamp": at(seconds_ago)}, "spec": {"nodeName": node},
+            "status": {"phase": "Running", "podIP": "10.0.0.9", "conditions": [
+                {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}]}}
+
+
+def ready_pod(name: str, node: str) -> dict[str, Any]:
+    pod = running(name, node)
+    pod["status"]["podIP"] = "10.0.0.1"
+    return pod
+
+
+def test_a_pod_loading_on_its_new_node_is_still_protected_from_a_lighter_scrape() -> None:
+    # The pod waited for a node, got bound and loads its model: the ReplicaSet would delete it
+    # first (not Ready), wasting the node's boot. Until Ready (inside the limit) the size holds.
+    pods = [ready_pod("a", "n1"), loading("b", "new-node", 120)]
+    census = take_census(pods)
+    wait = node_wait(pods, 900, NOW)
+    assert wait.loading == 1 and wait.unschedulable == 0
+    obs = observe(2, census, ScrapeResult(metrics=(PodMetrics(pod="a", queue_length=0, kv_cache_usage=0.1),), failures=()),
+                  wait)
+    decision = plan_replicas(obs, POLICY, History(), now=0)
+    assert decision.desired == 2 and decision.limit is Limit.WAITING_FOR_NODES
+    # Past the limit, or once Ready, normal decisions resume.
+    assert node_wait([ready_pod("a", "n1"), loading("b", "new-node", 901)], 900, NOW).loading == 0
+
+
+# --- only capacity shortfalls hold growth (issue 17) -------------------------------------------
+
+
+def unplaceable(name: str) -> dict[str, Any]:
+    pod = pending(name, 30)
+    pod["status"]["conditions"][0]["message"] = (
+        "0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector. preemption: 0/2 nodes "
+        "are available: 2 Preemption is not helpful for scheduling.")
+    return pod
+
+
+def test_a_pod_unschedulable_for_a_bad_selector_does_not_freeze_scale_up() -> None:
+    pods = [ready_pod("a", "n1"), unplaceable("bad")]
+    census = take_census(pods)
+    assert census.unschedulable == 0 and census.unplaceable == 1
+    obs = observe(2, census, ScrapeResult(metrics=(PodMetrics(pod="a", queue_length=16, kv_cache_usage=0.1),), failures=()),
+                  node_wait(pods, 900, NOW))
+    decision = plan_replicas(obs, POLICY, History(), now=0)
+    assert decision.desired > 2 and decision.limit is not Limit.UNSCHEDULABLE
+    # A capacity shortfall still holds growth.
+    short = [ready_pod("a", "n1"), pending("b", 30)]
+    held = plan_replicas(observe(2, take_census(short), ScrapeResult(
+        metrics=(PodMetrics(pod="a", queue_length=16, kv_cache_usage=0.1),), failures=()), node_wait(short, 900, NOW)),
+        POLICY, History(), now=0)
+    assert held.desired == 2 and held.limit is Limit.UNSCHEDULABLE
+
+
+def test_a_bad_selector_is_degraded_at_once_not_waiting_for_nodes() -> None:
+    p = planned(gpu_body(900), [running("a", "n1"), unplaceable("bad")], NOW)
+    assert (get_condition(p.status["conditions"], "Degraded") or {}).get("reason") == "Unschedulable"
+
+
+@pytest.mark.parametrize(("message", "shortfall"), [
+    ("0/1 nodes are available: 1 Insufficient nvidia.com/gpu.", True),
+    ("0/3 nodes are available: 1 Insufficient cpu, 2 node(s) had untolerated taint {a: b}.", True),
+    ("0/1 nodes are available: 1 Too many pods.", True),
+    ("no nodes available to schedule pods", True),
+    ("", True),
+    (None, True),
+    ("0/2 nodes are available: 2 node(s) didn't match Pod's node affinity/selector.", False),
+    ("0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/unreachable: }.", False),
+])
+def test_capacity_shortfall_reads_the_schedulers_message(message: str | None, shortfall: bool) -> None:
+    assert capacity_shortfall(message) is shortfall
+
+
+# --- karpenter.sh/do-not-disrupt (issue 17) --------------------------------------------------
+
+
+def test_do_not_disrupt_stays_on_busy_and_loading_pods_and_goes_only_from_idle_ones_when_shrinking() -> None:
+    pods = [ready_pod("busy", "n1"), ready_pod("idle", "n2"), loading("new", "n3", 10),
+            ready_pod("unscraped", "n4")]
+    load = {"busy": 3.0, "idle": 0.0}
+    assert disruption_patches(pods, load, shrinking=False) == {p: "true" for p in ("busy", "idle", "new", "unscraped")}
+    for pod in pods:
+        pod["metadata"].setdefault("annotations", {})[DO_NOT_DISRUPT_ANNOTATION] = "true"
+    assert disruption_patches(pods, load, shrinking=False) == {}
+    assert disruption_patches(pods, load, shrinking=True) == {"idle": None}
 
 
 # --- scale-down order: pod-deletion-cost ---------------------------------------------------
@@ -192,7 +299,7 @@ def test_deletion_cost_empties_the_newest_least_loaded_node_first() -> None:
     assert sorted(costs, key=costs.__getitem__) == ["newest-1", "new-1", "static-a"]
 
 
-def test_deletion_cost_prefers_the_node_with_fewest_fleet_pods_then_lower_load() -> None:
+def test_deletion_cost_prefers_the_newest_node_then_the_least_loaded_one() -> None:
     pods = [
         PodPlacement("a1", "old", "2026-01-01T08:00:00Z", load=1),
         PodPlacement("b1", "new-two", "2026-01-01T11:00:00Z", load=0),
@@ -201,9 +308,9 @@ def test_deletion_cost_prefers_the_node_with_fewest_fleet_pods_then_lower_load()
         PodPlacement("d1", "mid-idle", "2026-01-01T10:00:00Z", load=2),
     ]
     order = sorted(deletion_costs(pods), key=deletion_costs(pods).__getitem__)
-    # 1-pod nodes first (mid-idle beats mid-busy on load at the same age, both newer than old),
-    # the 2-pod node last, its lighter pod first.
-    assert order == ["d1", "c1", "a1", "b1", "b2"]
+    # The newest node first even with 2 pods (an autoscaler added it; the old, static one goes last),
+    # its lighter pod first; at the same age the less loaded node first.
+    assert order == ["b1", "b2", "d1", "c1", "a1"]
 
 
 @settings(max_examples=200, deadline=None)

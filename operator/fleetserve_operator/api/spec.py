@@ -191,10 +191,11 @@ class Scheduling(ApiModel):
     affinity: dict[str, Any] | None = Field(None, description="pod affinity (core/v1 Affinity)")
     priority_class_name: str | None = Field(None, max_length=253, description="pod priorityClassName")
     max_node_provision_seconds: int = Field(
-        0, ge=0, le=86400,
-        description="how long a pod may wait for a node (set it to your cluster autoscaler's max node provision "
-                    "time, e.g. 900) before the fleet is Degraded/Unschedulable; until then it counts as "
-                    "capacity being provisioned (Progressing/WaitingForNodes). 0: no node autoscaler, at once",
+        900, ge=0, le=86400,
+        description="how long a pod may wait for a node and then become Ready on it (your cluster autoscaler's "
+                    "max node provision time plus the model's load time) before the fleet is "
+                    "Degraded/Unschedulable; until then it counts as capacity being provisioned "
+                    "(Progressing/WaitingForNodes) and is never removed. 0: no node autoscaler, at once",
     )
 
 

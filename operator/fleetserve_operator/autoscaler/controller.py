@@ -52,7 +52,16 @@ from fleetserve_operator.resources.labels import router_selector_string, selecto
 
 from .decision import plan_replicas
 from .history import History
-from .nodes import DELETION_COST_ANNOTATION, NodeWait, cost_patches, deletion_costs, node_wait, placements
+from .nodes import (
+    DELETION_COST_ANNOTATION,
+    DO_NOT_DISRUPT_ANNOTATION,
+    NodeWait,
+    cost_patches,
+    deletion_costs,
+    disruption_patches,
+    node_wait,
+    placements,
+)
 from .pods import PodCensus, take_census
 from .scraper import RouterMetrics, ScrapeResult, scrape_pods, scrape_routers
 from .status import (
@@ -197,6 +206,9 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     if spec.replicas != decision.desired:
         await asyncio.to_thread(_set_spec_replicas, kube, namespace, name, decision.desired)
     state.seen_spec_replicas = decision.desired
+    wants_fewer = decision.desired < current or (decision.recommendation is not None
+                                                 and decision.recommendation < current)
+    await asyncio.to_thread(_mark_do_not_disrupt, kube, namespace, pods, scrape, wants_fewer)
     scaled = decision.desired != current
     if scaled:
         if decision.direction == "down":
@@ -283,7 +295,7 @@ def observe(current: int, census: PodCensus, scrape: ScrapeResult, wait: NodeWai
     return FleetObservation(current_replicas=current, ready=len(census.ready), starting=census.starting,
                             unschedulable=census.unschedulable, metrics=scrape.metrics,
                             scrape_errors=scrape.errors_by_reason,
-                            waiting_for_nodes=min(wait.waiting, census.unschedulable) if wait else 0)
+                            waiting_for_nodes=min(wait.waiting, census.unschedulable) + wait.loading if wait else 0)
 
 
 def _degraded(cr: dict[str, Any]) -> bool:
@@ -426,6 +438,21 @@ def _mark_deletion_costs(kube: Kube, namespace: str, pods: list[dict[str, Any]],
         except KubeError as exc:  # a pod that went away needs no cost
             if exc.status != 404:
                 log.warning("cannot set %s on pod %s/%s: %s", DELETION_COST_ANNOTATION, namespace, pod, exc)
+
+
+def _mark_do_not_disrupt(kube: Kube, namespace: str, pods: list[dict[str, Any]], scrape: ScrapeResult,
+                         wants_fewer: bool) -> None:
+    """Keep ``karpenter.sh/do-not-disrupt: "true"`` on the pods that load or serve, off the idle ones
+    while the fleet wants fewer replicas (see :func:`nodes.disruption_patches`)."""
+    load = {m.pod: m.queue_length for m in scrape.metrics}
+    for pod, value in disruption_patches(pods, load, wants_fewer).items():
+        try:
+            kube.request("PATCH", resource_path("v1", "pods", namespace, pod),
+                         body={"metadata": {"annotations": {DO_NOT_DISRUPT_ANNOTATION: value}}},
+                         content_type="application/merge-patch+json")
+        except KubeError as exc:  # a pod that went away needs no annotation
+            if exc.status != 404:
+                log.warning("cannot set %s on pod %s/%s: %s", DO_NOT_DISRUPT_ANNOTATION, namespace, pod, exc)
 
 
 def _set_spec_replicas(kube: Kube, namespace: str, name: str, replicas: int) -> None:

@@ -21,8 +21,9 @@ The steps, in order (each one is what a user can read in the reason):
 6. While pods are unschedulable, do not grow: they already are capacity the
    cluster was asked for (a cluster autoscaler may be adding a node); adding
    more would only pile up Pending pods. Shrinking is still allowed — except
-7. while pods wait for a node inside ``scheduling.maxNodeProvisionSeconds``:
-   then the size does not shrink either. The scrape only sees the ready pods;
+7. while pods wait for a node inside ``scheduling.maxNodeProvisionSeconds``,
+   or were bound to one and are not Ready yet inside that time (loading the
+   model): then the size does not shrink either. The scrape only sees the ready pods;
    removing a pod a node is being booted for, because one scrape looked
    lighter, is exactly the flapping that wastes a GPU node's boot.
 
@@ -150,8 +151,8 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
         if held > desired:
             limit = Limit.WAITING_FOR_NODES
             n = observation.waiting_for_nodes
-            notes.append(f"{n} pod{'s' if n != 1 else ''} waiting for a node, not removing capacity "
-                         f"being provisioned")
+            notes.append(f"{n} pod{'s' if n != 1 else ''} waiting for a node or still loading, "
+                         f"not removing capacity being provisioned")
             desired = held
 
     if notes:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fleetserve_operator.autoscaler.nodes import capacity_shortfall
 from fleetserve_operator.autoscaler.scraper import DEFAULT_PORT, ScrapeTarget
 
 HTTP_PORT_NAME = "http"
@@ -23,8 +24,11 @@ class PodCensus:
     """Counts of one fleet's pods at one instant.
 
     ``ready`` lists the scrape targets of pods that are Ready, have an IP and
-    are not being deleted; every other live pod is either ``unschedulable``
-    (PodScheduled=False, reason Unschedulable) or ``starting``.
+    are not being deleted; every other live pod is ``unschedulable``
+    (PodScheduled=False, reason Unschedulable, for lack of capacity: a node
+    autoscaler can help), ``unplaceable`` (Unschedulable for another reason:
+    a node selector or affinity no node matches; these never hold growth)
+    or ``starting``.
     ``unschedulable_since`` is the earliest RFC 3339 time the scheduler gave
     up on one of them.
     """
@@ -34,11 +38,12 @@ class PodCensus:
     unschedulable: int = 0
     terminating: int = 0
     unschedulable_since: str | None = None
+    unplaceable: int = 0
 
 
 def take_census(pods: Iterable[dict[str, Any]]) -> PodCensus:
     ready: list[ScrapeTarget] = []
-    starting = unschedulable = terminating = 0
+    starting = unschedulable = terminating = unplaceable = 0
     since: str | None = None
     for pod in pods:
         meta = pod.get("metadata") or {}
@@ -51,6 +56,9 @@ def take_census(pods: Iterable[dict[str, Any]]) -> PodCensus:
         conditions = {c.get("type"): c for c in status.get("conditions") or []}
         scheduled = conditions.get("PodScheduled") or {}
         if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+            if not capacity_shortfall(scheduled.get("message")):
+                unplaceable += 1
+                continue
             unschedulable += 1
             when = scheduled.get("lastTransitionTime")
             if when and (since is None or when < since):  # RFC 3339 UTC strings sort by time
@@ -62,7 +70,7 @@ def take_census(pods: Iterable[dict[str, Any]]) -> PodCensus:
         else:
             starting += 1
     return PodCensus(ready=tuple(ready), starting=starting, unschedulable=unschedulable,
-                     terminating=terminating, unschedulable_since=since)
+                     terminating=terminating, unschedulable_since=since, unplaceable=unplaceable)
 
 
 def _http_port(pod: dict[str, Any]) -> int:

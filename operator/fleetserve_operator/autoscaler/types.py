@@ -134,8 +134,9 @@ class FleetObservation:
     Ready yet) and ``unschedulable`` (Pending with PodScheduled=False).
     ``metrics`` holds one entry per ready pod that answered; ``scrape_errors``
     counts the ready pods that did not, per reason. ``waiting_for_nodes``
-    (<= ``unschedulable``) counts the unschedulable pods still inside
-    ``scheduling.maxNodeProvisionSeconds``: a node may be booting for them.
+    counts the unschedulable pods still inside ``scheduling.maxNodeProvisionSeconds``
+    (a node may be booting for them) plus the bound pods not Ready yet inside it
+    (loading their model): none of them is removed.
     """
 
     current_replicas: int
