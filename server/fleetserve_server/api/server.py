@@ -102,6 +102,9 @@ def print_memory_plan(loaded: Any, config: ServerConfig) -> None:
         f"  max concurrency:  {plan.get('max_concurrent_sequences', plan.get('max_concurrency', '?'))} "
         f"sequences of max_model_len (scheduler admits up to {config.max_num_seqs})",
     ]
+    if getattr(loaded, "tensor_parallel_size", 1) > 1:
+        lines.append(f"  tensor parallel:  {loaded.tensor_parallel_size} ranks, one process each; weights and KV "
+                     "cache above are rank 0's (per device)")
     if plan.get("message"):
         lines.append(f"  {plan['message']}")
     print("\n".join(lines), flush=True)

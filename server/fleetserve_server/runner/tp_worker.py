@@ -46,6 +46,14 @@ def main(argv: list[str]) -> int:
         tp = distributed.TensorParallel(rank, size, device, store)
         loaded = load_model(Path(spec.path), dtype=spec.dtype, device=device, quantization=spec.quantization,
                             max_positions=spec.max_positions, keep_layers=spec.keep_layers, tp=tp)
+        if device.type == "cuda":  # its own GPU: check it as rank 0 checks its own (CPU ranks share rank 0's check)
+            from fleetserve_server.runner.factory import check_memory_free
+
+            model = loaded.model
+            slots = spec.num_blocks * spec.block_size
+            elem = torch.empty(0, dtype=model.dtype).element_size()
+            per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * elem
+            check_memory_free(device, kv_bytes=slots * per_token, reserve_bytes=0, capacity=slots)
         runner = TorchModelRunner(loaded.model, num_blocks=spec.num_blocks, block_size=spec.block_size,
                                   eos_token_ids=frozenset())
         # what this rank allocated (after packing), for rank 0's per-device report
