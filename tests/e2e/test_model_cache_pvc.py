@@ -113,6 +113,8 @@ def test_replicas_on_a_pvc_cache_convert_the_model_once(
             assert CONVERTING not in text, text[-3000:]
             assert "smollm2-135m-instruct" in text  # it did load and serve the model
             assert (entry.stat().st_ino, weights.stat().st_ino, weights.stat().st_mtime_ns) == before
+            print(f"\nshared cache {entry.relative_to(pv_dir)}: converted by {converted[0]} of {names}; "
+                  f"{replacement.metadata.name} loaded it without converting; lock {lock.name}")
     finally:
         if log.exists():
             sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-4000:]}\n")
