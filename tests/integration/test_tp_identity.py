@@ -109,19 +109,20 @@ def test_qwen2_biases_untied_head_replicated_kv_head_and_uneven_splits(tmp_path)
         split.loaded.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
-def test_every_rank_allocates_what_the_plan_predicted(tmp_path, quantization: str) -> None:  # type: ignore[no-untyped-def]
+def test_every_rank_allocates_what_the_plan_predicted(tmp_path, quantization: str, device: str) -> None:  # type: ignore[no-untyped-def]
     if quantization != "none":
         pytest.importorskip("bitsandbytes")
     # wide enough that the Linear layers dominate, as in real models (as test_memory_allocation.py)
     path = make_tiny_llama(tmp_path / "alloc", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2,
                            intermediate_size=688)
     arch = architecture_from_config(json.loads((path / "config.json").read_text()), name="alloc")
-    predicted = plan_memory(arch, quantization=quantization, dtype="float32", device="cpu",
-                            device_memory_bytes=64 * MiB, max_model_len=256, max_num_seqs=4, max_batch_tokens=256,
-                            tensor_parallel_size=2)
+    predicted = plan_memory(arch, quantization=quantization, dtype="float32", device=device,
+                            device_memory_bytes=(64 if device == "cpu" else 1024) * MiB, max_model_len=256,
+                            max_num_seqs=4, max_batch_tokens=256, tensor_parallel_size=2)
     assert predicted.fits and len(predicted.ranks) == 2
-    llm = LLM(str(path), quantization=quantization, device="cpu", max_model_len=256, max_num_seqs=4,
+    llm = LLM(str(path), quantization=quantization, device=device, dtype="float32", max_model_len=256, max_num_seqs=4,
               max_batch_tokens=256, kv_cache_tokens=predicted.kv_capacity_tokens, threads=1,
               tensor_parallel_size=2, progress=False)
     try:
@@ -134,8 +135,9 @@ def test_every_rank_allocates_what_the_plan_predicted(tmp_path, quantization: st
         kv_predicted = predicted.kv_capacity_tokens * rank.kv_bytes_per_token
         assert abs(kv_predicted - m["kv_cache_bytes"]) <= 0.05 * m["kv_cache_bytes"], (rank, m)
     # each rank holds about half the Linear weights: far less than one process with the whole model
-    whole = plan_memory(arch, quantization=quantization, dtype="float32", device="cpu", device_memory_bytes=64 * MiB,
-                        max_model_len=256, max_num_seqs=4, max_batch_tokens=256)
+    whole = plan_memory(arch, quantization=quantization, dtype="float32", device=device,
+                        device_memory_bytes=(64 if device == "cpu" else 1024) * MiB, max_model_len=256, max_num_seqs=4,
+                        max_batch_tokens=256)
     assert measured[0]["weights_bytes"] < 0.6 * whole.weights_bytes
 
 
