@@ -61,9 +61,11 @@ class TensorParallel:
 
     def __init__(self, rank: int, size: int, device: torch.device, store: Any) -> None:
         self.rank, self.size, self.device = rank, size, device
-        self.plan_group = dist.ProcessGroupGloo(dist.PrefixStore("plan", store), rank, size, PLAN_TIMEOUT)
+        # backend objects used directly (their collectives return a Work to wait on)
+        self.plan_group: Any = dist.ProcessGroupGloo(dist.PrefixStore("plan", store), rank, size, PLAN_TIMEOUT)
         if device.type == "cuda":
-            self.group: Any = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size)
+            self.group: Any = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size,
+                                                    dist.ProcessGroupNCCL.Options())
         else:
             self.group = self.plan_group
         self.vocab_rows: list[int] = []
