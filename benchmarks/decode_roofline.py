@@ -84,9 +84,16 @@ def measure(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     from fleetserve_server.runner.loader import load_model
     from fleetserve_server.runner.model_runner import TorchModelRunner
 
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("decode_roofline: no CUDA device")
-    device = torch.device("cuda:0")
+    if device.type == "cpu" and not args.peak_gbps:
+        raise SystemExit("decode_roofline: on the CPU give the memory's peak with --peak-gbps")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     if args.synthetic:
         sys.path.insert(0, str(Path(__file__).parent))
         from streaming_load import write_checkpoint
@@ -111,16 +118,16 @@ def measure(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     times = []
     for step in range(args.steps):
         seqs = [ScheduledSequence(i, [last[i]], context + step, tables[i], True, greedy) for i in range(batch)]
-        torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
         last = runner.execute(ScheduledBatch(seqs))
-        torch.cuda.synchronize(device)
+        sync()
         times.append(time.perf_counter() - start)
     steady = times[len(times) // 4:]  # the first steps warm up kernels and the allocator
     step_seconds = statistics.median(steady)
     mid_context = context + len(times) // 4 + len(steady) // 2
     moved = decode_bytes_per_step(loaded.weights_bytes, kv_per_token, [mid_context] * batch)
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, peak_source = peak_bandwidth(name), "datasheet"
     if args.peak_gbps:
         peak, peak_source = args.peak_gbps * 1e9, "--peak-gbps"
@@ -139,6 +146,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--synthetic", metavar="DIR", default=None,
                         help="use (and write once) the Llama-3.2-1B-shaped random checkpoint in DIR")
+    parser.add_argument("--device", default="cuda:0", help="cuda:N, or cpu (a dry run of the measurement)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4", "fp4"])
     parser.add_argument("--batch", type=int, default=32)
