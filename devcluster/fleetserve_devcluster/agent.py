@@ -29,8 +29,9 @@ from .adopt import DEFAULT_PROVISION_DELAY_S, Adopter, provision_delay
 from .kube import Kube, KubeError, ns_path
 from .logserver import BASE_PORT as LOG_BASE_PORT
 from .logserver import LogServer
+from .podnet import add_address, local_addresses, remove_address
 from .pods import GPU_RESOURCE, MAX_NODES, NETWORK_BLOCKS, NodeAllocator, default_fleetserve_bin
-from .podworker import AgentContext, PodWorker, add_address, local_addresses, remove_address
+from .podworker import AgentContext, PodWorker
 from .proxy import ServiceProxy
 from .status import now_rfc3339
 

@@ -20,6 +20,15 @@ directories (the interpreter and the fleetserve packages, see
 :func:`runtime_paths`; e.g. the server pods' emptyDir at ``/tmp`` over a venv in
 ``/tmp/...``), that directory is bound back on top of the volume. Without this the
 container's ``execve`` fails with ENOENT and the pod crash-loops.
+
+Then the pod's securityContext (security.py decides, confine.py applies): the
+image's directories that lie in a directory other users cannot enter are
+reachable through a tmpfs mask, ``/sys`` and ``/proc/sys`` are read-only,
+``readOnlyRootFilesystem`` makes every mount but the volumes read-only, and the
+process takes the container's uid, gid, groups, capabilities and
+``no_new_privs`` before the ``execve``.  Its hostname (own UTS namespace) is the
+pod's.  An exec probe or hook (``"mode": "exec"``) enters the running
+container's namespaces with ``nsenter`` and comes here for the same identity.
 """
 
 from __future__ import annotations
@@ -30,9 +39,11 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+from . import confine
 from .mountpoints import first_missing, record
 from .subpath import open_beneath
 
@@ -42,7 +53,8 @@ MS_BIND = 4096
 MS_REC = 16384
 PR_SET_PDEATHSIG = 1
 # Top-level packages of the fleetserve distribution (an editable install keeps them outside the venv).
-FLEETSERVE_PACKAGES = ("fleetserve_cli", "fleetserve_server", "fleetserve_operator", "fleetserve_devcluster")
+FLEETSERVE_PACKAGES = ("fleetserve_cli", "fleetserve_server", "fleetserve_operator", "fleetserve_router",
+                       "fleetserve_devcluster")
 
 
 def _mount(source: str, target: str, flags: int) -> None:
@@ -83,18 +95,14 @@ def runtime_paths(executable: str) -> list[str]:
     return sorted(os.path.abspath(p) for p in paths if p and os.path.isdir(p))
 
 
-def _under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
 def hidden_paths(keep: list[str], targets: list[str]) -> list[str]:
     """The ``keep`` directories a mount at one of ``targets`` would hide, outermost only
     (binding one back brings back everything inside it)."""
     covered = sorted({k for k in map(os.path.normpath, keep)
-                      if any(_under(k, os.path.normpath(t)) for t in targets)}, key=len)
+                      if any(confine.under(k, os.path.normpath(t)) for t in targets)}, key=len)
     out: list[str] = []
     for path in covered:
-        if not any(_under(path, outer) for outer in out):
+        if not any(confine.under(path, outer) for outer in out):
             out.append(path)
     return out
 
@@ -107,14 +115,11 @@ def die_with_parent(parent: int | None) -> None:
         sys.exit(137)
 
 
-def bind_sub_path(volume: str, sub_path: str, target: str, read_only: bool, record_file: str | None) -> None:
-    """Bind `volume/sub_path`, resolved beneath `volume`, at `target` (through the descriptor)."""
-    fd = open_beneath(volume, sub_path)
-    try:
-        bind(f"/proc/self/fd/{fd}", target, read_only, is_dir=os.path.isdir(f"/proc/self/fd/{fd}"),
-             record_file=record_file)
-    finally:
-        os.close(fd)
+def open_source(mount: dict) -> int:  # type: ignore[type-arg]
+    """An O_PATH descriptor of a mount's source (its `sub_path` resolved beneath the volume)."""
+    if mount.get("sub_path"):
+        return open_beneath(mount["source"], mount["sub_path"])
+    return os.open(mount["source"], os.O_PATH | os.O_CLOEXEC)
 
 
 def read_spec(argv: list[str]) -> dict:  # type: ignore[type-arg]
@@ -130,25 +135,65 @@ def read_spec(argv: list[str]) -> dict:  # type: ignore[type-arg]
     return spec  # type: ignore[no-any-return]
 
 
+def set_up(spec: dict) -> None:  # type: ignore[type-arg]
+    """The container's mount namespace and hostname, as root (see the module docstring)."""
+    security = spec.get("security") or {}
+    if spec.get("hostname"):
+        socket.sethostname(spec["hostname"])
+    targets = [m["target"] for m in spec["mounts"]]
+    image = sorted({os.path.realpath(p) for p in spec.get("keep") or []})
+    # Everything this process needs from the host is opened before the masks hide part of it.
+    record_fd = os.open(spec["mountpoints"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600) \
+        if spec.get("mountpoints") else None
+    record_file = f"/proc/self/fd/{record_fd}" if record_fd is not None else None
+    sources = [open_source(m) for m in spec["mounts"]]
+    held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in image}
+    masks = confine.unreachable_dirs(image)
+    for directory in masks:
+        confine.mask(directory, held)
+    for m, fd in zip(spec["mounts"], sources, strict=True):
+        source = f"/proc/self/fd/{fd}"
+        in_mask = any(confine.under(os.path.normpath(m["target"]), d) for d in masks)
+        bind(source, m["target"], m["read_only"], is_dir=os.path.isdir(source),
+             record_file=None if in_mask else record_file)
+        # Bound back right after the mount that covers them (a deeper volume mounted later still goes
+        # on top): the program must stay reachable.
+        for path in hidden_paths(list(held), [m["target"]]):
+            Path(path).mkdir(parents=True, exist_ok=True)
+            _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
+    for fd in [*sources, *held.values(), *([record_fd] if record_fd is not None else [])]:
+        os.close(fd)
+    if not security.get("privileged"):
+        confine.protect_kernel_files()
+    if security.get("readOnlyRootFilesystem"):
+        confine.read_only_root([t for t, m in zip(targets, spec["mounts"], strict=True) if not m["read_only"]],
+                               image)
+
+
+def become_container(spec: dict) -> None:  # type: ignore[type-arg]
+    """The container's identity and capabilities, then its working directory."""
+    confine.drop_privileges(spec.get("security") or {})
+    os.chdir(spec.get("workingDir") or "/")
+
+
 def main(argv: list[str]) -> None:
     spec = read_spec(argv)
+    if spec.get("mode") == "exec":  # a probe or hook, already inside the container's namespaces
+        try:
+            become_container(spec)
+        except OSError as exc:
+            print(f"fleetserve dev-cluster: cannot enter the container: {exc}", file=sys.stderr)
+            sys.exit(128)
+        try:
+            os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+        except OSError as exc:
+            print(f"fleetserve dev-cluster: cannot run {spec['argv'][0]!r} in the container: {exc.strerror}",
+                  file=sys.stderr)
+            sys.exit(127)
     die_with_parent(spec.get("parent"))
     try:
-        # Opened before the volumes go on top, bound back right after the mount that covers them
-        # (so a deeper volume mounted later still goes on top): the program must stay reachable.
-        held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY)
-                for path in hidden_paths(spec.get("keep") or [], [m["target"] for m in spec["mounts"]])}
-        for m in spec["mounts"]:
-            if m.get("sub_path"):
-                bind_sub_path(m["source"], m["sub_path"], m["target"], m["read_only"], spec.get("mountpoints"))
-            else:
-                bind(m["source"], m["target"], m["read_only"], record_file=spec.get("mountpoints"))
-            for path in hidden_paths(list(held), [m["target"]]):
-                Path(path).mkdir(parents=True, exist_ok=True)
-                _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
-        for fd in held.values():
-            os.close(fd)
-        os.chdir(spec.get("workingDir") or "/")
+        set_up(spec)
+        become_container(spec)
     except OSError as exc:
         print(f"fleetserve dev-cluster: cannot set up the container: {exc}", file=sys.stderr)
         sys.exit(128)

@@ -1,9 +1,12 @@
 """One thread per pod: the kubelet's pod worker for a pod bound to one of the agent's nodes.
 
 The worker owns the pod's processes from admission to the final deletion:
-volumes, container processes (each in its own mount namespace, bound to the
-pod's IP), probes, restarts with back-off, status, and graceful termination
-(preStop, SIGTERM, grace period, SIGKILL, then the pod's deletion with grace 0).
+volumes, container processes (each in its own mount and UTS namespaces, bound
+to the pod's IP, with the identity, capabilities and read-only root its
+securityContext asks for: security.py, confine.py), probes, restarts with
+back-off, status, and graceful termination (preStop, SIGTERM, grace period,
+SIGKILL, then the pod's deletion with grace 0).  A container's env is its
+spec's plus what a kubelet and the image add, never the agent's own.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from . import mountpoints
+from .fsgroup import file_mode, set_volume_ownership
 from .kube import Kube, KubeError, ns_path
 from .launch import runtime_paths
+from .podnet import add_address, remove_address
 from .pods import (
     NOT_RUNNABLE_REASON,
     ContainerConfigError,
@@ -37,7 +42,8 @@ from .pods import (
     resolve_env,
     rewrite_bind_host,
 )
-from .probes import Probe, ProbeTracker, run_action
+from .probes import Probe, ProbeTracker, exec_in_container, run_action
+from .security import IMAGE_ENV, ContainerSecurity, SecurityContextError, container_security, failed_event
 from .status import ContainerView, PodView, build_status, now_rfc3339, same_status
 from .volumes import (
     ATOMIC_KINDS,
@@ -54,25 +60,8 @@ JsonObj = dict[str, Any]
 log = logging.getLogger("fleetserve.devcluster.agent")
 TICK = 0.2
 VOLUME_SYNC_SECONDS = 2.0
-PASS_THROUGH_ENV = ("HOME", "LANG", "TZ", "FLEETSERVE_CACHE_DIR", "OMP_NUM_THREADS", "HF_HUB_OFFLINE")
-
-
-def add_address(ip: str) -> None:
-    """Make `ip` a local address (on `lo`, /32), so a pod can bind it and everyone on the host reach it."""
-    done = subprocess.run(["ip", "addr", "replace", f"{ip}/32", "dev", "lo"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(f"cannot add pod IP {ip} to lo (the node agent needs root / CAP_NET_ADMIN): "
-                      f"{done.stderr.strip()}")
-
-
-def remove_address(ip: str) -> None:
-    subprocess.run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], capture_output=True)
-
-
-def local_addresses(prefix: str) -> list[str]:
-    """The addresses on `lo` that start with `prefix` (stale pod IPs of an agent that was killed)."""
-    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "lo"], capture_output=True, text=True).stdout
-    return [f.split("/")[0] for line in out.splitlines() for f in line.split()[3:4] if f.startswith(prefix)]
+# The launcher in its own mount and UTS namespaces (probes.exec_in_container enters the same ones).
+UNSHARE = ["unshare", "--mount", "--uts", "--propagation", "private"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +96,7 @@ class Container:
     done: bool = False  # exited and will not be restarted
     # The running process's launch spec (env with secret values): kept in memory only, for exec probes/hooks.
     launched: JsonObj = field(default_factory=dict)
+    refused: str = ""  # the securityContext refusal already posted as an event
 
 
 class PodWorker(threading.Thread):
@@ -131,6 +121,8 @@ class PodWorker(threading.Thread):
         self.last_status: JsonObj | None = None
         self.next_volume_sync = 0.0
         self.gpu_ids: list[int] = []
+        fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
+        self.fs_group: int | None = int(fs_group) if fs_group is not None else None
         self.terminating = False  # set once the pod is being stopped: exits are final then
 
     # ------------------------------------------------------------------ API from the agent
@@ -216,8 +208,7 @@ class PodWorker(threading.Thread):
         self.dir.chmod(0o700)
         try:
             for volume in spec.get("volumes") or []:
-                self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow,
-                                                                  self._claims())
+                self.volume_dirs[volume["name"]] = self._prepare(volume)
         except HostPathNotAllowed as exc:
             return self._fail("HostPathNotAllowed", str(exc))
         except VolumeNotSupported as exc:
@@ -280,31 +271,49 @@ class PodWorker(threading.Thread):
         try:
             for volume in self.pod["spec"].get("volumes") or []:
                 if volume["name"] not in self.volume_dirs:  # e.g. a claim not bound yet at admission
-                    self.volume_dirs[volume["name"]] = prepare_volume(volume, self.dir, self.ctx.host_path_allow,
-                                                                      self._claims())
+                    self.volume_dirs[volume["name"]] = self._prepare(volume)
                 if any(k in volume for k in ATOMIC_KINDS):
-                    files = volume_files(volume, self.pod, self._fetch, self._token, self._net())
-                    if write_atomic(self.volume_dirs[volume["name"]], files) and self.config_error is None:
-                        log.info("pod %s/%s: volume %s updated", self.ns, self.pod_name, volume["name"])
+                    files = {rel: (data, file_mode(mode, self.fs_group)) for rel, (data, mode)
+                             in volume_files(volume, self.pod, self._fetch, self._token, self._net()).items()}
+                    target = self.volume_dirs[volume["name"]]
+                    if write_atomic(target, files):
+                        if self.fs_group is not None:
+                            set_volume_ownership(target, self.fs_group, read_only=True)
+                        if self.config_error is None:
+                            log.info("pod %s/%s: volume %s updated", self.ns, self.pod_name, volume["name"])
             self.config_error = None
         except (ContainerConfigError, VolumeNotSupported) as exc:
             self.config_error = str(exc)
         except KubeError as exc:
             self.config_error = f"cannot read a volume's source: {exc}"
 
-    def _base_env(self) -> dict[str, str]:
+    def _prepare(self, volume: JsonObj) -> Path:
+        """A volume's host directory; an emptyDir is given to the pod's fsGroup, as the kubelet does."""
+        path = prepare_volume(volume, self.dir, self.ctx.host_path_allow, self._claims())
+        if "emptyDir" in volume and self.fs_group is not None:
+            set_volume_ownership(path, self.fs_group, read_only=False)
+        return path
+
+    def _hostname(self) -> str:
+        return str(self.pod["spec"].get("hostname") or self.pod_name)[:63]
+
+    def _base_env(self, security: ContainerSecurity) -> dict[str, str]:
+        """What a container gets besides its spec's env: the image's env (fleetserve's images: the venv's
+        bin first in PATH), HOME from the runtime, HOSTNAME, the kubelet's KUBERNETES_* variables.
+        Nothing of the agent's own environment."""
         bin_dir = str(Path(self.ctx.fleetserve_bin).parent)
-        env = {k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ}
-        env.update({
+        env = {
             "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOSTNAME": self.pod_name,
+            **IMAGE_ENV,
+            "HOME": security.home,
+            "HOSTNAME": self._hostname(),
             "KUBERNETES_SERVICE_HOST": self.ctx.api_host,
             "KUBERNETES_SERVICE_PORT": str(self.ctx.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(self.ctx.api_port),
             "KUBERNETES_PORT": f"tcp://{self.ctx.api_host}:{self.ctx.api_port}",
             # The address the pod must bind: `fleetserve serve` and the echo helper honour it.
             "FLEETSERVE_HOST": self.view.pod_ip or "",
-        })
+        }
         if self.gpu_ids:
             env["NVIDIA_VISIBLE_DEVICES"] = ",".join(f"{self.node}-gpu-{g}" for g in self.gpu_ids)
         return env
@@ -316,19 +325,26 @@ class PodWorker(threading.Thread):
             c.view.waiting, c.next_start = ("CreateContainerConfigError", self.config_error), retry_at
             return
         try:
-            env = resolve_env(self.pod, c.spec, self._lookup, self._net(), self._base_env())
+            security = container_security(self.pod, c.spec)
+        except SecurityContextError as exc:
+            c.view.waiting, c.next_start = ("CreateContainerConfigError", str(exc)), retry_at
+            self._refused(c, str(exc))
+            return
+        try:
+            env = resolve_env(self.pod, c.spec, self._lookup, self._net(), self._base_env(security))
             mounts = plan_mounts(c.spec, self.volume_dirs, self.pod["spec"].get("volumes") or [])
         except ContainerConfigError as exc:
             c.view.waiting, c.next_start = ("CreateContainerConfigError", str(exc)), retry_at
             return
         argv = [c.argv[0], *(expand_vars(a, env) for a in c.argv[1:])]
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
-                "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin)}
+                "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin),
+                "security": security.to_launch(), "hostname": self._hostname()}
         spec["parent"] = os.getpid()
         spec["mountpoints"] = str(self.dir / mountpoints.RECORD)  # what the launcher creates on the host
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)
         # The spec goes through a pipe, never a file: its env holds the pod's secret values.
-        cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "fleetserve_devcluster.launch"]
+        cmd = [*UNSHARE, sys.executable, "-m", "fleetserve_devcluster.launch"]
         try:
             c.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=logfile, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -358,6 +374,18 @@ class PodWorker(threading.Thread):
         c.view.started = "startup" not in c.probes
         log.info("pod %s/%s: started container %s (pid %d, restart %d)", self.ns, self.pod_name,
                  c.spec["name"], c.proc.pid, c.view.restart_count)
+
+    def _refused(self, c: Container, message: str) -> None:
+        """The kubelet's `Failed` event for a container its securityContext keeps from starting (once)."""
+        if c.refused == message:
+            return
+        log.warning("pod %s/%s: container %s: %s", self.ns, self.pod_name, c.spec["name"], message)
+        c.refused = message  # a POST is never sent twice: after a connection error the event may exist
+        try:
+            self.ctx.kube.create(ns_path(self.ns, "events"),
+                                 failed_event(self.pod, c.spec, self.node, message, now_rfc3339()))
+        except (KubeError, OSError) as exc:
+            log.warning("pod %s/%s: cannot post the event: %s", self.ns, self.pod_name, exc)
 
     def _step(self, c: Container, now: float) -> None:
         if c.proc is None:
@@ -397,20 +425,12 @@ class PodWorker(threading.Thread):
         log.info("pod %s/%s: container %s exited %d (%s)", self.ns, self.pod_name, c.spec["name"], exit_code, reason)
 
     def _exec(self, c: Container) -> Callable[[list[str], float], tuple[bool, str]]:
-        """Run an exec probe/hook command in the container's mount namespace, with its env."""
+        """An exec probe/hook runner for the container's current process (exec_in_container)."""
 
         def run(argv: list[str], timeout: float) -> tuple[bool, str]:
             if c.proc is None:
                 return False, "container is not running"
-            spec = c.launched
-            try:
-                done = subprocess.run(["nsenter", "--target", str(c.proc.pid), "--mount", "--", *argv],
-                                      env=spec["env"], cwd=spec["workingDir"], capture_output=True,
-                                      timeout=max(timeout, 0.1))
-            except subprocess.TimeoutExpired:
-                return False, f"command {argv} timed out after {timeout:g}s"
-            out = (done.stdout + done.stderr).decode(errors="replace")[-500:]
-            return done.returncode == 0, out
+            return exec_in_container(c.proc.pid, c.launched, argv, timeout)
 
         return run
 

@@ -9,8 +9,12 @@ as failed, liveness as succeeded (a container is alive until proven otherwise).
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +22,25 @@ from typing import Any
 JsonObj = dict[str, Any]
 # exec_runner(argv, timeout_seconds) -> (exit code 0?, message)
 ExecRunner = Callable[[list[str], float], "tuple[bool, str]"]
+# The namespaces of a container (podworker's `unshare`) that an exec probe or hook enters.
+CONTAINER_NAMESPACES = ["--mount", "--uts"]
+
+
+def exec_in_container(pid: int, launched: JsonObj, argv: list[str], timeout: float) -> tuple[bool, str]:
+    """Run an exec probe/hook command in the namespaces of container process `pid`, with the env, user,
+    groups, capabilities and no_new_privs of its launch spec: `nsenter`, then the launcher (mode exec),
+    which execs `argv` (never as root on the host, never from a preexec_fn)."""
+    request = {"mode": "exec", "argv": argv, "env": launched["env"], "workingDir": launched["workingDir"],
+               "security": launched["security"]}
+    cmd = ["nsenter", "--target", str(pid), *CONTAINER_NAMESPACES, "--",
+           sys.executable, "-m", "fleetserve_devcluster.launch"]
+    try:
+        done = subprocess.run(cmd, input=json.dumps(request).encode(), env={"PATH": os.defpath},
+                              capture_output=True, timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        return False, f"command {argv} timed out after {timeout:g}s"
+    out = (done.stdout + done.stderr).decode(errors="replace")[-500:]
+    return done.returncode == 0, out
 
 
 def resolve_port(port: int | str, container: JsonObj) -> int:

@@ -1,0 +1,95 @@
+"""The node agent's reading of a securityContext: identity, runAsNonRoot, capabilities (pure)."""
+
+from __future__ import annotations
+
+import pwd
+from typing import Any
+
+import pytest
+from fleetserve_devcluster.security import (
+    CAPABILITIES,
+    DEFAULT_CAPABILITIES,
+    SecurityContextError,
+    container_security,
+    failed_event,
+)
+
+
+def _pod(**pod_sc: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "web", "namespace": "ns", "uid": "u-1"},
+            "spec": {"securityContext": pod_sc, "containers": [{"name": "c"}]}}
+
+
+def _caps(*names: str) -> tuple[int, ...]:
+    return tuple(sorted(CAPABILITIES.index(n) for n in names))
+
+
+def test_container_fields_win_over_the_pod_and_groups_follow_containerd() -> None:
+    pod = _pod(runAsUser=1000, runAsGroup=3000, fsGroup=2000, supplementalGroups=[4000])
+    sec = container_security(pod, {"name": "c", "securityContext": {"runAsUser": 4321}})
+    assert (sec.uid, sec.gid) == (4321, 3000)
+    assert {3000, 2000, 4000} <= set(sec.groups) and sec.fs_group == 2000
+
+
+def test_an_unset_user_is_the_image_user_root_with_its_passwd_home() -> None:
+    sec = container_security(_pod(), {"name": "c"})
+    assert (sec.uid, sec.gid, sec.home) == (0, 0, pwd.getpwuid(0).pw_dir)
+    assert sec.capabilities == _caps(*DEFAULT_CAPABILITIES) and not sec.no_new_privs
+
+
+def test_a_uid_without_a_passwd_entry_gets_group_0_and_home_slash_as_with_runc() -> None:
+    uid = next(u for u in range(54321, 60000) if not _has_passwd(u))
+    sec = container_security(_pod(runAsUser=uid), {"name": "c"})
+    assert (sec.gid, sec.home) == (0, "/")
+
+
+def _has_passwd(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def test_run_as_non_root_is_refused_with_the_kubelets_messages() -> None:
+    with pytest.raises(SecurityContextError, match=r'^container has runAsNonRoot and image will run as root '
+                                                   r'\(pod: "web_ns\(u-1\)", container: c\)$'):
+        container_security(_pod(runAsNonRoot=True), {"name": "c"})
+    with pytest.raises(SecurityContextError, match="^container's runAsUser breaks non-root policy"):
+        container_security(_pod(runAsNonRoot=True), {"name": "c", "securityContext": {"runAsUser": 0}})
+    assert container_security(_pod(runAsNonRoot=True, runAsUser=10), {"name": "c"}).uid == 10
+    # The container may switch the check off for itself.
+    assert container_security(_pod(runAsNonRoot=True), {"name": "c", "securityContext": {"runAsNonRoot": False}}).uid == 0
+
+
+@pytest.mark.parametrize(("caps", "expected"), [
+    ({"drop": ["ALL"]}, ()),
+    ({"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}, _caps("NET_BIND_SERVICE")),
+    ({"add": ["CAP_SYS_ADMIN"], "drop": ["KILL"]},
+     _caps(*(set(DEFAULT_CAPABILITIES) - {"KILL"} | {"SYS_ADMIN"}))),
+    ({"add": ["ALL"]}, tuple(range(len(CAPABILITIES)))),
+])
+def test_capabilities_start_from_containerds_defaults(caps: dict[str, Any], expected: tuple[int, ...]) -> None:
+    assert container_security(_pod(), {"name": "c", "securityContext": {"capabilities": caps}}).capabilities == expected
+
+
+def test_unknown_capability_is_a_config_error_naming_it() -> None:
+    with pytest.raises(SecurityContextError, match="NET_WIZARD"):
+        container_security(_pod(), {"name": "c", "securityContext": {"capabilities": {"drop": ["NET_WIZARD"]}}})
+
+
+def test_no_new_privs_only_when_escalation_is_refused_and_not_privileged() -> None:
+    def nnp(sc: dict[str, Any]) -> bool:
+        return container_security(_pod(), {"name": "c", "securityContext": sc}).no_new_privs
+
+    assert nnp({"allowPrivilegeEscalation": False})
+    assert not nnp({}) and not nnp({"allowPrivilegeEscalation": True})
+    assert not nnp({"allowPrivilegeEscalation": False, "privileged": True})
+
+
+def test_the_refusal_event_is_the_kubelets() -> None:
+    pod = _pod()
+    event = failed_event(pod, {"name": "c"}, "fs-node-0", "boom", "2026-01-01T00:00:00Z")
+    assert (event["reason"], event["type"], event["message"]) == ("Failed", "Warning", "Error: boom")
+    assert event["involvedObject"]["fieldPath"] == "spec.containers{c}"
+    assert event["source"] == {"component": "kubelet", "host": "fs-node-0"}
