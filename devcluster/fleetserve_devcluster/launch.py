@@ -27,8 +27,8 @@ reachable through a tmpfs mask, ``/sys`` and ``/proc/sys`` are read-only,
 ``readOnlyRootFilesystem`` makes every mount but the volumes read-only, and the
 process takes the container's uid, gid, groups, capabilities and
 ``no_new_privs`` before the ``execve``.  Its hostname (own UTS namespace) is the
-pod's.  An exec probe or hook (``"mode": "exec"``) enters the running
-container's namespaces with ``nsenter`` and comes here for the same identity.
+pod's.  An exec probe or hook enters the running container's namespaces with
+``nsenter`` and takes the same identity with ``setpriv`` (probes.exec_in_container).
 """
 
 from __future__ import annotations
@@ -178,17 +178,12 @@ def become_container(spec: dict) -> None:  # type: ignore[type-arg]
 
 def main(argv: list[str]) -> None:
     spec = read_spec(argv)
-    if spec.get("mode") == "exec":  # a probe or hook, already inside the container's namespaces
+    if spec.get("mode") == "exec":  # a probe or hook of an agent started before setpriv took this over
         try:
             become_container(spec)
-        except OSError as exc:
-            print(f"fleetserve dev-cluster: cannot enter the container: {exc}", file=sys.stderr)
-            sys.exit(128)
-        try:
             os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
         except OSError as exc:
-            print(f"fleetserve dev-cluster: cannot run {spec['argv'][0]!r} in the container: {exc.strerror}",
-                  file=sys.stderr)
+            print(f"fleetserve dev-cluster: cannot run {spec['argv'][0]!r} in the container: {exc}", file=sys.stderr)
             sys.exit(127)
     die_with_parent(spec.get("parent"))
     try:

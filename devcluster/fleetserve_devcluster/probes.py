@@ -9,36 +9,46 @@ as failed, liveness as succeeded (a container is alive until proven otherwise).
 from __future__ import annotations
 
 import http.client
-import json
-import os
+import shutil
 import socket
 import ssl
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from .security import CAPABILITIES
 
 JsonObj = dict[str, Any]
 # exec_runner(argv, timeout_seconds) -> (exit code 0?, message)
 ExecRunner = Callable[[list[str], float], "tuple[bool, str]"]
 # The namespaces of a container (podworker's `unshare`) that an exec probe or hook enters.
 CONTAINER_NAMESPACES = ["--mount", "--uts"]
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"  # util-linux, as `nsenter` and `unshare`
+
+
+def as_container_user(security: JsonObj) -> list[str]:
+    """`setpriv` taking on a container's user, groups, capability bounding set and no_new_privs
+    (what the launcher applies to the container itself: confine.drop_privileges)."""
+    caps = ",".join(["-all", *(f"+{CAPABILITIES[c].lower()}" for c in security["capabilities"])])
+    return [SETPRIV, f"--reuid={security['uid']}", f"--regid={security['gid']}",
+            f"--groups={','.join(str(g) for g in security['groups'])}", f"--bounding-set={caps}",
+            "--inh-caps=-all", "--ambient-caps=-all", *(["--no-new-privs"] if security.get("noNewPrivs") else []),
+            "--"]
 
 
 def exec_in_container(pid: int, launched: JsonObj, argv: list[str], timeout: float) -> tuple[bool, str]:
-    """Run an exec probe/hook command in the namespaces of container process `pid`, with the env, user,
-    groups, capabilities and no_new_privs of its launch spec: `nsenter`, then the launcher (mode exec),
-    which execs `argv` (never as root on the host, never from a preexec_fn)."""
-    request = {"mode": "exec", "argv": argv, "env": launched["env"], "workingDir": launched["workingDir"],
-               "security": launched["security"]}
-    cmd = ["nsenter", "--target", str(pid), *CONTAINER_NAMESPACES, "--",
-           sys.executable, "-m", "fleetserve_devcluster.launch"]
+    """Run an exec probe/hook command in the namespaces of container process `pid`, in its working
+    directory, with the env, user, groups, capabilities and no_new_privs of its launch spec (never as
+    root on the host, never from a preexec_fn): `nsenter`, then `setpriv`, which execs `argv`."""
+    cmd = ["nsenter", "--target", str(pid), *CONTAINER_NAMESPACES, f"--wdns={launched['workingDir']}", "--",
+           *as_container_user(launched["security"]), *argv]
     try:
-        done = subprocess.run(cmd, input=json.dumps(request).encode(), env={"PATH": os.defpath},
-                              capture_output=True, timeout=max(timeout, 0.1))
+        done = subprocess.run(cmd, env=launched["env"], capture_output=True, timeout=max(timeout, 0.1))
     except subprocess.TimeoutExpired:
         return False, f"command {argv} timed out after {timeout:g}s"
+    except OSError as exc:  # no nsenter on this machine
+        return False, f"cannot run {cmd[0]}: {exc}"
     out = (done.stdout + done.stderr).decode(errors="replace")[-500:]
     return done.returncode == 0, out
 
