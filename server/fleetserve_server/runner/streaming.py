@@ -130,10 +130,8 @@ def _linear(
         if bias_t is not None:
             reader.read_into(name + ".bias", bias_t[start:stop], span)
         start = stop
-    cols_total = width
-    rows_total = rows
     with torch.device("meta"):  # the constructor's own random weight would cost a full copy
-        linear = nn.Linear(cols_total, rows_total, bias=bias_t is not None)
+        linear = nn.Linear(width, rows, bias=bias_t is not None)
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias_t is not None:
         linear.bias = nn.Parameter(bias_t, requires_grad=False)
