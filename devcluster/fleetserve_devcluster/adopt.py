@@ -13,10 +13,17 @@ registers; here the node agent adopts the object instead:
    node's boot; ``FLEETSERVE_DEV_NODE_PROVISION_SECONDS`` or the
    ``node_provision_delay_s`` key of the cluster's ``cluster.json``) — the taint
    goes, ``Ready=True``, and the agent runs the pods bound to it like its own;
-3. **deleted** (the autoscaler scales the group down) — the agent deletes the
-   pods still bound to it with their grace periods (preStop, SIGTERM, wait,
-   SIGKILL, as for any pod deletion), and only once their processes are gone
-   removes its finalizer, letting the Node object go.
+3. **deleted** (the autoscaler scales the group down) — the agent cordons it
+   (``spec.unschedulable``, so no replacement pod is bound to it meanwhile),
+   deletes the pods still bound to it with their grace periods (preStop,
+   SIGTERM, wait, SIGKILL, as for any pod deletion), and only once their
+   processes are gone removes its finalizer, letting the Node object go.
+
+Every patch that rewrites a list (finalizers, taints) carries the node's
+``resourceVersion``: when someone else changed the node since the agent read
+it (Karpenter removing its ``karpenter.sh/unregistered`` taint, a user adding
+one), the API server answers 409 and the next pass reads it again, instead of
+the agent writing back a stale list.
 
 The state machine is :func:`adoption_step`, a pure function unit-tested on
 plain dicts; :class:`Adopter` does the API calls around it.
@@ -82,12 +89,18 @@ def is_adoptable(node: JsonObj) -> bool:
 
 
 def node_gpus(node: JsonObj, default: int) -> int:
-    """The node's ``nvidia.com/gpu`` capacity as its template set it (``default`` when absent)."""
-    capacity = (node.get("status") or {}).get("capacity") or {}
-    try:
-        return int(capacity.get(GPU_RESOURCE, default))
-    except (TypeError, ValueError):
-        return default
+    """The node's ``nvidia.com/gpu`` as its template set it: allocatable, else capacity (``default``
+    when absent). Karpenter's kwok nodes put the instance type's GPUs in allocatable and only the
+    NodeClaim's requests in capacity."""
+    status = node.get("status") or {}
+    for field in ("allocatable", "capacity"):
+        value = (status.get(field) or {}).get(GPU_RESOURCE)
+        if value is not None:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return default
+    return default
 
 
 class Phase(StrEnum):
@@ -187,7 +200,10 @@ class Adopter:
                 record = Adopted(name, index, now, phase)
                 self.allocators[name] = NodeAllocator(index=index, gpus=node_gpus(node, self.default_gpus),
                                                       net=self.net)
-            self._act(node, action)
+            if not self._act(node, action):
+                if record is not None and name not in self.records:
+                    self.allocators.pop(name, None)  # not adopted after all; the next pass retries
+                continue
             if phase is None:
                 self._forget(name)
                 continue
@@ -202,24 +218,33 @@ class Adopter:
             self._forget(name)
 
     # ------------------------------------------------------------------ actions
-    def _act(self, node: JsonObj, action: Action) -> None:
+    def _act(self, node: JsonObj, action: Action) -> bool:
+        """Do ``action``; False when the node changed since it was read (409) and nothing was done."""
         name = node["metadata"]["name"]
         path = f"/api/v1/nodes/{name}"
         taints = list((node.get("spec") or {}).get("taints") or [])
+        version = node["metadata"].get("resourceVersion")
         if action is Action.ADOPT:
             finalizers = [*(node["metadata"].get("finalizers") or []), FINALIZER]
             taint = {"key": NOT_READY_TAINT, "effect": "NoSchedule"}
-            self.kube.patch(path, {"metadata": {"finalizers": finalizers},
-                                   "spec": {"taints": [*without_taint(taints, NOT_READY_TAINT), taint]}})
+            if not self._patch_at_version(path, {
+                    "metadata": {"finalizers": finalizers, "resourceVersion": version},
+                    "spec": {"taints": [*without_taint(taints, NOT_READY_TAINT), taint]}}):
+                return False
             log.info("adopted node %s: provisioning for %gs", name, self.delay_s)
         elif action is Action.MAKE_READY:
-            patch: JsonObj = {"metadata": {"annotations": {PROVISIONED_ANNOTATION: _now()}},
+            patch: JsonObj = {"metadata": {"annotations": {PROVISIONED_ANNOTATION: _now()}, "resourceVersion": version},
                               "spec": {"taints": without_taint(taints, NOT_READY_TAINT) or None}}
             if FINALIZER not in (node["metadata"].get("finalizers") or []):
                 patch["metadata"]["finalizers"] = [*(node["metadata"].get("finalizers") or []), FINALIZER]
-            self.kube.patch(path, patch)
+            if not self._patch_at_version(path, patch):
+                return False
             log.info("adopted node %s is Ready", name)
         elif action is Action.DRAIN:
+            if not (node.get("spec") or {}).get("unschedulable"):
+                # Cordon first: the scheduler must not bind a replacement pod to a node on its way out.
+                self.kube.patch(path, {"spec": {"unschedulable": True}})
+                log.info("node %s is being deleted: cordoned it", name)
             for pod in self._bound_pods(name):
                 if pod["metadata"].get("deletionTimestamp"):
                     continue
@@ -240,6 +265,18 @@ class Adopter:
             except KubeError as exc:
                 if exc.status not in (404, 409):  # 409: it changed; the next pass retries
                     raise
+        return True
+
+    def _patch_at_version(self, path: str, patch: JsonObj) -> bool:
+        """A merge patch that names the resourceVersion it was computed from; False on 409 (stale)."""
+        try:
+            self.kube.patch(path, patch)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            log.info("%s changed since it was read; retrying on the next pass", path)
+            return False
+        return True
 
     def _heartbeat(self, node: JsonObj, phase: Phase) -> None:
         name = node["metadata"]["name"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--proxy-retry-next-backend", action="store_true",
                     help="let the service proxy retry a refused connect on the next ready backend (kube-proxy "
                          "does not: off by default, so e2e results hold on a real cluster)")
+    up.add_argument("--karpenter", action="store_true",
+                    help="run Karpenter's kwok provider (built from the Go module proxy on first use, minutes) with "
+                         "a NodePool `gpu` of GPU nodes the node agent adopts: real node autoscaling")
+    up.add_argument("--max-gpu-nodes", type=_non_negative, default=3,
+                    help="with --karpenter: the NodePool's limits.nodes (default 3)")
+    up.add_argument("--node-provision-seconds", type=_non_negative, default=20,
+                    help="with --karpenter: the KWOKNodeClass's nodeRegistrationDelay, a GPU node's boot (default 20)")
     _state_dir_arg(up)
     up.set_defaults(handler=run_up)
 
@@ -109,7 +117,17 @@ def run_up(args: argparse.Namespace) -> int:
                                port_base=args.port_base if args.port_base is not None else DEFAULT_PORT_BASE,
                                host_path_allow=tuple(str(Path(p).expanduser().resolve())
                                                      for p in args.allow_host_path),
-                               proxy_retry_next_backend=args.proxy_retry_next_backend)
+                               proxy_retry_next_backend=args.proxy_retry_next_backend,
+                               karpenter=args.karpenter, max_gpu_nodes=args.max_gpu_nodes,
+                               node_provision_seconds=float(args.node_provision_seconds),
+                               node_provision_delay_s=0.0 if args.karpenter else None)
+        if args.karpenter:
+            from . import karpenter, tools
+
+            try:
+                karpenter.build()
+            except tools.ToolMissingError as exc:
+                raise DevClusterError(str(exc)) from None
         up(_state_dir(args), config)
     except DevClusterError as exc:
         return main_error(exc)
@@ -148,6 +166,15 @@ def run_status(args: argparse.Namespace) -> int:
 
     for service, address in sorted(proxy_addresses(cluster.state_dir).items()):
         print(f"service    {service:<40} {address}")
+    if cluster.config.karpenter:
+        from .tools import tool_path
+
+        # Karpenter's view: the NodePool, its NodeClaims (instance type, node, Ready) and their nodes.
+        for kinds in ("nodepools,nodeclaims", "nodes"):
+            listing = subprocess.run([str(tool_path("kubectl")), f"--kubeconfig={cluster.kubeconfig}", "get", kinds,
+                                      *(["-l", "karpenter.sh/nodepool"] if kinds == "nodes" else []), "-o", "wide"],
+                                     capture_output=True, text=True, timeout=30)
+            print(listing.stdout.rstrip() or listing.stderr.rstrip())
     from .processes import log_file
 
     for r in rows:

@@ -65,6 +65,14 @@ class ClusterConfig:
     proxy_retry_next_backend: bool = False
     # etcd serves TLS and requires a client certificate of its own CA (pki.ETCD_CA), as with kubeadm.
     etcd_tls: bool = True
+    # `up --karpenter`: Karpenter's kwok provider as a component (karpenter.py), its NodePool `gpu`
+    # limited to `max_gpu_nodes` nodes that register `node_provision_seconds` after their NodeClaim.
+    karpenter: bool = False
+    max_gpu_nodes: int = 3
+    node_provision_seconds: float = 20.0
+    # The node agent's own provisioning delay for adopted nodes (adopt.py; None: its default). With
+    # Karpenter it is 0: the KWOKNodeClass's nodeRegistrationDelay already stands in for the boot.
+    node_provision_delay_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.nodes < 0:
@@ -83,7 +91,10 @@ class ClusterConfig:
             object.__setattr__(self, "ports", {
                 "apiserver": b + 443, "etcd": b + 379, "etcd-peer": b + 380,
                 "controller-manager": b + 257, "scheduler": b + 259,
+                "karpenter-metrics": b + 180, "karpenter-health": b + 181,
             })
+        if self.max_gpu_nodes < 0 or self.node_provision_seconds < 0:
+            raise DevClusterError("--max-gpu-nodes and --node-provision-seconds must be >= 0")
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterConfig:
@@ -142,6 +153,8 @@ class Component:
     timeout_s: float = 60.0
     port: str | None = None
     env: Callable[[Cluster], dict[str, str]] | None = None
+    # None: always part of the cluster; else only where it returns True (e.g. `up --karpenter`).
+    enabled: Callable[[Cluster], bool] | None = None
 
 
 # ---------------------------------------------------------------- probes
@@ -267,7 +280,9 @@ def apiserver_argv(c: Cluster) -> list[str]:
         f"--proxy-client-key-file={p.key('front-proxy-client')}",
         f"--kubelet-client-certificate={p.crt('apiserver-kubelet-client')}",
         f"--kubelet-client-key={p.key('apiserver-kubelet-client')}",
-        "--enable-admission-plugins=NodeRestriction",
+        # ExtendedResourceToleration (with Karpenter): pods that request nvidia.com/gpu tolerate the
+        # nvidia.com/gpu:NoSchedule taint of the GPU NodePool, as on GKE and AKS.
+        "--enable-admission-plugins=NodeRestriction" + (",ExtendedResourceToleration" if c.config.karpenter else ""),
         # Endpoints may not point at loopback, so the `kubernetes` Service cannot get
         # 127.0.0.1 as its endpoint; processes in "pods" reach the API server through
         # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>).
@@ -324,6 +339,32 @@ COMPONENTS: list[Component] = [
     Component("node-agent", lambda c: _agent().component_argv(c), lambda c: _agent().component_healthy(c),
               timeout_s=60),
 ]
+
+
+def _karpenter_argv(c: Cluster) -> list[str]:
+    from . import karpenter
+
+    if not karpenter.installed():
+        raise tools.ToolMissingError(f"Karpenter {karpenter.KARPENTER_VERSION} is not built ({karpenter.binary_path()}); "
+                                     "run hack/karpenter/build.sh (`up --karpenter` runs it)")
+    return [sys.executable, "-m", "fleetserve_devcluster.karpenter", "start", str(c.state_dir),
+            str(c.config.max_gpu_nodes), f"{c.config.node_provision_seconds:g}",
+            str(c.port("karpenter-metrics")), str(c.port("karpenter-health"))]
+
+
+def _karpenter_healthy(c: Cluster) -> bool:
+    from . import karpenter
+
+    return karpenter.healthy(c.port("karpenter-health"))
+
+
+COMPONENTS.append(Component("karpenter", _karpenter_argv, _karpenter_healthy, timeout_s=180,
+                            port="karpenter-health", enabled=lambda c: c.config.karpenter))
+
+
+def active(cluster: Cluster) -> list[Component]:
+    """The components this cluster runs (those enabled for its config), in start order."""
+    return [comp for comp in COMPONENTS if comp.enabled is None or comp.enabled(cluster)]
 
 
 def register(component: Component) -> None:
@@ -417,22 +458,24 @@ def up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None] = prin
 def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> Cluster:
     if (state_dir / "cluster.json").exists():
         stored = ClusterConfig.load(state_dir)
-        if (stored.nodes, stored.gpus_per_node, stored.port_base, stored.host_path_allow) != (
-                config.nodes, config.gpus_per_node, config.port_base, config.host_path_allow):
+        if (stored.nodes, stored.gpus_per_node, stored.port_base, stored.host_path_allow, stored.karpenter) != (
+                config.nodes, config.gpus_per_node, config.port_base, config.host_path_allow, config.karpenter):
             log(f"note: the dev cluster in {state_dir} was created with --nodes {stored.nodes} "
                 f"--gpus-per-node {stored.gpus_per_node} --port-base {stored.port_base} "
-                f"--allow-host-path {list(stored.host_path_allow)}; keeping that "
+                f"--allow-host-path {list(stored.host_path_allow)}"
+                f"{' --karpenter' if stored.karpenter else ' (no --karpenter)'}; keeping that "
                 "(run `fleetserve dev-cluster down` first to change it)")
         config = stored
     cluster = Cluster(state_dir, config)
-    running = {c.name for c in COMPONENTS if processes.is_running(state_dir, c.name)}
-    if len(running) == len(COMPONENTS) and all(c.healthy(cluster) for c in COMPONENTS):
+    components = active(cluster)
+    running = {c.name for c in components if processes.is_running(state_dir, c.name)}
+    if len(running) == len(components) and all(c.healthy(cluster) for c in components):
         log(f"dev cluster already running in {state_dir} ({cluster.server_url})")
         return cluster
     # Resolve every binary and check every port before starting anything, so a
     # missing tool or a busy port leaves no half-started cluster behind.
     argvs: dict[str, list[str]] = {}
-    for comp in COMPONENTS:
+    for comp in components:
         if comp.name in running:
             continue
         try:
@@ -447,7 +490,7 @@ def _up(state_dir: Path, config: ClusterConfig, log: Callable[[str], None]) -> C
     _private_state_dir(state_dir)
     config.save(state_dir)
     _prepare(cluster)
-    for comp in COMPONENTS:
+    for comp in components:
         if comp.name in running:
             _wait_healthy(cluster, comp, processes.read_pid(processes.pid_file(state_dir, comp.name)) or 0, log)
             continue
@@ -505,7 +548,7 @@ def status(state_dir: Path) -> tuple[Cluster, list[ComponentStatus]]:
     known = {c.name: c for c in COMPONENTS}
     rows: list[ComponentStatus] = []
     seen = set()
-    for comp in COMPONENTS:
+    for comp in active(cluster):
         pid = processes.read_pid(processes.pid_file(state_dir, comp.name))
         running = processes.is_running(state_dir, comp.name)
         rows.append(ComponentStatus(comp.name, pid, running, running and comp.healthy(cluster)))
