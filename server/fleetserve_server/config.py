@@ -83,6 +83,10 @@ class ServerConfig(BaseModel):
         None, ge=1, description="waiting requests before new ones get 429 (default: derived from the KV "
                                 "capacity: 4 x the max_model_len sequences it holds, at least max_num_seqs)"
     )
+    malloc_trim_seconds: float = Field(
+        60.0, ge=0.0, description="when the engine goes idle after work, return the heap a burst left free to "
+                                  "the OS (glibc malloc_trim), at most once per this many seconds; 0 = never"
+    )
     max_request_bytes: int | None = Field(
         None, ge=1, description="largest request body accepted; larger ones get 413 (default: 1 MiB + "
                                 "32 bytes per token of max_model_len)"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import gc
 import os
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from fleetserve_server.api.context import APIContext
+from fleetserve_server.engine import alloc
 
 ENV = "FLEETSERVE_DEBUG_MEMORY"
 router = APIRouter()
@@ -103,8 +103,7 @@ class _Mallinfo2(ctypes.Structure):
 
 
 def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    return ctypes.CDLL(name) if name else None
+    return alloc.libc()
 
 
 def mallinfo() -> dict[str, int] | None:
@@ -119,8 +118,7 @@ def mallinfo() -> dict[str, int] | None:
 
 
 def malloc_trim() -> bool:
-    libc = _libc()
-    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
+    return alloc.malloc_trim()
 
 
 def _top_types(limit: int = 25) -> tuple[int, dict[str, int]]:

@@ -166,7 +166,7 @@ async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
         # Bounded by default: past it clients get 429 + Retry-After instead of an ever-growing wait.
         loaded.engine.set_max_queue_length(default_max_queue_length(loaded.engine.config))
     log.info("waiting queue bound: %s requests", loaded.engine.config.max_queue_length)
-    engine = AsyncEngine(loaded.engine)
+    engine = AsyncEngine(loaded.engine, malloc_trim_seconds=config.malloc_trim_seconds)
     await _maybe_await(engine.start())
     await warm_up(engine, loaded.tokenizer)
     model = ModelInfo(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from fleetserve_server.engine import alloc
 from fleetserve_server.engine.errors import (
     EngineDeadError,
     EngineDrainingError,
@@ -54,9 +56,16 @@ class AsyncEngine:
     closed or cancelled before its final delta aborts its request.
     """
 
-    def __init__(self, engine: LLMEngine, *, idle_wake_seconds: float = 1.0) -> None:
+    def __init__(self, engine: LLMEngine, *, idle_wake_seconds: float = 1.0,
+                 malloc_trim_seconds: float = 0.0) -> None:
         self.engine = engine
         self.idle_wake_seconds = idle_wake_seconds
+        # > 0: when the engine goes idle after work, hand the allocator's free heap back to the OS
+        # (malloc_trim), at most once per this many seconds; see engine/alloc.py.
+        self.malloc_trim_seconds = malloc_trim_seconds
+        self.malloc_trims = 0
+        self._busy_since_trim = False
+        self._last_trim = time.monotonic()
         self._cond = threading.Condition()
         self._commands: list[tuple[str, Sequence | str]] = []
         self._pending_adds = 0
@@ -214,13 +223,28 @@ class AsyncEngine:
                     commands, self._commands = self._commands, []
                 self._apply(commands)
                 deltas = engine.step() if engine.has_unfinished() else []
+                if deltas:
+                    self._busy_since_trim = True
                 if not deltas and not engine.has_unfinished():
                     engine.expire_cache()
+                    self._maybe_trim()
                 self._dispatch(deltas)
         except BaseException as exc:  # noqa: BLE001 - any crash kills the loop; report it to every caller
             log.exception("the engine loop died")
             self._error = exc
             self._fail_all(f"the engine loop died: {type(exc).__name__}: {exc}")
+
+    def _maybe_trim(self) -> None:
+        """Idle after work: return the heap the burst left free (at most once per malloc_trim_seconds)."""
+        if self.malloc_trim_seconds <= 0 or not self._busy_since_trim:
+            return
+        now = time.monotonic()
+        if now - self._last_trim < self.malloc_trim_seconds:
+            return
+        self._busy_since_trim = False
+        self._last_trim = now
+        alloc.malloc_trim()
+        self.malloc_trims += 1
 
     def _apply(self, commands: list[tuple[str, Sequence | str]]) -> None:
         for kind, arg in commands:
