@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pwd
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fleetserve_devcluster.confine import unreachable_dirs
+from fleetserve_devcluster.fsgroup import file_mode, set_volume_ownership
 from fleetserve_devcluster.security import (
     CAPABILITIES,
     DEFAULT_CAPABILITIES,
@@ -93,3 +97,28 @@ def test_the_refusal_event_is_the_kubelets() -> None:
     assert (event["reason"], event["type"], event["message"]) == ("Failed", "Warning", "Error: boom")
     assert event["involvedObject"]["fieldPath"] == "spec.containers{c}"
     assert event["source"] == {"component": "kubelet", "host": "fs-node-0"}
+
+
+def test_the_outermost_directory_others_cannot_enter_is_masked() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as base:  # pytest's tmp_path lies in a 0700 directory itself
+        root = Path(base)
+        root.chmod(0o755)
+        private = root / "home"
+        (private / "py" / "lib").mkdir(parents=True)
+        (root / "open" / "venv").mkdir(parents=True)
+        private.chmod(0o700)
+        (private / "py").chmod(0o700)  # nested: the outer one is enough
+        assert unreachable_dirs([str(private / "py" / "lib"), str(root / "open" / "venv")]) == [str(private)]
+
+
+def test_fs_group_gives_a_volume_to_the_group_as_the_kubelet(tmp_path: Path) -> None:
+    volume = tmp_path / "vol"
+    (volume / "..data_dir").mkdir(parents=True)
+    secret = volume / "..data_dir" / "key"
+    secret.write_text("x")
+    secret.chmod(0o400)
+    (volume / "key").symlink_to("..data_dir/key")
+    set_volume_ownership(volume, 4242, read_only=True)
+    assert (secret.stat().st_gid, secret.stat().st_mode & 0o7777) == (4242, 0o440)
+    assert volume.stat().st_mode & 0o2050 == 0o2050 and (volume / "key").lstat().st_gid == 4242
+    assert file_mode(0o400, 4242) == 0o440 and file_mode(0o400, None) == 0o400
