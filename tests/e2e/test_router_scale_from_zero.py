@@ -218,6 +218,8 @@ def test_scales_to_zero_then_a_held_request_brings_a_replica_back_with_zero_erro
         print(f"  +{when - arrival:7.2f} s  {what}")
     print(f"  decision: {up['reason']}; held seen in status: {watch.held_seen}; errors: {len(errors)}")
     assert errors == [], errors
+    # Not to zero before the fleet was idle for the whole window (lastScaleTime has 1 s resolution).
+    assert idle_s >= DOWN_WINDOW_S - 1, (idle_s, down)
     assert up["from"] == 0 and up["to"] == 1 and "the router holds" in up["reason"], up
     assert "server pod Ready" in marks and "scale decision (desiredReplicas 1)" in marks, marks
     # Order of the timeline: the decision came before the pod, the pod before the first token.

@@ -182,13 +182,19 @@ def test_scales_to_zero_only_after_the_window_without_traffic() -> None:
     obs = FleetObservation(current_replicas=1, ready=1, metrics=(idle_pod(),), held=0, traffic=False)
     early = plan_replicas(obs, POLICY, history, 30.0)
     assert early.recommendation == 0 and early.desired == 1 and early.limit is Limit.SCALE_DOWN_STABILIZATION
-    late = plan_replicas(obs, POLICY, History(), 100.0)
+    # no history yet (a replica that just turned Ready): not seen idle for the window, so it stays
+    fresh = plan_replicas(obs, POLICY, History(), 100.0)
+    assert fresh.desired == 1 and "until idle for the whole 60 s" in fresh.reason
+    idle_history = History()
+    for t in range(0, 62, 2):
+        idle_history = idle_history.record(float(t), 0, POLICY.longest_window_s)
+    late = plan_replicas(obs, POLICY, idle_history, 62.0)
     assert late.desired == 0 and "no request running, waiting or held" in late.reason
     # traffic between two scrapes, a held request, or an unknown router: never to zero
     for busy in (FleetObservation(current_replicas=1, ready=1, metrics=(idle_pod(),), held=0, traffic=True),
                  FleetObservation(current_replicas=1, ready=1, metrics=(idle_pod(),), held=1),
                  FleetObservation(current_replicas=1, ready=1, metrics=(idle_pod(),), held=None)):
-        assert plan_replicas(busy, POLICY, History(), 100.0).desired == 1, busy
+        assert plan_replicas(busy, POLICY, idle_history, 62.0).desired == 1, busy
     # minReplicas 1 (no scale to zero): the idle fleet keeps its one replica
     kept = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_queue_length=4.0, target_kv_cache_usage=0.8)
     assert plan_replicas(obs, kept, History(), 100.0).desired == 1

@@ -129,6 +129,15 @@ def plan_replicas(observation: FleetObservation, policy: AutoscalingPolicy,
                      f"{_num(policy.scale_down_period_s)} s)")
         desired = floor
 
+    if desired == 0 < current and history.known_for(now) < policy.scale_down_stabilization_s:
+        # The window holds the highest recommendation it *saw*; a fleet whose history is younger
+        # than the window (a replica that just turned Ready, an operator restart) was not seen idle
+        # for all of it, so the last replica stays until it has been.
+        limit = Limit.SCALE_DOWN_STABILIZATION
+        notes.append(f"holding 1 until idle for the whole {_num(policy.scale_down_stabilization_s)} s "
+                     f"scale-down window ({_num(history.known_for(now))} s so far)")
+        desired = 1
+
     if desired > policy.max_replicas:
         limit = Limit.MAX_REPLICAS
         notes.append(f"capped at maxReplicas {policy.max_replicas}")

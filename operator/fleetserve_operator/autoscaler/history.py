@@ -37,18 +37,26 @@ class History:
 
     entries: tuple[Recommendation, ...] = ()
     scale_downs: tuple[ScaleDown, ...] = ()
+    # When the first recommendation was recorded: how far back the history knows the fleet (a
+    # scale to zero needs it to cover the whole scale-down window, see decision._to_zero_allowed).
+    first_at: float | None = None
 
     def record(self, at: float, replicas: int, keep_s: float) -> History:
         """Append a recommendation and forget those older than ``keep_s`` seconds."""
         kept = tuple(e for e in self.entries if at - e.at < keep_s and e.at <= at)
-        return History(entries=(*kept, Recommendation(at=at, replicas=replicas)), scale_downs=self.scale_downs)
+        return History(entries=(*kept, Recommendation(at=at, replicas=replicas)), scale_downs=self.scale_downs,
+                       first_at=at if self.first_at is None else self.first_at)
 
     def scaled(self, at: float, current: int, desired: int, keep_s: float) -> History:
         """Remember a scale-down from ``current`` to ``desired`` for ``keep_s`` seconds."""
         kept = tuple(e for e in self.scale_downs if at - e.at < keep_s and e.at <= at)
         if desired < current:
             kept = (*kept, ScaleDown(at=at, removed=current - desired))
-        return History(entries=self.entries, scale_downs=kept)
+        return History(entries=self.entries, scale_downs=kept, first_at=self.first_at)
+
+    def known_for(self, now: float) -> float:
+        """Seconds of recommendations behind ``now`` (0 when none was recorded)."""
+        return 0.0 if self.first_at is None else now - self.first_at
 
     def removed_within(self, now: float, seconds: float) -> int:
         """Replicas removed by scale-downs strictly less than ``seconds`` before ``now``."""
@@ -65,7 +73,7 @@ class History:
         restart never shortens a scale-down window (nor, with ``removed``, the
         scale-down rate period)."""
         downs = (ScaleDown(at=at, removed=removed),) if removed > 0 else ()
-        return cls(entries=(Recommendation(at=at, replicas=replicas),), scale_downs=downs)
+        return cls(entries=(Recommendation(at=at, replicas=replicas),), scale_downs=downs, first_at=at)
 
 
 def scale_down_floor(current: int, history: History, now: float, percent: int, period_s: float) -> int:
