@@ -55,8 +55,13 @@ UNSUPPORTED_KEYWORDS = frozenset({
 _SUBSCHEMA = ("items", "additionalProperties", "propertyNames", "additionalItems", "unevaluatedProperties")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-# A JSON string's characters without escapes: what a length-bounded string may hold (see _bounded_string).
-_PLAIN_CHAR = '[^"\\\\\\u0000-\\u001f]'
+# What a length-bounded string may hold (see _bounded_string): the Basic Multilingual Plane without
+# control characters, '"', '\\' and surrogates (emoji are left out), one class per UTF-8 length. xgrammar
+# turns a character class into byte ranges per lead byte: a negated class ([^"\\...]) or one range
+# across UTF-8 lengths lets it emit overlong or surrogate byte runs, which decode to U+FFFD (strings
+# longer than maxLength); the alternation below admits exactly the valid encodings.
+_PLAIN_CHAR = ("([ !#-\\[\\]-\\u007f]|[\\u0080-\\u07ff]|[\\u0800-\\u0fff]|[\\u1000-\\ud7ff]"
+               "|[\\ue000-\\uffff])")
 
 
 class GrammarSpecError(ValueError):
@@ -68,8 +73,8 @@ def check_schema(schema: Any, path: str = "schema", depth: int = 0) -> Any:
 
     Refuses keywords the grammar would ignore (``UNSUPPORTED_KEYWORDS``, ``allOf`` with more
     than one member, ``uniqueItems: true``), nesting deeper than ``MAX_SCHEMA_DEPTH``, and
-    non-schema values; rewrites ``minLength``/``maxLength`` into an equivalent ``pattern``
-    (xgrammar's length-bounded strings admit unescaped control characters, invalid JSON).
+    non-schema values; rewrites ``minLength``/``maxLength`` into a ``pattern`` of that many plain
+    characters (xgrammar's own length-bounded strings admit unescaped control characters, invalid JSON).
     """
     if isinstance(schema, bool):
         return schema
@@ -153,13 +158,13 @@ class GrammarCompiler:
         try:
             # not sort_keys: the order of "properties" is the order the output follows
             text = json.dumps(checked, separators=(",", ":"), allow_nan=False)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise GrammarSpecError(f"schema: not representable as JSON ({exc})") from None
         if len(text) > MAX_SCHEMA_CHARS:
             raise GrammarSpecError(f"schema: {len(text)} characters, more than the {MAX_SCHEMA_CHARS} supported")
         try:
             compiled = self._compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
-        except (RuntimeError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and FFI errors) for any schema it refuses
             raise GrammarSpecError(f"schema: {_reason(exc)}") from None
         grammar = CompiledJSONGrammar(compiled, self, text)
         probe = grammar.matcher()
@@ -176,8 +181,14 @@ class CompiledJSONGrammar:
         self.compiler = compiler
         self.schema_text = schema_text
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # what the request log shows under "sampling"
         return f"CompiledJSONGrammar({self.schema_text[:80]!r})"
+
+    def __copy__(self) -> CompiledJSONGrammar:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledJSONGrammar:
+        return self  # immutable and shared (dataclasses.asdict deep-copies SamplingParams' fields)
 
     def matcher(self) -> RequestGrammar:
         return RequestGrammar(self)
