@@ -93,13 +93,17 @@ def unreachable_dirs(paths: Iterable[str]) -> list[str]:
     return [d for d in sorted(found) if not any(under(d, o) and d != o for o in found)]
 
 
-def mask(directory: str, image_fds: dict[str, int]) -> None:
-    """Cover `directory` with an empty tmpfs, then bind back the image paths (opened before) inside it."""
+def mask(directory: str, image_fds: dict[str, int], read_only: Iterable[str] = ()) -> None:
+    """Cover `directory` with an empty tmpfs, then bind back the image paths (opened before) inside it;
+    those in `read_only` read-only."""
     mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m")
+    read_only = set(read_only)
     for path, fd in sorted(image_fds.items()):
         if under(path, directory) and path != directory:
             os.makedirs(path, mode=0o755, exist_ok=True)
             mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            if path in read_only:
+                remount_read_only(path)
 
 
 def mount_points() -> list[str]:

@@ -147,10 +147,12 @@ def set_up(spec: dict) -> None:  # type: ignore[type-arg]
         if spec.get("mountpoints") else None
     record_file = f"/proc/self/fd/{record_fd}" if record_fd is not None else None
     sources = [open_source(m) for m in spec["mounts"]]
-    held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in image}
-    masks = confine.unreachable_dirs(image)
+    # Read-only data of the "image" (test models under the state dir), reachable like its programs.
+    data = sorted({os.path.realpath(p) for p in spec.get("imageData") or [] if os.path.isdir(p)} - set(image))
+    held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in [*image, *data]}
+    masks = confine.unreachable_dirs([*image, *data])
     for directory in masks:
-        confine.mask(directory, held)
+        confine.mask(directory, held, read_only=data)
     for m, fd in zip(spec["mounts"], sources, strict=True):
         source = f"/proc/self/fd/{fd}"
         in_mask = any(confine.under(os.path.normpath(m["target"]), d) for d in masks)

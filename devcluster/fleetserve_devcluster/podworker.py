@@ -62,6 +62,8 @@ TICK = 0.2
 VOLUME_SYNC_SECONDS = 2.0
 # The launcher in its own mount and UTS namespaces (probes.exec_in_container enters the same ones).
 UNSHARE = ["unshare", "--mount", "--uts", "--propagation", "private"]
+# Models the tests make for their pods, part of every pod's "image" (read-only, at the same path).
+TEST_MODELS = "test-models"
 
 
 @dataclass(frozen=True)
@@ -339,7 +341,8 @@ class PodWorker(threading.Thread):
         argv = [c.argv[0], *(expand_vars(a, env) for a in c.argv[1:])]
         spec = {"argv": argv, "env": env, "workingDir": c.spec.get("workingDir") or "/",
                 "mounts": [m.__dict__ for m in mounts], "keep": runtime_paths(self.ctx.fleetserve_bin),
-                "security": security.to_launch(), "hostname": self._hostname()}
+                "security": security.to_launch(), "hostname": self._hostname(),
+                "imageData": [str(self.ctx.state_dir / TEST_MODELS)]}
         spec["parent"] = os.getpid()
         spec["mountpoints"] = str(self.dir / mountpoints.RECORD)  # what the launcher creates on the host
         logfile = open(self.dir / f"{c.spec['name']}.log", "ab")  # noqa: SIM115 (the child owns it)
