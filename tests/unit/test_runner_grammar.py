@@ -4,6 +4,7 @@ keeps the matcher consistent)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -145,8 +146,6 @@ def test_matcher_walks_a_valid_value_to_completion(compiler: GrammarCompiler, to
 
 
 def test_sampling_params_with_a_grammar_can_be_logged(compiler: GrammarCompiler) -> None:
-    import dataclasses
-
     grammar = compiler.compile("json_schema", PERSON)
     fields = dataclasses.asdict(SamplingParams(grammar=grammar))  # the request log's "sampling"
     assert fields["grammar"] is grammar and "CompiledJSONGrammar" in json.dumps(fields, default=str)
@@ -217,10 +216,18 @@ def test_constrained_rows_pick_only_allowed_tokens_and_the_others_are_unchanged(
     plain = [_row(SamplingParams(**{**_fields(params), "seed": r}), r) for r in range(n)]
     free = sampler.sample(logits, plain)
     constrained = {r for r in range(n) if r % 3 == 0}
-    rows = [_row(p.params, r, MaskOnly(keep[r], vocab) if r in constrained else None) for r, p in enumerate(plain)]
+    # constrained rows that ask for logprobs keep their raw logits (the runner reads them afterwards)
+    rows = [_row(dataclasses.replace(p.params, logprobs=0 if r % 2 else None), r,
+                 MaskOnly(keep[r], vocab) if r in constrained else None) for r, p in enumerate(plain)]
     before = logits.clone()
     got = sampler.sample(logits, rows)
-    assert torch.equal(logits, before)  # the raw logits (what logprobs read) are untouched
+    assert torch.equal(logits, before)
+    masked_in_place = logits.clone()
+    sampler.sample(masked_in_place, [dataclasses.replace(r, params=dataclasses.replace(r.params, logprobs=None))
+                                     for r in rows])
+    changed = {r for r in range(n) if not torch.equal(masked_in_place[r], before[r])}
+    # without logprobs: masked in place, only the constrained rows (penalties work on a copy anyway)
+    assert changed == (set() if params.needs_logits_processing else constrained)
     for r in range(n):
         if r in constrained:
             assert got[r] in keep[r], (r, got[r], keep[r])

@@ -93,15 +93,17 @@ class Sampler:
         """Nothing to forget: the noise is counter-based (kept for the runner's interface)."""
 
     def sample(self, logits: torch.Tensor, rows: Sequence[ScheduledSequence]) -> list[int]:
-        """One token per row. ``logits`` itself is never changed (the runner reads the model's
-        raw distribution from it afterwards for logprobs)."""
+        """One token per row. The runner reads a row's raw distribution from ``logits`` afterwards
+        when that row asks for logprobs: such rows are never changed in place (the rows of a grammar
+        are masked in place only when none of them asks for logprobs, saving a copy of the batch)."""
         params = [r.params for r in rows]
         processed = any(p.needs_logits_processing for p in params)
         if processed:
             logits = self.process_logits(logits, rows)
         constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
         if constrained:
-            logits = self.mask_logits(logits if processed else logits.clone(), rows, constrained)
+            copy = not processed and any(params[i].logprobs is not None for i in constrained)
+            logits = self.mask_logits(logits.clone() if copy else logits, rows, constrained)
         sampling = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampling) < len(rows):
             out = logits.argmax(dim=-1).tolist()
