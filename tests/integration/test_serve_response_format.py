@@ -210,6 +210,11 @@ def test_json_object_streamed_and_on_completions(server: ServerProcess) -> None:
         model=MODEL, prompt="Weather report:", max_tokens=_bound(schema) + 4, temperature=0, stream=True,
         extra_body={"response_format": schema_format(schema)}) if ch.choices)
     assert streamed == r.choices[0].text
+    copies = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "two forms"}], n=2,
+                                       temperature=1.0, seed=4, max_tokens=_bound(schema) + 4,
+                                       response_format=schema_format(schema))  # type: ignore[arg-type]
+    for choice in copies.choices:  # each copy has its own matcher
+        check(schema, choice.message.content or "", choice.finish_reason)
 
 
 def test_mixed_batch_leaves_unconstrained_requests_unchanged(server: ServerProcess) -> None:  # noqa: F811

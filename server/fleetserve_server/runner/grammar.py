@@ -167,8 +167,11 @@ class GrammarCompiler:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError (and FFI errors) for any schema it refuses
             raise GrammarSpecError(f"schema: {_reason(exc)}") from None
         grammar = CompiledJSONGrammar(compiled, self, text)
-        probe = grammar.matcher()
-        if probe.is_complete:
+        try:
+            empty = grammar.matcher().is_complete  # nothing to write but a stop token
+        except GrammarError:  # not even a stop token
+            empty = True
+        if empty:
             raise GrammarSpecError("schema: no JSON value satisfies it")
         return grammar
 
