@@ -122,3 +122,17 @@ def test_fs_group_gives_a_volume_to_the_group_as_the_kubelet(tmp_path: Path) -> 
     assert (secret.stat().st_gid, secret.stat().st_mode & 0o7777) == (4242, 0o440)
     assert volume.stat().st_mode & 0o2050 == 0o2050 and (volume / "key").lstat().st_gid == 4242
     assert file_mode(0o400, 4242) == 0o440 and file_mode(0o400, None) == 0o400
+
+
+def test_no_preexec_fn_anywhere_in_the_threaded_agent() -> None:
+    """A `preexec_fn` runs Python between fork and exec, which can deadlock in a threaded process (the
+    agent runs a thread per pod): the launcher process and fork-safe subprocess options do that work."""
+    import ast
+
+    import fleetserve_devcluster
+
+    package = Path(fleetserve_devcluster.__file__).parent
+    calls = [f"{path.name}:{node.lineno}" for path in sorted(package.glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+             and any(k.arg == "preexec_fn" for k in node.keywords)]
+    assert calls == []
