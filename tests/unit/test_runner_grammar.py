@@ -66,6 +66,7 @@ def ids(tok, text: str) -> list[int]:  # type: ignore[no-untyped-def]
     ({"type": "string", "minLength": 5, "maxLength": 2}, "no string fits"),
     ({"type": "string", "maxLength": 3, "pattern": "^a+$"}, "pattern"),
     ([1, 2], "must be an object or a boolean"),
+    ({"type": ["string", "null"], "maxLength": 3}, "anyOf"),
 ])
 def test_schemas_the_grammar_cannot_enforce_are_refused_by_name(schema, words: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(GrammarSpecError, match=None) as info:

@@ -111,7 +111,12 @@ def check_schema(schema: Any, path: str = "schema", depth: int = 0) -> Any:
             raise GrammarSpecError(f"{path}.{key} must be a non-empty array of schemas")
         out[key] = [check_schema(sub, f"{path}.{key}.{i}", depth + 1) for i, sub in enumerate(value)]
     if "minLength" in schema or "maxLength" in schema:
-        out = _bounded_string(out, path)
+        kind = schema.get("type")
+        if isinstance(kind, list) and "string" in kind:
+            raise GrammarSpecError(f"{path}: minLength/maxLength with a list of types is not supported; "
+                                   "use anyOf with one string schema")
+        if kind in ("string", None):
+            out = _bounded_string(out, path)
     return out
 
 
