@@ -185,6 +185,9 @@ class Workers:
         try:
             self.tp.barrier()
         except RuntimeError as exc:
+            deadline = time.monotonic() + 5.0  # its socket closes as it exits: give the exit a moment to land
+            while self.check_health() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
             raise WorkerFailedError(self.check_health() or f"a tensor-parallel worker failed: {exc}") from None
 
     def rank_memory(self) -> list[dict[str, int]]:
