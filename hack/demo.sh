@@ -81,14 +81,73 @@ demo_operator() {
          "messages": [{"role": "user", "content": "In one sentence, what is Kubernetes?"}]}' |
     python3 -c 'import json, sys; print("answer:", json.load(sys.stdin)["choices"][0]["message"]["content"].strip())'
   kubectl describe llmd smollm2-cpu | sed -n '/^Status:/,$p'
+}
+
+# Seconds since the epoch, with milliseconds.
+now() { date +%s.%3N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):7.2f} s')" "$1" "$2"; }
+
+demo_router() {
+  step "router: the fleet behind fleetserve router, scaled to zero, and back for a held request"
+  local window=30
+  kubectl patch llmd smollm2-cpu --type=merge -p "{\"spec\": {
+    \"router\": {\"enabled\": true, \"replicas\": 1},
+    \"autoscaling\": {\"enabled\": true, \"minReplicas\": 0, \"maxReplicas\": 1, \"scrapeIntervalSeconds\": 2,
+                      \"scaleDownStabilizationSeconds\": $window}}}"
+  echo "waiting for the router pod, and for Service smollm2-cpu to select it..."
+  kubectl wait --for=condition=RouterReady --timeout=300s llmd/smollm2-cpu
+  kubectl get llmd smollm2-cpu -o jsonpath='{.status.conditions[?(@.type=="RouterReady")].message}{"\n"}'
+  kubectl get service smollm2-cpu smollm2-cpu-servers -o wide
+  local idle; idle=$(now)
+  echo "no traffic: the autoscaler scales to zero after the ${window} s scale-down window..."
+  for _ in $(seq 1 300); do
+    [[ "$(kubectl get llmd smollm2-cpu -o jsonpath='{.status.desiredReplicas}')" == "0" ]] && break
+    sleep 1
+  done
+  echo "desiredReplicas 0 after $(since "$idle" "$(now)") idle: $(kubectl get llmd smollm2-cpu \
+    -o jsonpath='{.status.autoscaler.lastDecision.reason}')"
+  local selector="app.kubernetes.io/name=fleetserve-server,app.kubernetes.io/instance=smollm2-cpu"
+  while [[ -n "$(kubectl get pods -l "$selector" -o name)" ]]; do sleep 1; done
+  echo "no server pod left; the router pod still runs:"
+  kubectl get pods -l app.kubernetes.io/instance=smollm2-cpu
+
+  local addr; addr=$(kubectl get service smollm2-cpu -o jsonpath='{.metadata.annotations.fleetserve\.io/proxy-address}')
+  local answer; answer=$(mktemp)
+  local sent; sent=$(now)
+  echo "POST http://$addr/v1/chat/completions while no server runs: the router holds it..."
+  curl -sS "http://$addr/v1/chat/completions" -H 'Content-Type: application/json' -o "$answer" \
+    -d '{"model": "smollm2-135m-instruct", "max_tokens": 32, "temperature": 0,
+         "messages": [{"role": "user", "content": "In one sentence, what is a GPU?"}]}' &
+  local client=$! decided="" ready=""
+  while kill -0 "$client" 2>/dev/null; do
+    if [[ -z "$decided" && "$(kubectl get llmd smollm2-cpu -o jsonpath='{.status.desiredReplicas}')" == "1" ]]; then
+      decided=$(now)
+    fi
+    if [[ -z "$ready" ]] && kubectl get pods -l "$selector" \
+        -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -q True; then
+      ready=$(now)
+    fi
+    sleep 0.3
+  done
+  wait "$client"
+  local answered; answered=$(now)
+  echo "timeline (from the request's arrival at the router):"
+  echo "  $(since "$sent" "$sent")  request sent to Service smollm2-cpu (held by the router)"
+  [[ -n "$decided" ]] && echo "  $(since "$sent" "$decided")  scale decision: desiredReplicas 0 -> 1"
+  [[ -n "$ready" ]] && echo "  $(since "$sent" "$ready")  server pod Ready"
+  echo "  $(since "$sent" "$answered")  answer received"
+  kubectl get llmd smollm2-cpu -o jsonpath='  decision: {.status.autoscaler.lastDecision.reason}{"\n"}'
+  python3 -c 'import json, sys; print("answer:", json.load(open(sys.argv[1]))["choices"][0]["message"]["content"].strip())' "$answer"
+  rm -f "$answer"
   echo
-  echo "Tear down the fleet:   kubectl delete -f examples/smollm2-cpu.yaml"
+  echo "The fleet stays behind the router at minReplicas 0: it goes back to zero after ${window} s without traffic."
+  echo "Tear down the fleet:   kubectl delete llmd smollm2-cpu"
   echo "The operator stops with: fleetserve dev-cluster down"
 }
 
 demo_cluster
 demo_operator
-# (next steps: autoscaling)
+demo_router
 
 step "done"
 echo "The dev cluster keeps running; use it with:  eval \"\$(fleetserve dev-cluster env ${cluster_flags[*]})\""
