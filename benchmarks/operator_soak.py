@@ -348,6 +348,9 @@ class EmulatedNodes:
         for ns in self.namespaces:
             threading.Thread(target=self._watch, args=(ns,), daemon=True, name=f"watch-{ns}").start()
         threading.Thread(target=self._loop, daemon=True, name="kubelet").start()
+        # Its own thread, as the kubelet's: a backlog of pod work must never delay the Lease (the
+        # node-lifecycle controller marks every pod of a node without one not-ready after 50 s).
+        threading.Thread(target=self._heartbeat, daemon=True, name="heartbeat").start()
 
     def _watch(self, namespace: str) -> None:
         from fleetserve_devcluster.kube import KubeError
@@ -376,17 +379,20 @@ class EmulatedNodes:
                 print(f"operator_soak: watch {namespace}: {exc}; again", file=sys.stderr, flush=True)
                 time.sleep(1)
 
-    def _loop(self) -> None:
-        next_lease = next_status = 0.0
-        while not self.stopping.is_set():
-            now = time.monotonic()
+    def _heartbeat(self) -> None:
+        next_status = 0.0
+        while not self.stopping.wait(0 if next_status == 0.0 else 10):
             try:
-                if now >= next_lease:
-                    next_lease = now + 10
-                    self._renew_leases()
-                if now >= next_status:
-                    next_status = now + 30
+                self._renew_leases()
+                if time.monotonic() >= next_status:
+                    next_status = time.monotonic() + 30
                     self._post_node_status()
+            except Exception as exc:
+                print(f"operator_soak: heartbeat: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
                 while True:
                     try:
                         kind, obj = self.events.get(timeout=0.2)
@@ -428,6 +434,12 @@ class EmulatedNodes:
             self.stats[f"started {pod.namespace}"] += 1
             self._patch_status(pod)
         pod.body = obj
+        observed = {c.get("type"): c.get("status") for c in (obj.get("status") or {}).get("conditions") or []}
+        if pod.deleting_since is None and pod.ready and observed.get("Ready") != "True":
+            # Someone else wrote Ready=False (the node-lifecycle controller after a late heartbeat):
+            # the kubelet's status manager reports the pod's real state again.
+            self.stats[f"status re-asserted {pod.namespace}"] += 1
+            self._patch_status(pod)
         if meta.get("deletionTimestamp") and pod.deleting_since is None:
             pod.deleting_since = time.monotonic()
             with self.lock:
@@ -558,7 +570,7 @@ class Arm:
     def sample(self, t: float, nodes: EmulatedNodes) -> JsonObj:
         assert self.proc is not None
         pid = self.proc.pid
-        row: JsonObj = {"t": round(t, 1), "rss_mb": rss_mb(pid), "cpu_s": cpu_s(pid),
+        row: JsonObj = {"t": round(t, 1), "rss_mb": rss_mb(pid), "cpu_s": cpu_s(pid), "threads": threads(pid),
                         "ready_pods": nodes.ready_pods(self.namespace),
                         "scrapes_served": nodes.emitter.scrapes[self.namespace]}
         try:
@@ -611,6 +623,13 @@ def _cpu_or_none(pid: int) -> float | None:
         return cpu_s(pid)
     except OSError:
         return None
+
+
+def threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
 
 
 def rss_mb(pid: int) -> float:
@@ -710,17 +729,24 @@ def summarize(rows: list[JsonObj], warmup_s: float, window_s: float, crs: int) -
         start = stop
     ups = (after[-1].get("scale_up") or 0) - (after[0].get("scale_up") or 0) if after else 0
     downs = (after[-1].get("scale_down") or 0) - (after[0].get("scale_down") or 0) if after else 0
+    settled = slope([(r["t"] / 60, r["rss_mb"] * 1.048576) for r in rows if r["t"] >= warmup_s + window_s])
+    served = rate(after, "scrapes_served")
+    ready = statistics.fmean(r["ready_pods"] for r in after) if after else 0
     return {
         "rss_slope_mb_per_min": None if s is None else round(s, 3),
+        "rss_slope_mb_per_min_after_first_window": None if settled is None else round(settled, 3),
         "meets_target_slope_le_1": None if s is None else s <= 1.0,
         "rss_mib_after_warmup": after[0]["rss_mb"] if after else None,
         "rss_mib_end": rows[-1]["rss_mb"] if rows else None,
         "rss_mib_max": max((r["rss_mb"] for r in rows), default=None),
+        "threads_max": max((r["threads"] for r in rows if r.get("threads")), default=None),
         "scale_ups_after_warmup": ups, "scale_downs_after_warmup": downs,
         "scale_events_per_cr_after_warmup": round((ups + downs) / crs, 1),
         "reconciles_per_min": rate(after, "reconciles"),
         "scrape_errors_per_min": rate(after, "scrape_errors"),
-        "scrapes_served_per_min": rate(after, "scrapes_served"),
+        "scrapes_served_per_min": served,
+        # how often one ready pod's /metrics was read: scrapeIntervalSeconds when the operator keeps up
+        "seconds_between_scrapes_of_a_pod": round(ready * 60 / served, 1) if served else None,
         "api_requests_per_min": rate(after, "api_calls"),
         "cpu_percent": cpu_percent(after),
         "windows": windows,
@@ -737,18 +763,18 @@ def _sum_rates(rows: list[JsonObj], *keys: str) -> float | None:
     return None if any(r is None for r in rates) else round(sum(r for r in rates if r is not None), 2)
 
 
-def plot(path: Path, arms: list[Arm], warmup_s: float, title: str) -> None:
+def plot(path: Path, samples: dict[str, list[JsonObj]], warmup_s: float, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(2, 1))
-    for arm in arms:
-        xs = [r["t"] / 60 for r in arm.rows]
-        ax.plot(xs, [r["rss_mb"] for r in arm.rows], label=f"{arm.label}: operator RSS")
-        ax2.plot(xs, [(r.get("scale_up") or 0) + (r.get("scale_down") or 0) for r in arm.rows],
-                 label=f"{arm.label}: scale events (up + down, cumulative)")
+    for label, rows in samples.items():
+        ax.plot([r["t"] / 60 for r in rows], [r["rss_mb"] for r in rows], label=f"{label}: operator RSS")
+        scaled = [r for r in rows if r.get("scale_up") is not None]  # a sample whose /metrics read failed has none
+        ax2.plot([r["t"] / 60 for r in scaled], [r["scale_up"] + r["scale_down"] for r in scaled],
+                 label=f"{label}: scale events (up + down, cumulative)")
     for a in (ax, ax2):
         a.axvline(warmup_s / 60, color="grey", linestyle=":", label="end of warm-up" if a is ax else None)
         a.legend(loc="upper left", fontsize=8)
@@ -785,7 +811,10 @@ def run(args: argparse.Namespace) -> JsonObj:
         nodes.register()
         nodes.start()
         nodes.wait_schedulable()
-        for arm in arms:
+        for arm in arms:  # the code each operator runs: HEAD of its tree now, and what differs from it
+            result.setdefault("arms", {})[arm.label] = {
+                "tree": str(arm.tree), "commit": git_head(arm.tree), "namespace": arm.namespace,
+                "uncommitted_operator_files": git_dirty(arm.tree, "operator")}
             arm.start(cluster, args.tracemalloc)
         for arm in arms:
             wait_until(lambda arm=arm: arm.healthy() or (arm.proc and arm.proc.poll() is not None), 120,
@@ -836,10 +865,6 @@ def run(args: argparse.Namespace) -> JsonObj:
         nodes.stop()
         for arm in arms:
             cluster.kubectl("delete", "namespace", arm.namespace, "--wait=false", check=False)
-    warmup_s = args.warmup_minutes * 60
-    result["arms"] = {arm.label: {"tree": str(arm.tree), "commit": git_head(arm.tree), "namespace": arm.namespace,
-                                  **summarize(arm.rows, warmup_s, args.window_minutes * 60, args.crs)}
-                      for arm in arms}
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     result["cpu_count"] = os.cpu_count()
     result["samples"] = {arm.label: arm.rows for arm in arms}
@@ -847,19 +872,32 @@ def run(args: argparse.Namespace) -> JsonObj:
                         for arm in arms if arm.probe_file.exists()}
     if any(tracemalloc_tops.values()):
         result["tracemalloc"] = tracemalloc_tops
+    return report(result, args)
+
+
+def report(result: JsonObj, args: argparse.Namespace) -> JsonObj:
+    """Summaries per arm from ``result["samples"]``, written to ``args.out`` (JSON) and a PNG beside it."""
+    warmup_s, window_s = args.warmup_minutes * 60, args.window_minutes * 60
+    for label, rows in result["samples"].items():
+        result["arms"][label].update(summarize(rows, warmup_s, window_s, args.crs))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    title = (f"operator soak: {args.crs} LLMDeployments autoscaling per operator, {len(arms)} operators at once, "
-             f"{args.minutes:g} min after {args.warmup_minutes:g} min warm-up\n" +
-             ", ".join(f"{a}: {result['arms'][a]['rss_slope_mb_per_min']} MB/min" for a in result["arms"]))
-    plot(out.with_suffix(".png"), arms, warmup_s, title)
+    title = (f"operator soak: {args.crs} LLMDeployments autoscaling per operator, {len(result['samples'])} operators "
+             f"at once, {args.minutes:g} min after {args.warmup_minutes:g} min warm-up\nRSS slope after warm-up: " +
+             ", ".join(f"{a} {result['arms'][a]['rss_slope_mb_per_min']} MB/min" for a in result["arms"]))
+    plot(out.with_suffix(".png"), result["samples"], warmup_s, title)
     return result
 
 
 def git_head(tree: Path) -> str:
     done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip()
+
+
+def git_dirty(tree: Path, path: str) -> list[str]:
+    done = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", path], capture_output=True, text=True)
+    return [line[3:] for line in done.stdout.splitlines()]
 
 
 def main() -> int:
@@ -881,8 +919,15 @@ def main() -> int:
     parser.add_argument("--window-minutes", type=float, default=5.0)
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES", help="diagnosis only")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "operator_soak.json"))
+    parser.add_argument("--reanalyze", action="store_true",
+                        help="recompute the summaries and the plot of --out from its samples (no cluster)")
     args = parser.parse_args()
-    result = run(args)
+    if args.reanalyze:
+        result = json.loads(Path(args.out).read_text())
+        args = argparse.Namespace(**{**result["settings"], "out": args.out})
+        result = report(result, args)
+    else:
+        result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "tracemalloc")}, indent=1))
     return 0
 
