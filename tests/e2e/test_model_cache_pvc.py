@@ -56,7 +56,9 @@ def documents(namespace: str, pv_name: str, pv_dir: Path) -> list[dict[str, Any]
 def pv_dir(dev_cluster: DevClusterHandle, namespace: str) -> Iterator[Path]:
     path = Path(dev_cluster.state_dir) / PERSISTENT_VOLUMES_DIR / namespace
     path.mkdir(parents=True)
-    path.chmod(0o777)  # a local disk's mount point, writable by the server's non-root user
+    # A local disk's mount point, writable by the server's non-root user (the dev cluster applies the
+    # pod's fsGroup to emptyDir and API volumes only, not to a PV as the kubelet would to a local one).
+    path.chmod(0o777)
     pv_name = f"{namespace}-models"
     try:
         yield path
