@@ -139,4 +139,9 @@ def make_tiny_llama(
         data = json.loads(gen_cfg.read_text())
         data["eos_token_id"] = config.eos_token_id
         gen_cfg.write_text(json.dumps(data, indent=2))
+    # safetensors writes its file 0600: readable by any user, as a model in an image is, so a
+    # server pod running as a non-root user (the dev cluster enforces it) can load it.
+    for entry in out.iterdir():
+        if entry.is_file():
+            entry.chmod(0o644)
     return out
