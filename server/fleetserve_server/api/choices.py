@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from starlette.requests import Request
@@ -125,20 +125,35 @@ async def start_group(ctx: APIContext, http_request: Request, serving: Serving, 
     """Admit ``n`` copies of each prompt (``params[i]`` for prompt i); errors raise before any
     response, and then every run already admitted is aborted."""
     started: dict[int, GenerationRun] = {}
+
+    async def admit(index: int, prompt: list[int], run_params: SamplingParams) -> None:
+        started[index] = await start_run(ctx, http_request, serving, endpoint=endpoint, prompt_ids=prompt,
+                                         params=run_params, log_prompt=log_prompts[index // n])
+
     try:
-        for p, prompt in enumerate(prompts):
-            started[p * n] = await start_run(ctx, http_request, serving, endpoint=endpoint, prompt_ids=prompt,
-                                             params=params[p], log_prompt=log_prompts[p])
+        await _together([admit(p * n, prompt, params[p]) for p, prompt in enumerate(prompts)])
         if n > 1:
             # the prompts are computed (and their full blocks in the prefix cache) at the first output
             await asyncio.gather(*(started[p * n].wait_first(SHARE_WAIT_SECONDS) for p in range(len(prompts))))
-            for p, prompt in enumerate(prompts):
-                for copy in range(1, n):
-                    started[p * n + copy] = await start_run(
-                        ctx, http_request, serving, endpoint=endpoint, prompt_ids=prompt,
-                        params=copy_params(params[p], copy), log_prompt=log_prompts[p])
+            await _together([admit(p * n + copy, prompt, copy_params(params[p], copy))
+                             for p, prompt in enumerate(prompts) for copy in range(1, n)])
     except BaseException:
         for run in started.values():
             run._end(aborted=True)  # noqa: SLF001 - release and abort the admitted ones
         raise
     return RunGroup([started[i] for i in range(len(prompts) * n)], prompts)
+
+
+async def _together(admissions: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the admissions at once, in order, so the engine computes the runs in the same steps (one
+    after another, each would wait for its first output, up to the first-output grace: a batch of
+    scoring prompts ran one per step). On an error the others are cancelled and settled first, so
+    every run admitted is in ``started`` for the caller to abort."""
+    tasks = [asyncio.ensure_future(admission) for admission in admissions]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
