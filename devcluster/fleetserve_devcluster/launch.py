@@ -150,7 +150,10 @@ def set_up(spec: dict) -> None:  # type: ignore[type-arg]
     # Read-only data of the "image" (test models under the state dir), reachable like its programs.
     data = sorted({os.path.realpath(p) for p in spec.get("imageData") or [] if os.path.isdir(p)} - set(image))
     held = {path: os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in [*image, *data]}
-    masks = confine.unreachable_dirs([*image, *data])
+    # An agent started before this launcher (still running on a shared machine) sends no "security":
+    # its containers get the mounts only, as they did then.
+    legacy = "security" not in spec
+    masks = [] if legacy else confine.unreachable_dirs([*image, *data])
     for directory in masks:
         confine.mask(directory, held, read_only=data)
     for m, fd in zip(spec["mounts"], sources, strict=True):
@@ -165,7 +168,7 @@ def set_up(spec: dict) -> None:  # type: ignore[type-arg]
             _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
     for fd in [*sources, *held.values(), *([record_fd] if record_fd is not None else [])]:
         os.close(fd)
-    if not security.get("privileged"):
+    if not (legacy or security.get("privileged")):
         confine.protect_kernel_files()
     if security.get("readOnlyRootFilesystem"):
         confine.read_only_root([t for t, m in zip(targets, spec["mounts"], strict=True) if not m["read_only"]],
@@ -174,7 +177,8 @@ def set_up(spec: dict) -> None:  # type: ignore[type-arg]
 
 def become_container(spec: dict) -> None:  # type: ignore[type-arg]
     """The container's identity and capabilities, then its working directory."""
-    confine.drop_privileges(spec.get("security") or {})
+    if "security" in spec:
+        confine.drop_privileges(spec["security"])
     os.chdir(spec.get("workingDir") or "/")
 
 
