@@ -5,21 +5,25 @@ fleetserve_devcluster.controlplane.AUDIT_POLICY). The chart is installed with it
 cluster with the Prometheus Operator's CRDs, its operator runs as a pod under the chart's
 ServiceAccount, and a scenario drives every kind of write the operator makes: create and update of
 every child, deletion of the optional ones (PodDisruptionBudget, ServiceMonitor, PrometheusRule),
-repair of a deleted child, the autoscaler scaling a fleet down, `helm test`. Then every request of
-that ServiceAccount in the log is compared with what the chart grants it:
+repair of a deleted child, the autoscaler sizing a fleet of pods that never get a node and scaling an
+idle fleet of two ready `fleetserve serve` pods (a tiny random Llama) down to one (that scale-down
+lists the nodes and patches the pods' pod-deletion-cost first), `helm test`. Then every request of that ServiceAccount in
+the log is compared with what the chart grants it:
 
 * a grant never used fails the test (least privilege: the chart gives only what the code needs),
-  except the two only a scale-down of ready servers uses (NEEDS_READY_SERVERS, printed);
+  except what the operator holds only to grant it to the router's Role (HELD_TO_GRANT, printed);
 * a use that was denied (403) fails the test (the chart gives what the code needs).
 
-The table (granted / used / unused / denied per resource) is printed either way.
+The table (granted / used with request counts / unused / denied per resource) is printed either way.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,12 +40,11 @@ NOWHERE = {"nodeSelector": {"fleetserve.io/test-no-such-node": "true"}}
 MODEL = {"source": "builtin:smollm2-135m-instruct"}
 CPU = {"gpus": 0, "cpu": "1", "memory": "2Gi"}
 
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+SERVERS_READY_S = 600  # two pods import torch and load a model on a shared, often overloaded CPU
+
 Use = tuple[str, str, str]  # (apiGroup, resource[/subresource], verb)
 
-# Used only when the autoscaler scales down a fleet of *ready* servers (the pod-deletion-cost
-# annotation, ordered by node age): that needs running model servers, which this test does not
-# start; tests/e2e/test_autoscaler_fleet.py scales such a fleet down. Listed, never silently dropped.
-NEEDS_READY_SERVERS: set[Use] = {("", "pods", "patch"), ("", "nodes", "list")}
 # Held, never called: the API server lets the operator write the router's Role (list/watch on
 # EndpointSlices) only when it holds those permissions itself (RBAC escalation prevention).
 HELD_TO_GRANT: set[Use] = {("discovery.k8s.io", "endpointslices", "list"), ("discovery.k8s.io", "endpointslices", "watch")}
@@ -69,9 +72,10 @@ def audit_events(cluster: DevClusterHandle, user: str) -> list[dict[str, Any]]:
     return events
 
 
-def uses_of(events: list[dict[str, Any]]) -> tuple[set[Use], set[Use]]:
-    """(used, denied). A server-side apply that created its object (201) was authorized as create."""
-    used: set[Use] = set()
+def uses_of(events: list[dict[str, Any]]) -> tuple[Counter[Use], set[Use]]:
+    """(requests per use, denied). A server-side apply that created its object (201) was authorized
+    as create."""
+    used: Counter[Use] = Counter()
     denied: set[Use] = set()
     for e in events:
         ref = e.get("objectRef") or {}
@@ -81,9 +85,12 @@ def uses_of(events: list[dict[str, Any]]) -> tuple[set[Use], set[Use]]:
         code = int((e.get("responseStatus") or {}).get("code") or 0)
         verb = "create" if e["verb"] == "patch" and code == 201 else e["verb"]
         use = (ref.get("apiGroup") or "", resource, verb)
-        (denied if code == 403 else used).add(use)
+        if code == 403:
+            denied.add(use)
+        else:
+            used[use] += 1
         if verb == "create" and e["verb"] == "patch":
-            used.add((use[0], use[1], "patch"))  # the same request also needed patch
+            used[(use[0], use[1], "patch")] += 1  # the same request also needed patch
     return used, denied
 
 
@@ -102,18 +109,31 @@ def grants_of(cluster: DevClusterHandle, namespace: str, release: str, account: 
     return granted
 
 
-def table(granted: set[Use], used: set[Use], denied: set[Use]) -> str:
+def table(granted: set[Use], used: Counter[Use], denied: set[Use]) -> str:
+    """One row per resource: the verbs granted, each verb used with its request count, the unused
+    grants and the denied uses."""
     rows: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for kind, uses in (("granted", granted), ("used", used), ("denied", denied)):
+    for kind, uses in (("granted", granted), ("used", set(used)), ("denied", denied)):
         for group, resource, verb in uses:
             rows[(group, resource)][kind].add(verb)
-    lines = [f"{'resource':<48} {'granted':<36} {'used':<36} {'UNUSED':<20} DENIED"]
+    lines = [f"{'resource':<48} {'granted':<36} {'used (requests)':<48} {'UNUSED':<20} DENIED"]
     for (group, resource), cols in sorted(rows.items()):
         name = f"{resource}.{group}" if group else resource
         unused = cols["granted"] - cols["used"]
-        lines.append(f"{name:<48} {','.join(sorted(cols['granted'])):<36} {','.join(sorted(cols['used'])):<36} "
+        counts = ",".join(f"{v}({used[(group, resource, v)]})" for v in sorted(cols["used"]))
+        lines.append(f"{name:<48} {','.join(sorted(cols['granted'])):<36} {counts:<48} "
                      f"{','.join(sorted(unused)):<20} {','.join(sorted(cols['denied']))}")
     return "\n".join(lines)
+
+
+def tiny_model(cluster: DevClusterHandle) -> Path:
+    """The tiny random-weight Llama the e2e tests serve (made in a subprocess: keeps torch out of pytest).
+    Not under /tmp: the pods mount their own emptyDir there."""
+    path = Path(cluster.state_dir) / "test-models" / "tiny-llama"
+    if not (path / "config.json").exists():
+        subprocess.run([sys.executable, "-c", "import sys; from fleetserve_server.testing import make_tiny_llama; "
+                        "make_tiny_llama(sys.argv[1])", str(path)], check=True, timeout=300)
+    return path
 
 
 def llmd(name: str, **spec: Any) -> dict[str, Any]:
@@ -143,6 +163,15 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
             llmd("scaled", replicas=3, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
                                                     "scaleDownStabilizationSeconds": 0, "scrapeIntervalSeconds": 1}),
             llmd("routed", router={"enabled": True, "replicas": 2}),  # the router's children, then their deletion
+            # Two real servers (autoscaling pinned at 2 until they are ready, then minReplicas 1): the
+            # idle fleet is scaled down, and before that the operator lists the nodes and sets each
+            # pod's pod-deletion-cost.
+            {"name": "served", "model": {"source": str(tiny_model(dev_cluster)), "servedName": "tiny"},
+             "resources": {"gpus": 0, "memory": "2Gi"},
+             "engine": {"maxModelLen": 512, "maxNumSeqs": 4, "maxBatchTokens": 512}, "replicas": 2,
+             "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 2, "scrapeIntervalSeconds": 1,
+                             "scaleDownStabilizationSeconds": 0,
+                             "scaleDownPolicy": {"percent": 100, "periodSeconds": 60}}},
         ],
     }
     values_file = Path(dev_cluster.state_dir) / f"{release}-values.yaml"
@@ -174,9 +203,23 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
                         json.dumps({"spec": {"router": {"enabled": False}}}))
     for kind in router_children:
         wait_until(lambda k=kind: not exists(*k.split("/")), 60, f"the operator to delete {kind}")
-    # The autoscaler takes the idle fleet from 3 down to its minimum.
+    # The autoscaler starts the fleet at its minimum.
     wait_until(lambda: (get_json(dev_cluster, "deployment", "scaled", "-n", namespace)["spec"]["replicas"] == 1),
                120, "the autoscaler to scale `scaled` down to 1")
+    # A fleet of ready servers, idle, allowed down to 1: scaled down, the scale-down order set on its pods first.
+    def served_ready() -> bool:
+        pods = get_json(dev_cluster, "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=served")["items"]
+        return sum(any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])
+                   for p in pods) == 2
+
+    wait_until(served_ready, SERVERS_READY_S, "2 ready server pods of `served`")
+    dev_cluster.kubectl("patch", "llmd", "served", "-n", namespace, "--type=merge", "-p",
+                        json.dumps({"spec": {"autoscaling": {"minReplicas": 1}}}))
+    wait_until(lambda: (get_json(dev_cluster, "deployment", "served", "-n", namespace)["spec"]["replicas"] == 1),
+               120, "the autoscaler to scale the idle `served` fleet down to 1")
+    kept = get_json(dev_cluster, "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=served")["items"]
+    assert any(DELETION_COST in (p["metadata"].get("annotations") or {}) for p in kept), \
+        [p["metadata"].get("annotations") for p in kept]
     tested = helm(dev_cluster, "test", release, "-n", namespace, "--timeout", "180s", timeout=200)
     assert "Phase:          Succeeded" in tested.stdout, tested.stdout
 
@@ -186,9 +229,8 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
     granted = grants_of(dev_cluster, namespace, release, account)
     print(f"\nRBAC of {user} (audit log, Metadata level):\n{table(granted, used, denied)}")
     assert used, "no request of the operator's ServiceAccount in the audit log"
-    unused = sorted(granted - used - NEEDS_READY_SERVERS - HELD_TO_GRANT)
-    print(f"not exercised here (need ready servers): {sorted(NEEDS_READY_SERVERS - used)}")
+    unused = sorted(granted - set(used) - HELD_TO_GRANT)
     print(f"held only to grant them to the router's Role: {sorted(HELD_TO_GRANT)}")
-    assert not HELD_TO_GRANT & used, f"the operator called what it only holds for the router: {HELD_TO_GRANT & used}"
+    assert not HELD_TO_GRANT & set(used), f"the operator called what it only holds for the router: {HELD_TO_GRANT & set(used)}"
     assert not denied, f"requests the chart's RBAC denied: {sorted(denied)}"
     assert not unused, f"granted but never used (least privilege): {unused}"
