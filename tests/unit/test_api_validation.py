@@ -179,7 +179,10 @@ async def test_finish_reason_is_only_ever_an_openai_value() -> None:
     async with client(app) as c:
         plain = asyncio.create_task(c.post("/v1/completions", json=completion(max_tokens=200)))
         streamed = asyncio.create_task(c.post("/v1/completions", json=completion(max_tokens=200, stream=True)))
-        await asyncio.sleep(0.15)
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(state.inflight) < 2:  # both admitted (a fixed sleep raced the handlers on a busy machine)
+            assert asyncio.get_running_loop().time() < deadline, "the two requests were never in flight"
+            await asyncio.sleep(0.01)
         await state.drain(timeout=0.1)
         r, s = await plain, await streamed
     assert r.status_code == 503 and r.json()["error"]["code"] == "aborted", r.text
