@@ -171,7 +171,10 @@ def run_scenario(cluster: DevClusterHandle, namespace: str, model_dir: Path) -> 
         wait_until(lambda: len(fleet.ready_pods()) == held, POD_READY_S + PROVISION_S + 60,
                    f"{held} replicas Ready on Karpenter's nodes")
         claims, nodes = karpenter_objects(cluster)
-        assert len(nodes) == held - 1 and all(is_ready(n) for n in nodes), [n["metadata"]["name"] for n in nodes]
+        # Karpenter bin-packs: two Pending 1-GPU replicas may get one 4-GPU node or two 1-GPU nodes.
+        assert 1 <= len(nodes) <= held - 1 and all(is_ready(n) for n in nodes), [n["metadata"]["name"]
+                                                                                for n in nodes]
+        nodes_made = len(nodes)
         placed = {p.spec.node_name for p in fleet.ready_pods()}
         assert placed == {STATIC_NODE, *(n["metadata"]["name"] for n in nodes)}, placed
         wait_until(lambda: all(pod_metric(p.status.pod_ip, "fleetserve_requests_total") > 0
@@ -195,7 +198,7 @@ def run_scenario(cluster: DevClusterHandle, namespace: str, model_dir: Path) -> 
     assert any(r.get("progressing") == "WaitingForNodes" for r in rows)
     desired = [r["desired"] for r in rows if r.get("desired") is not None]
     assert max(desired) == held, desired
-    assert max(r.get("nodeclaims", 0) for r in rows) == held - 1
+    assert max(r.get("nodeclaims", 0) for r in rows) == nodes_made  # no node beyond what the replicas needed
     out = os.environ.get("FLEETSERVE_KARPENTER_TIMELINE")
     if out:
         Path(out).write_text(json.dumps({"karpenter": karpenter.KARPENTER_VERSION, "provision_s": PROVISION_S,
