@@ -120,18 +120,22 @@ def test_operator_service_account_has_least_privilege(
         # With the defaults: the operator creates these whenever the Prometheus Operator's CRDs exist.
         ("create", "servicemonitors.monitoring.coreos.com"), ("patch", "prometheusrules.monitoring.coreos.com"),
         ("list", "pods"), ("watch", "pods"), ("create", "events"),
+        # spec.router: its ServiceAccount and Role are children too, and switching the router off deletes
+        # the router's Deployment, Service and RBAC objects (test_operator_router_children.py).
+        ("delete", "deployments.apps"), ("delete", "services"), ("create", "roles.rbac.authorization.k8s.io"),
+        ("delete", "roles.rbac.authorization.k8s.io"), ("create", "serviceaccounts"),
     ]
     for verb, resource in allowed:
         assert can_i(dev_cluster, sa, verb, resource, namespace), f"the operator must be able to {verb} {resource}"
     denied = [
         ("get", "secrets", namespace), ("list", "secrets", namespace),
-        # Never used (the API server's audit log: test_helm_rbac_audit.py): children are removed by the
-        # garbage collector, kopf posts core events.
-        ("delete", "deployments.apps", namespace), ("delete", "services", namespace),
+        # Never used (the API server's audit log: test_helm_rbac_audit.py): other children are removed by
+        # the garbage collector, kopf posts core events.
         ("delete", "configmaps", namespace), ("create", "events.events.k8s.io", namespace),
         ("delete", "pods", namespace), ("create", "pods/exec", namespace),
         ("delete", "llmdeployments.fleetserve.io", namespace), ("update", "llmdeployments.fleetserve.io/scale", namespace),
-        ("create", "roles.rbac.authorization.k8s.io", namespace),
+        ("escalate", "roles.rbac.authorization.k8s.io", namespace),
+        ("bind", "roles.rbac.authorization.k8s.io", namespace),
         # Namespaced mode: nothing in other namespaces.
         ("list", "llmdeployments.fleetserve.io", "default"), ("patch", "deployments.apps", "default"),
         ("list", "pods", "kube-system"),
