@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         raise SystemExit(f"fleetserve operator: --metrics-port must be 0..65535, got {args.metrics_port}")
     import kopf
+    from kopf._core.engines.peering import Identity  # the type kopf.run takes; not re-exported
 
     from fleetserve_operator import handlers
 
@@ -45,8 +46,31 @@ def run(args: argparse.Namespace) -> int:
     namespaces = list(args.namespace)
     kopf.run(
         registry=handlers.registry,
+        identity=Identity(own_identity()),
         standalone=True,  # one operator replica; the Helm chart runs exactly one
         clusterwide=not namespaces,
         namespaces=namespaces,
     )
     return 0
+
+
+def own_identity() -> str:
+    """``user@host/time/random``, as kopf makes it, but without needing a passwd entry for our uid.
+
+    kopf derives it from ``getpass.getuser()``, which raises ``KeyError`` for a uid with no
+    ``/etc/passwd`` entry, the usual case for a non-root ``runAsUser`` (the chart's is 10001): the
+    operator then died at start, in a crash loop.
+    """
+    import datetime
+    import getpass
+    import os
+    import random
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    suffix = "".join(random.choices("abcdefhijklmnopqrstuvwxyz0123456789", k=3))
+    return f"{user}@{socket.gethostname()}/{now}/{suffix}"
