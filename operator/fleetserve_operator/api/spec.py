@@ -112,7 +112,8 @@ class Engine(ApiModel):
     max_num_seqs: int = Field(32, ge=1, le=4096, description="sequences batched together in one engine step")
     max_batch_tokens: int | None = Field(
         None, ge=1, le=1_048_576,
-        description="tokens computed per engine step (default 2048); long prompts are split into chunks "
+        description="tokens computed per engine step (default: the server's own, 2048 on CUDA, sized for about a "
+        "second per step on CPU); long prompts are split into chunks "
         "(chunked prefill is always on), so it may be below maxModelLen",
     )
     kv_cache_memory_fraction: float = Field(
