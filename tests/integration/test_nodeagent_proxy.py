@@ -163,7 +163,9 @@ def test_one_backend_per_connection_like_kube_proxy(dev_cluster: DevClusterHandl
     def outcomes() -> Counter[int]:
         return Counter(http("GET", f"http://{address}/")[0] for _ in range(8))
 
-    wait_until(lambda: outcomes()[200] > 0, 30, "the proxy to use the manual EndpointSlices")
+    # Both slices known to the proxy (it may see the alive one a sync before the refusing one).
+    wait_until(lambda: (lambda c: c[200] > 0 and c[0] > 0)(outcomes()), 30,
+               "the proxy to use both manual EndpointSlices")
     seen = outcomes()
     assert seen[200] == 4 and seen[0] == 4, seen  # round-robin over both; every other connection fails
 
