@@ -28,7 +28,7 @@ from .labels import (
     selector_labels,
     servers_service_name,
 )
-from .server import NON_ROOT_UID, PRESTOP_SLEEP_SECONDS
+from .server import NON_ROOT_UID, PRESTOP_SLEEP_SECONDS, http_probe, restricted_container_security_context
 
 # SIGTERM: in-flight requests finish (held ones are answered 503 at once, so clients retry another
 # router pod); a streamed answer may take as long as the servers' own drain.
@@ -52,11 +52,6 @@ def router_args(namespace: str, name: str, spec: LLMDeploymentSpec) -> list[str]
     ]
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period, "timeoutSeconds": 3,
-            "failureThreshold": failures}
-
-
 def build_router_pod_template(namespace: str, name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "router",
@@ -67,15 +62,10 @@ def build_router_pod_template(namespace: str, name: str, spec: LLMDeploymentSpec
         "env": [{"name": "HOME", "value": "/tmp"}],
         # /health fails when the EndpointSlice watch is gone; /ready only while draining: a router
         # with no ready server is exactly what must receive (and hold) requests.
-        "livenessProbe": _probe("/health", 10, 3),
-        "readinessProbe": _probe("/ready", 2, 2),
+        "livenessProbe": http_probe("/health", 10, 3),
+        "readinessProbe": http_probe("/ready", 2, 2),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container_security_context(),
         "resources": ROUTER_RESOURCES,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }

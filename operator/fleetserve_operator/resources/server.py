@@ -105,7 +105,18 @@ def _resources(spec: LLMDeploymentSpec) -> dict[str, Any]:
     return out
 
 
-def _probe(path: str, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
+def restricted_container_security_context() -> dict[str, Any]:
+    """The container securityContext of every pod fleetserve renders (server, router): what the
+    restricted Pod Security profile asks of a container, a fresh dict each call."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def http_probe(path: str, period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": PORT_NAME},
         "periodSeconds": period,
@@ -134,19 +145,14 @@ def _container(name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
         "command": ["fleetserve", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
         "ports": [{"name": PORT_NAME, "containerPort": SERVER_PORT, "protocol": "TCP"}],
         "env": env,
-        "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
-        "livenessProbe": _probe("/health", 10, 3),
-        "readinessProbe": _probe("/ready", 2, 2),
+        "startupProbe": http_probe("/health", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
+        "livenessProbe": http_probe("/health", 10, 3),
+        "readinessProbe": http_probe("/ready", 2, 2),
         # The sleep runs before SIGTERM, so endpoints are gone before the drain starts. An exec
         # (the image has coreutils) rather than the newer `sleep` action: every runtime, the dev
         # cluster's node agent included, runs exec hooks.
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_SECONDS)]}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container_security_context(),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "model-cache", "mountPath": CACHE_DIR},
