@@ -9,7 +9,12 @@ so a regression shows up as a FailedCreate and the test fails
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from autoscaler_harness import apply_crds, running_operator
 from fleetserve_devcluster.testing import DevClusterHandle
 
 RESTRICTED = ("pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest")
@@ -23,3 +28,16 @@ def enforce_restricted(cluster: DevClusterHandle, namespace: str) -> None:
 def namespace(namespace: str, dev_cluster: DevClusterHandle) -> str:
     enforce_restricted(dev_cluster, namespace)
     return namespace
+
+
+# The operator as its own process on the test's namespace (metrics URL); its log tail on the way out.
+@pytest.fixture
+def operator(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> Iterator[str]:
+    apply_crds(dev_cluster)
+    log = tmp_path / "operator.log"
+    try:
+        with running_operator(dev_cluster, namespace, log) as metrics_url:
+            yield metrics_url
+    finally:
+        if log.exists():
+            sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-6000:]}\n")

@@ -15,7 +15,6 @@ import random
 import string
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -27,13 +26,11 @@ from autoscaler_harness import (  # noqa: E402 - the harness sits next to this f
     Fleet,
     Load,
     Recorder,
-    apply_crds,
     llmd_manifest,
     make_model,
     pod_metric,
     pod_queue,
     read_url,
-    running_operator,
 )
 
 pytestmark = pytest.mark.slow
@@ -50,17 +47,6 @@ def model_dir(dev_cluster: DevClusterHandle) -> Path:
     # Not under /tmp: the pods mount their own emptyDir there. The cluster's state dir goes with `down`.
     return make_model(dev_cluster.state_dir / "test-models" / "tiny-llama")
 
-
-@pytest.fixture
-def operator(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> Iterator[str]:
-    apply_crds(dev_cluster)
-    log = tmp_path / "operator.log"
-    try:
-        with running_operator(dev_cluster, namespace, log) as metrics_url:
-            yield metrics_url
-    finally:
-        if log.exists():
-            sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-6000:]}\n")
 
 
 def autoscaling(**overrides: object) -> dict[str, object]:

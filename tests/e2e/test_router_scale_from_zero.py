@@ -33,7 +33,7 @@ import pytest
 from fleetserve_devcluster.testing import DevClusterHandle, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent))
-from autoscaler_harness import SERVED_NAME, Fleet, apply_crds, llmd_manifest, make_model, running_operator  # noqa: E402
+from autoscaler_harness import SERVED_NAME, Fleet, llmd_manifest, make_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +54,6 @@ def model_dir(dev_cluster: DevClusterHandle) -> Iterator[Path]:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-
-@pytest.fixture
-def operator(dev_cluster: DevClusterHandle, namespace: str, tmp_path: Path) -> Iterator[str]:
-    apply_crds(dev_cluster)
-    log = tmp_path / "operator.log"
-    try:
-        with running_operator(dev_cluster, namespace, log) as metrics_url:
-            yield metrics_url
-    finally:
-        if log.exists():
-            sys.stderr.write(f"--- operator log (tail) ---\n{log.read_text()[-6000:]}\n")
 
 
 def manifest(model_dir: Path) -> dict[str, Any]:
