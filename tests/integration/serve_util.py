@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +28,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fleetserve_server.testing import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model: Path):  # type: ignore[no-untyped-def]
+    """The same tiny model in transformers (float32, eval), with its tokenizer: the reference."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
+    return model, tok
+
+
+def openai_client(proc: ServerProcess, *, timeout: float = 120.0) -> Any:
+    """The official openai SDK pointed at ``proc`` (no retries: a test sees every answer as sent)."""
+    import openai
+
+    return openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def launch(model: Path, log_dir: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:

@@ -3,29 +3,16 @@ real `fleetserve serve`, compared with transformers' log-softmax of the same mod
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import openai
 import pytest
 from fleetserve_server.bench.launch import ServerProcess
-from serve_util import MODEL, server, tiny_model  # noqa: F401 - fixtures
+from serve_util import MODEL, hf, server, tiny_model  # noqa: F401 - fixtures
+from serve_util import openai_client as client
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-3
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model: Path):  # type: ignore[no-untyped-def]  # noqa: F811
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    return model, tok
-
-
-def client(proc: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def hf_logprobs(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -3,28 +3,15 @@ against a real `fleetserve serve`, with transformers as the reference where one 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import openai
 import pytest
 from fleetserve_server.bench.launch import ServerProcess
-from serve_util import MODEL, metric, server, tiny_model  # noqa: F401 - fixtures
+from serve_util import MODEL, hf, metric, server, tiny_model  # noqa: F401 - fixtures
+from serve_util import openai_client as client
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_model: Path):  # type: ignore[no-untyped-def]  # noqa: F811
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
-    return model, tok
-
-
-def client(proc: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proc.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def hf_greedy(model, ids: list[int], steps: int, *, presence: float = 0.0, frequency: float = 0.0,  # type: ignore[no-untyped-def]
