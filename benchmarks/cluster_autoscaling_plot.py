@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                 r["waiting"] for r in rows) else None}
 
 
-def plot(data: dict[str, Any], png: Path) -> None:
+def plot_timeline(data: dict[str, Any], png: Path, counts: list[tuple[str, str, str]], title: str) -> None:
+    """Load on top; desired/ready replicas and the ``counts`` series (row key, label, line style) below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,21 +64,27 @@ def plot(data: dict[str, Any], png: Path) -> None:
     top.legend(loc="upper right")
     bottom.step(t, [r["desired"] or 0 for r in rows], where="post", label="desired replicas")
     bottom.step(t, [r["ready"] or 0 for r in rows], where="post", label="ready replicas")
-    bottom.step(t, [r["waiting"] for r in rows], where="post", label="pods waiting for nodes", linestyle="--")
-    bottom.step(t, [r["nodes"] for r in rows], where="post", label="nodes", linestyle=":")
-    bottom.step(t, [r["ready_nodes"] for r in rows], where="post", label="Ready nodes", linestyle="-.")
+    for key, label, style in counts:
+        bottom.step(t, [r[key] for r in rows], where="post", label=label, linestyle=style)
     bottom.set_xlabel("seconds since the load started")
     bottom.set_ylabel("count")
     bottom.legend(loc="upper right", fontsize="small")
-    fig.suptitle(f"Fleet on autoscaled GPU nodes (provisioning delay {data['provision_s']} s; "
-                 f"{data['ok']} requests ok, {data['failed']} failed)")
+    fig.suptitle(f"{title}; {data['ok']} requests ok, {data['failed']} failed)")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("timeline", type=Path, help="the JSON the e2e wrote ($FLEETSERVE_CA_TIMELINE)")
+def plot(data: dict[str, Any], png: Path) -> None:
+    plot_timeline(data, png, [("waiting", "pods waiting for nodes", "--"), ("nodes", "nodes", ":"),
+                              ("ready_nodes", "Ready nodes", "-.")],
+                  f"Fleet on autoscaled GPU nodes (provisioning delay {data['provision_s']} s")
+
+
+def cli(doc: str | None, env_var: str, summarize: Callable[[dict[str, Any]], dict[str, Any]],
+        plot: Callable[[dict[str, Any], Path], None]) -> int:
+    """Print the timeline's summary as JSON; with --png, plot it too."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("timeline", type=Path, help=f"the JSON the e2e wrote (${env_var})")
     parser.add_argument("--png", type=Path, default=None, help="write the plot here")
     args = parser.parse_args()
     data = json.loads(args.timeline.read_text())
@@ -84,6 +92,10 @@ def main() -> int:
     if args.png:
         plot(data, args.png)
     return 0
+
+
+def main() -> int:
+    return cli(__doc__, "FLEETSERVE_CA_TIMELINE", summarize, plot)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,12 @@ replica under load, the load's end, and Karpenter's removal of the emptied nodes
 
 from __future__ import annotations
 
-import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster_autoscaling_plot import cli, plot_timeline  # noqa: E402 - the same two-panel timeline
 
 
 def first(rows: list[dict[str, Any]], t0: float, pred: Any, after: float = 0.0) -> float | None:
@@ -42,41 +44,12 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(data: dict[str, Any], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in data["rows"] if "error" not in r]
-    t0 = rows[0]["t"]
-    t = [r["t"] - t0 for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    top.plot(t, [r["in_flight"] for r in rows], label="requests in flight", color="tab:gray")
-    top.set_ylabel("load")
-    top.legend(loc="upper right")
-    bottom.step(t, [r["desired"] or 0 for r in rows], where="post", label="desired replicas")
-    bottom.step(t, [r["ready"] or 0 for r in rows], where="post", label="ready replicas")
-    bottom.step(t, [r["nodeclaims"] for r in rows], where="post", label="NodeClaims", linestyle="--")
-    bottom.step(t, [r["ready_nodes"] for r in rows], where="post", label="Karpenter nodes Ready", linestyle=":")
-    bottom.set_xlabel("seconds since the load started")
-    bottom.set_ylabel("count")
-    bottom.legend(loc="upper right", fontsize="small")
-    fig.suptitle(f"Karpenter {data.get('karpenter', '')} GPU nodes for a fleet (node boot {data['provision_s']} s; "
-                 f"{data['ok']} requests ok, {data['failed']} failed)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    plot_timeline(data, png, [("nodeclaims", "NodeClaims", "--"), ("ready_nodes", "Karpenter nodes Ready", ":")],
+                  f"Karpenter {data.get('karpenter', '')} GPU nodes for a fleet (node boot {data['provision_s']} s")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("timeline", type=Path, help="the JSON the e2e wrote ($FLEETSERVE_KARPENTER_TIMELINE)")
-    parser.add_argument("--png", type=Path, default=None, help="write the plot here")
-    args = parser.parse_args()
-    data = json.loads(args.timeline.read_text())
-    print(json.dumps(summarize(data), indent=1))
-    if args.png:
-        plot(data, args.png)
-    return 0
+    return cli(__doc__, "FLEETSERVE_KARPENTER_TIMELINE", summarize, plot)
 
 
 if __name__ == "__main__":
