@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +32,17 @@ def wide_kv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            num_heads=8, num_kv_heads=8, intermediate_size=128, max_position_embeddings=4096)
 
 
-def rss_bytes(pid: int) -> int:
+def status_bytes(pid: int, field: str) -> int:
+    """A size from /proc/PID/status: VmRSS (resident), VmHWM (its peak so far), RssAnon (the
+    anonymous part: heap, KV cache, weights copied into memory; not the mapped library files)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    return status_bytes(pid, "VmRSS")
 
 
 def fill_cache(url: str, tokens: int, *, prompt_len: int = 500, max_tokens: int = 8) -> int:
@@ -56,7 +63,11 @@ def fill_cache(url: str, tokens: int, *, prompt_len: int = 500, max_tokens: int 
 
 
 def test_kv_cache_is_resident_before_ready(wide_kv_model: Path, tmp_path: Path) -> None:
-    proc = launch(wide_kv_model, tmp_path, "--kv-cache-tokens", str(KV_TOKENS), "--max-num-seqs", "8")
+    # --malloc-trim-seconds 1: once the load is over the server hands the heap the burst left free back
+    # to the OS within about a second, so what stays resident is what the process keeps, not glibc's
+    # cache of freed activations (40-100 MiB here, more the busier the machine: see README, Serving).
+    proc = launch(wide_kv_model, tmp_path, "--kv-cache-tokens", str(KV_TOKENS), "--max-num-seqs", "8",
+                  "--malloc-trim-seconds", "1")
     try:
         url, pid = proc.base_url, proc.process.pid
         kv_bytes = metric(url, "fleetserve_model_memory_bytes", kind="kv_cache")
@@ -65,11 +76,19 @@ def test_kv_cache_is_resident_before_ready(wide_kv_model: Path, tmp_path: Path) 
         assert ready > kv_bytes, f"RSS after /ready ({ready / 2**20:.0f} MiB) does not even hold the KV cache"
         fill_cache(url, KV_TOKENS)
         assert metric(url, "fleetserve_prompt_tokens") >= KV_TOKENS  # every block was written at least once
-        loaded = rss_bytes(pid)
-        assert loaded <= ready * 1.05, (
-            f"RSS grew from {ready / 2**20:.0f} MiB after /ready to {loaded / 2**20:.0f} MiB under load "
-            f"(+{(loaded - ready) / 2**20:.0f} MiB): memory was committed by traffic, not at startup"
-        )
+        # The peak under load: a cache committed by traffic would add its 512 MiB here.
+        peak = status_bytes(pid, "VmHWM")
+        assert peak <= ready + kv_bytes // 2, (
+            f"peak RSS under load {peak / 2**20:.0f} MiB vs {ready / 2**20:.0f} MiB after /ready "
+            f"(+{(peak - ready) / 2**20:.0f} MiB): the KV cache was committed by traffic, not at startup")
+        # What stays resident once the server is idle again: within 5 % of what it held at /ready.
+        deadline = time.monotonic() + 30
+        while (kept := rss_bytes(pid)) > ready * 1.05 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert kept <= ready * 1.05, (
+            f"RSS grew from {ready / 2**20:.0f} MiB after /ready to {kept / 2**20:.0f} MiB after the load "
+            f"(+{(kept - ready) / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB): memory was committed by "
+            "traffic, not at startup")
     finally:
         assert proc.stop() == 0, proc.log_tail()
 
@@ -123,6 +142,15 @@ def _launch_in(cgroup: Path, model: Path, log_dir: Path, *flags: str, common: bo
                         timeout=300, env=SERVER_ENV)
 
 
+def _oom_kills(cgroup: Path) -> int | None:
+    """The cgroup's OOM-kill count (``oom_kill`` in memory.oom_control, kernels >= 4.13), None if absent."""
+    for line in (cgroup / "memory.oom_control").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
+
+
 def test_kv_cache_sized_from_the_cgroup_limit(wide_kv_model: Path, tmp_path: Path, memory_cgroup: Path) -> None:
     limit = 2 * 2**30
     (memory_cgroup / "memory.limit_in_bytes").write_text(str(limit))
@@ -136,7 +164,10 @@ def test_kv_cache_sized_from_the_cgroup_limit(wide_kv_model: Path, tmp_path: Pat
         assert tokens < 65536, "the KV cache was not sized from the cgroup limit"
         fill_cache(proc.base_url, tokens)  # the whole cache in use: the limit holds, no OOM kill
         assert proc.process.poll() is None, proc.log_tail()
-        assert rss_bytes(proc.process.pid) < limit
+        assert _oom_kills(memory_cgroup) in (0, None), "the kernel OOM-killed a process in the server's cgroup"
+        # The process's own memory fits the limit. (VmRSS may not: it also counts the pages of
+        # torch's libraries mapped from the page cache, charged to whichever cgroup read them first.)
+        assert status_bytes(proc.process.pid, "RssAnon") < limit
     finally:
         assert proc.stop() == 0, proc.log_tail()
 
