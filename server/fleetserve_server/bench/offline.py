@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,10 @@ class Result:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / statistics.median(self.seconds)
+
+    @property
+    def run_tokens_per_s(self) -> list[float]:
+        return [self.tokens / s for s in self.seconds]
 
 
 def make_workload(kind: str, n: int, input_len: int, output_len: int, vocab: int, seed: int) -> Workload:
@@ -156,20 +161,34 @@ def run(args: argparse.Namespace) -> int:
     report["matmul_peak_gflops"] = round(peak, 1)
     print(f"machine: {report['machine']}\nmatmul peak ({args.dtype}, 1024^3): {peak:.1f} GFLOPS", flush=True)
     flops = FlopCounter(cfg)
-    results = run_fleetserve(args, workload, flops, resolved.path)
-    for r in results:
-        _progress(r)
-    if len(results) == 2:
-        ratio = results[1].tokens_per_s / results[0].tokens_per_s
-        report["default_vs_greedy"] = ratio
-        print(f"  default sampling / greedy (medians of {args.runs} interleaved runs): {ratio:.2f}x", flush=True)
+    # Every system is loaded and warmed up first, then the systems run interleaved round by round
+    # (fleetserve, baseline 1, baseline 2, fleetserve, ...), so a change in the machine's load
+    # between rounds reaches every system alike; each ratio is the median of the per-round ratios.
+    results, fleetserve_round = prepare_fleetserve(args, workload, flops, resolved.path)
+    rounds: list[tuple[Result, Callable[[], None]]] = [(r, fleetserve_round) for r in results[:1]]
     hf_model = None
     for name in baselines:
         if hf_model is None:
             hf_model = hf_baselines.load_hf(resolved.path, dtype)
-        results.append(hf_baselines.run_baseline(name, hf_model, workload, args, flops))
-        _progress(results[-1])
-        peak = max(peak, matmul_peak_gflops(torch, dtype, seconds=1.0))
+        result, one = hf_baselines.prepare_baseline(name, hf_model, workload, args, flops)
+        results.append(result)
+        rounds.append((result, one))
+    loads: list[float] = []
+    for i in range(args.runs):
+        loads.append(_load_average())
+        for _, one in rounds:
+            one()
+        print(f"  round {i + 1}/{args.runs} (load average {loads[-1]:.1f} at start): "
+              + ", ".join(f"{r.name} {r.run_tokens_per_s[-1]:.1f}" for r in results) + " tok/s", flush=True)
+    loads.append(_load_average())
+    report["load_average_per_round"] = [round(x, 2) for x in loads]
+    for r in results:
+        _progress(r)
+    if args.sampling == "both":
+        ratio = results[1].tokens_per_s / results[0].tokens_per_s
+        report["default_vs_greedy"] = ratio
+        print(f"  default sampling / greedy (medians of {args.runs} interleaved runs): {ratio:.2f}x", flush=True)
+    peak = max(peak, matmul_peak_gflops(torch, dtype, seconds=1.0))
     report["matmul_peak_gflops"] = round(peak, 1)
     _print_throughput(results, peak, report)
     del hf_model
@@ -188,10 +207,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCounter,
-                   model_path: Any = None) -> list[Result]:
-    """fleetserve's throughput; with ``--sampling both`` two results (greedy, default) measured
-    interleaved, run by run, on one engine."""
+def prepare_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCounter,
+                       model_path: Any = None) -> tuple[list[Result], Callable[[], None]]:
+    """fleetserve's engine, loaded and warmed up, and a function that measures one round: the whole
+    workload once per sampling mode (with ``--sampling both`` two results, greedy and default,
+    measured one after the other on one engine)."""
     from fleetserve_server import LLM, SamplingParams
     from fleetserve_server.api.server import sampling_defaults
 
@@ -230,7 +250,7 @@ def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCoun
                for mode in modes}
     if len(modes) == 1 and modes[0] == "default":
         results["default"].name = "fleetserve-default"
-    for _ in range(args.runs):
+    def one_round() -> None:
         for mode in modes:
             result = results[mode]
             steps.clear()
@@ -245,7 +265,8 @@ def run_fleetserve(args: argparse.Namespace, workload: Workload, flops: FlopCoun
                                         "steps": sum(1 for p, _, _ in steps if p == is_prefill)}
             if result.tokens != workload.output_tokens:
                 raise RuntimeError(f"fleetserve produced {result.tokens} tokens, expected {workload.output_tokens}")
-    return list(results.values())
+
+    return list(results.values()), one_round
 
 
 def _progress(r: Result) -> None:
@@ -253,20 +274,35 @@ def _progress(r: Result) -> None:
           flush=True)
 
 
+def round_ratios(ours: Result, other: Result) -> list[float]:
+    """fleetserve's tok/s over ``other``'s, round by round (the two ran back to back in each round)."""
+    return [a / b for a, b in zip(ours.run_tokens_per_s, other.run_tokens_per_s, strict=True)]
+
+
 def _print_throughput(results: list[Result], peak: float, report: dict) -> None:
     ours = results[0]
-    print(f"\n{'system':<18}{'output tok/s':>14}{'median s':>10}{'fleetserve x':>14}   phases (GFLOPS, % of peak)")
+    print(f"\n{'system':<18}{'output tok/s':>14}{'median s':>10}{'fleetserve x (min-max)':>26}"
+          "   phases of the last round (GFLOPS, % of peak)")
     rows = []
     for r in results:
-        ratio = ours.tokens_per_s / r.tokens_per_s
+        ratios = round_ratios(ours, r)
+        ratio = statistics.median(ratios)
+        spread = f"{ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         phases = ", ".join(
             f"{k} {v['gflops']:.1f} ({100 * v['gflops'] / peak:.0f}%) in {v['seconds']:.2f}s"
             for k, v in r.phases.items()
         )
-        print(f"{r.name:<18}{r.tokens_per_s:>14.1f}{statistics.median(r.seconds):>10.2f}{ratio:>14.2f}   {phases}")
+        print(f"{r.name:<18}{r.tokens_per_s:>14.1f}{statistics.median(r.seconds):>10.2f}{spread:>26}   {phases}")
         rows.append({"name": r.name, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds, "tokens": r.tokens,
-                     "fleetserve_ratio": ratio, "phases": r.phases})
+                     "run_tokens_per_s": r.run_tokens_per_s, "fleetserve_ratio": ratio,
+                     "fleetserve_ratio_per_run": ratios, "phases": r.phases})
     report["throughput"] = rows
+
+
+def _load_average() -> float:
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def _machine(torch: Any) -> str:

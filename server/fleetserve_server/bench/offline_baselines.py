@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleetserve_server.bench.offline import FlopCounter, Result, Workload
@@ -26,12 +27,17 @@ def load_hf(path: Any, dtype: Any) -> Any:
     return model.eval()
 
 
-def run_baseline(name: str, model: Any, workload: Workload, args: argparse.Namespace, flops: FlopCounter) -> Result:
+def prepare_baseline(name: str, model: Any, workload: Workload, args: argparse.Namespace,
+                     flops: FlopCounter) -> tuple[Result, Callable[[], None]]:
+    """The baseline warmed up (its code path once on the first two prompts, a few tokens each), and a
+    function that measures one round of the whole workload into the returned result."""
     runner = {"hf-sequential": _sequential, "hf-static": _static, "transformers-cb": _continuous}[name]
+    warm = Workload(workload.prompts[:2], [min(4, o) for o in workload.output_lens[:2]])
+    if name == "transformers-cb":
+        warm = Workload(workload.prompts[:2], [min(4, workload.output_lens[0])] * 2)
+    runner(model, warm, argparse.Namespace(**{**vars(args), "sequential_prompts": 2}), flops, Result(name))
     result = Result(name)
-    for _ in range(args.runs):
-        runner(model, workload, args, flops, result)
-    return result
+    return result, lambda: runner(model, workload, args, flops, result)
 
 
 def _generate(model: Any, batch: list[list[int]], new_tokens: int) -> Any:

@@ -1,7 +1,8 @@
 """`fleetserve bench serve`: load-test OpenAI-compatible servers and compare them in one run.
 
-Targets, measured one after another with the same workload (the same seed,
-so the same prompts and arrival times):
+Targets, all started and warmed up first, then measured interleaved round by
+round (``--runs``) with the same workload within a round (the same seed, so the
+same prompts and arrival times; a new seed each round):
 
 * fleetserve: ``--base-url`` of a running server, or (default) a
   ``fleetserve serve`` the bench starts itself on a free loopback port;
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +62,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every server the bench starts (OMP_NUM_THREADS; the naive "
                              "baseline also calls torch.set_num_threads); default: torch's own choice")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="rounds: every server is measured once per round, the servers interleaved "
+                             "(A B A B ...) after a warm-up of each; ratios are medians over the rounds")
     parser.add_argument("--output-json", type=Path, default=None)
     parser.add_argument("--log-dir", type=Path, default=None, help="where server logs go (default: a temp dir)")
     parser.set_defaults(handler=run)
@@ -106,7 +112,8 @@ def _force_length(name: str, output_len: int) -> dict[str, Any]:
     return {"ignore_eos": True}
 
 
-def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str | None) -> Any:
+def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str | None,
+             force_name: str | None = None) -> Any:
     import asyncio
 
     from fleetserve_server.bench.loadgen import run_workload, summarize
@@ -119,7 +126,7 @@ def _measure(name: str, base_url: str, args: argparse.Namespace, model_name: str
     results, duration = asyncio.run(run_workload(
         base_url=base_url, model=model, conversations=_workload(args), request_rate=args.request_rate,
         concurrency=args.concurrency, api_key=args.api_key, seed=args.seed, timeout=args.timeout,
-        extra_body=_force_length(name, args.output_len)))
+        extra_body=_force_length(force_name or name, args.output_len)))
     after = _scrape_prefix_cache(root)
     hit_rate = None
     if before is not None and after is not None and after[0] > before[0]:
@@ -164,26 +171,22 @@ def _transformers_serve_argv(model_dir: Path, port: int) -> list[str] | None:
             str(model_dir)]
 
 
-def run(args: argparse.Namespace) -> int:
+def _start_servers(args: argparse.Namespace, log_dir: Path, notes: list[str]) -> list[tuple[str, str, Any, Any]]:
+    """Every system to measure, started and ready: (name, OpenAI base URL, served model name or None,
+    the server process or None for ``--base-url``)."""
     from fleetserve_server.bench import launch
-    from fleetserve_server.bench.loadgen import format_table
 
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-bench-"))
-    summaries = []
-    notes: list[str] = []
     threads_env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    targets: list[tuple[str, str, Any, Any]] = []
     if not args.no_fleetserve:
         if args.base_url:
-            summaries.append(_measure("fleetserve", args.base_url, args, args.served_model_name))
+            targets.append(("fleetserve", args.base_url, args.served_model_name, None))
         else:
             port = launch.free_port()
             server = launch.start_server(
                 "fleetserve", launch.fleetserve_argv(args.model, port, args.server_arg), port=port,
                 ready_path="/ready", log_dir=log_dir, timeout=args.startup_timeout, env=threads_env)
-            try:
-                summaries.append(_measure("fleetserve", server.base_url + "/v1", args, args.served_model_name))
-            finally:
-                server.stop()
+            targets.append(("fleetserve", server.base_url + "/v1", args.served_model_name, server))
     for baseline in args.baseline:
         port = launch.free_port()
         model_name = None
@@ -209,27 +212,73 @@ def run(args: argparse.Namespace) -> int:
             notes.append(f"{baseline}: could not start ({str(exc).splitlines()[0]}); log: {log_dir}/{baseline}.log")
             print(f"[bench] {notes[-1]}", flush=True)
             continue
-        try:
-            summaries.append(_measure(baseline, server.base_url + "/v1", args, model_name))
-        finally:
-            server.stop()
+        targets.append((baseline, server.base_url + "/v1", model_name, server))
+    return targets
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleetserve_server.bench.loadgen import format_table
+
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="fleetserve-bench-"))
+    notes: list[str] = []
+    # Every server is started and warmed up first (a few requests of the workload's shape), then the
+    # servers are measured interleaved, round by round (A B A B A B), so a change in the machine's load
+    # reaches all of them alike. Each round draws new prompts (seed + round): the same for every server
+    # within a round, never one that fleetserve's prefix cache has already seen in an earlier round.
+    targets = _start_servers(args, log_dir, notes)
+    rounds: list[list[Any]] = []
+    try:
+        warm = argparse.Namespace(**{**vars(args), "num_prompts": min(2, args.num_prompts),
+                                     "output_len": min(8, args.output_len), "seed": args.seed + 10_000})
+        for name, url, model_name, _ in targets:
+            _measure(f"{name} (warm-up)", url, warm, model_name, force_name=name)
+        for i in range(args.runs):
+            this = argparse.Namespace(**{**vars(args), "seed": args.seed + i})
+            rounds.append([_measure(name, url, this, model_name) for name, url, model_name, _ in targets])
+            print(f"[bench] round {i + 1}/{args.runs} (load average {os.getloadavg()[0]:.1f}): "
+                  + ", ".join(f"{s.name} {s.output_throughput:.1f}" for s in rounds[-1]) + " output tok/s",
+                  flush=True)
+    finally:
+        for _, _, _, server in targets:
+            if server is not None:
+                server.stop()
+    summaries = [summary for one in rounds for summary in one]
+    for i, one in enumerate(rounds):
+        for summary in one:
+            if args.runs > 1:
+                summary.name = f"{summary.name} #{i + 1}"
     print(format_table(summaries))
     for note in notes:
         print(note)
-    if len(summaries) > 1 and summaries[0].name == "fleetserve":
-        for other in summaries[1:]:
-            if other.output_throughput > 0:
-                print(f"fleetserve / {other.name}: {summaries[0].output_throughput / other.output_throughput:.2f}x "
-                      "output tokens/s")
+    ratios = _round_ratios(rounds)
+    for name, values in ratios.items():
+        print(f"fleetserve / {name}: {statistics.median(values):.2f}x output tokens/s (median of {len(values)} "
+              f"interleaved rounds; min {min(values):.2f}x, max {max(values):.2f}x)")
     if args.output_json:
         report = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("handler", "api_key")},
             "results": [s.to_dict() for s in summaries],
+            "rounds": [[s.to_dict() for s in one] for one in rounds],
+            "fleetserve_ratios": {name: {"per_round": values, "median": statistics.median(values),
+                                         "min": min(values), "max": max(values)} for name, values in ratios.items()},
             "notes": notes,
         }
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(report, indent=2, default=str))
         print(f"[bench] wrote {args.output_json}")
     return 0 if all(s.failures == 0 for s in summaries) else 1
+
+
+def _round_ratios(rounds: list[list[Any]]) -> dict[str, list[float]]:
+    """fleetserve's output tok/s over each baseline's, per round (both measured back to back)."""
+    ratios: dict[str, list[float]] = {}
+    for one in rounds:
+        if not one or not one[0].name.startswith("fleetserve"):
+            continue
+        for other in one[1:]:
+            if other.output_throughput > 0:
+                ratios.setdefault(other.name.split(" #")[0], []).append(
+                    one[0].output_throughput / other.output_throughput)
+    return ratios
