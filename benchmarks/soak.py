@@ -11,7 +11,8 @@
    warm-up + ``--minutes``: chat requests of mixed prompt length (10-600
    words) and output length (8-128 tokens), half streamed; 10 % are streams
    the client closes after a few chunks (cancelled), 3 % are invalid
-   (``temperature: -1``, expected 400).
+   (``temperature: -1``, expected 400). With ``--same-windows`` every window
+   replays one identical stream (see ``schedule``).
 4. Every ``--sample-seconds``: RSS (``/proc/PID/status``), free/total KV blocks
    (``/metrics``), running/waiting; every 4th sample the gc object count.
    Per window (``--window-minutes``): p50/p99 TTFT and TPOT of the streamed
@@ -85,10 +86,10 @@ def prompt(rng: random.Random) -> str:
 
 
 async def one(client: httpx.AsyncClient, model: str, kind: str, rng: random.Random, t0: float,
-              soak: Soak) -> None:
+              soak: Soak, salt: str = "") -> None:
     start = time.monotonic()
     max_tokens = rng.choice([8, 32, 64, 128])
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt(rng)}],
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": salt + prompt(rng)}],
                             "max_tokens": max_tokens, "ignore_eos": True}
     result = Result(start - t0, kind, "ok")
     try:
@@ -197,6 +198,35 @@ async def sampler(client: httpx.AsyncClient, pid: int, t0: float, every: float, 
             pass
 
 
+def schedule(args: argparse.Namespace, rate: float, total: float) -> list[tuple[float, str, float, str]]:
+    """Every request of the soak: (seconds after the start, kind, seed of its prompt and lengths, salt).
+
+    Default: one Poisson stream over the whole soak. ``--same-windows``: the warm-up has a stream of its
+    own, then every ``--window-minutes`` window replays one identical stream (the same arrival times,
+    kinds, prompt and output lengths), so the windows' latency percentiles compare the server with
+    itself over time, not one random sample of arrivals with another. Each window's prompts start with
+    their own salt, so no window is served from the prefix cache the previous one filled.
+    """
+    def stream(rng: random.Random, start: float, stop: float, salt: str) -> list[tuple[float, str, float, str]]:
+        out, t = [], start
+        while t < stop:
+            out.append((t, pick_kind(rng), rng.random(), salt))
+            t += rng.expovariate(rate)
+        return out
+
+    if not args.same_windows:
+        return stream(random.Random(args.seed), 0.0, total, "")
+    warm, width = args.warmup_minutes * 60, args.window_minutes * 60
+    plan = stream(random.Random(args.seed + 1), 0.0, warm, "warm-up: ")
+    start, index = warm, 0
+    while start < total - 1:
+        stop = min(start + width, total)
+        plan += [(start + dt, kind, seed, f"window {index}: ")
+                 for dt, kind, seed, _ in stream(random.Random(args.seed), 0.0, stop - start, "")]
+        start, index = stop, index + 1
+    return plan
+
+
 def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
@@ -272,13 +302,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             total = (args.warmup_minutes + args.minutes) * 60
             stop = asyncio.Event()
             sampling = asyncio.create_task(sampler(client, pid, t0, args.sample_seconds, stop, soak))
-            rng = random.Random(args.seed)
             tasks: set[asyncio.Task[None]] = set()
-            while time.monotonic() - t0 < total:
-                task = asyncio.create_task(one(client, model, pick_kind(rng), random.Random(rng.random()), t0, soak))
+            for offset, kind, seed, salt in schedule(args, rate, total):
+                await asyncio.sleep(max(0.0, t0 + offset - time.monotonic()))
+                task = asyncio.create_task(one(client, model, kind, random.Random(seed), t0, soak, salt))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                await asyncio.sleep(rng.expovariate(rate))
             if tasks:
                 await asyncio.wait(tasks, timeout=600)
             await asyncio.sleep(2 * args.sample_seconds)  # idle samples: blocks released, aborts applied
@@ -312,6 +341,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "kv_blocks_total": end_metrics.get("fleetserve_kv_cache_blocks_total"),
         "malloc_trim_at_end": trim, "debug_memory_end": debug_end, "windows": wins, "p99_worst_over_first": worst,
         "malloc_arena_max": args.malloc_arena_max, "server_flags": args.server_flag,
+        "same_windows": args.same_windows,
         "load_average_end": os.getloadavg(),
         "samples": [asdict(s) for s in soak.samples],
     }
@@ -330,6 +360,9 @@ def main() -> int:
     parser.add_argument("--probe-seconds", type=float, default=90.0)
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--same-windows", action="store_true",
+                        help="replay one identical request stream in every window (salted against the prefix "
+                             "cache), so the windows' p99s compare the server over time, not two random samples")
     parser.add_argument("--label", default="soak")
     parser.add_argument("--malloc-arena-max", default=None, help="MALLOC_ARENA_MAX for the server process")
     parser.add_argument("--debug-memory", default="1", help="FLEETSERVE_DEBUG_MEMORY for the server (tracemalloc: "
