@@ -12,7 +12,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 operator_running() {
   [[ -f "$1" ]] || return 1
   local pid; pid="$(cat "$1")"
-  [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "fleetserve operator"
+  [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q "fleetserve operator"
 }
 
 # Earlier versions of this script kept the operator's pid in the cache dir, where `down` never saw it.
@@ -38,7 +38,22 @@ demo_cluster() {
   eval "$(fleetserve dev-cluster env "${cluster_flags[@]}")"
   echo "readyz: $(kubectl get --raw /readyz)"
   kubectl version
-  fleetserve dev-cluster status "${cluster_flags[@]}"
+  # Informational: it exits 1 while the operator an earlier demo started is gone, which demo_operator restarts.
+  fleetserve dev-cluster status "${cluster_flags[@]}" || true
+}
+
+# `start_operator PIDFILE LOG`: `fleetserve operator` for the cluster of $KUBECONFIG, detached (its own session),
+# outliving this script, with no file descriptor of ours but stdout/stderr (to LOG): one it inherited would keep
+# what this script was given open for as long as the operator runs (e.g. `flock LOCK hack/demo.sh`'s lock).
+start_operator() {
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    exec setsid fleetserve operator --namespace default --metrics-port 0 </dev/null >>"$2" 2>&1
+  ) &
+  echo $! >"$1"
 }
 
 demo_operator() {
@@ -60,12 +75,14 @@ demo_operator() {
     fi
     mkdir -p "$state/pids" "$state/logs"
     # One namespace: a shared dev cluster may hold other people's LLMDeployments.
-    setsid fleetserve operator --namespace default --metrics-port 0 </dev/null >>"$log" 2>&1 &
-    echo $! >"$pidfile"
+    start_operator "$pidfile" "$log"
     echo "$ca" >"$state/demo-operator.ca"
     echo "operator started (pid $!, log $log)"
   fi
   kubectl apply -f examples/smollm2-cpu.yaml
+  # An earlier demo left this fleet behind the router at minReplicas 0 (demo_router), where it is never Ready by
+  # itself: back to the example's spec (in a merge patch null removes a field; the API server defaults it again).
+  kubectl patch llmd smollm2-cpu --type=merge -p '{"spec": {"router": null, "autoscaling": null, "replicas": 1}}'
   echo "waiting for Ready (the first start converts the builtin model; a few minutes on a busy CPU)..."
   kubectl wait --for=condition=Ready --timeout=900s llmd/smollm2-cpu
   kubectl get llmd
@@ -145,9 +162,66 @@ demo_router() {
   echo "The operator stops with: fleetserve dev-cluster down"
 }
 
+# The Karpenter step runs on a dev cluster of its own, `<state>-karpenter` with ports at the main cluster's
+# base + 500, brought down when the step ends: the main cluster is the one the tests reuse, and they expect a
+# GPU pod beyond its GPUs to stay Pending, which Karpenter would end by provisioning a node for it.
+demo_karpenter() (  # a subshell: its KUBECONFIG and its EXIT trap stay here
+  step "cluster autoscaling: load grows the fleet onto a GPU node Karpenter provisions, then it shrinks"
+  local started=$SECONDS main_state; main_state="$(dirname "$KUBECONFIG")"
+  local state="$main_state-karpenter" name=tiny-gpu
+  local base; base=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["port_base"] + 500)' \
+    "$main_state/cluster.json")
+  fleetserve dev-cluster down --state-dir "$state" >/dev/null  # one an interrupted demo left behind
+  # Down when the step ends well; after a failure it stays up for a look (the next demo downs it first).
+  trap 'if (($?)); then echo "the Karpenter step failed; its cluster stays up: KUBECONFIG=$state/kubeconfig," \
+    "logs in $state/logs; then: fleetserve dev-cluster down --state-dir $state" >&2
+    else echo "bringing the Karpenter cluster down"; fleetserve dev-cluster down --state-dir "$state" >/dev/null; fi' EXIT
+  echo "a cluster of its own in $state: 1 static node with 1 GPU, and Karpenter's NodePool gpu that may add"
+  echo "2 GPU nodes, each registering 10 s after its NodeClaim (a real GPU node boots for minutes)"
+  fleetserve dev-cluster up --state-dir "$state" --port-base "$base" --nodes 1 --gpus-per-node 1 \
+    --karpenter --max-gpu-nodes 2 --node-provision-seconds 10
+  export KUBECONFIG="$state/kubeconfig"
+  kubectl get nodepools,nodes
+  kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
+  kubectl wait --for=condition=Established --timeout=60s crd/llmdeployments.fleetserve.io >/dev/null
+  # The operator as one of this cluster's processes: `down` stops it with the rest.
+  start_operator "$state/pids/demo-operator.pid" "$state/logs/demo-operator.log"
+  # A tiny random-weight Llama: the load needs many quick requests, not good answers, on a CPU shared by all.
+  # <state>/test-models is part of every pod's "image" in the dev cluster (the tests' models live there too).
+  TQDM_DISABLE=1 python -c 'import sys; from fleetserve_server.testing import make_tiny_llama
+make_tiny_llama(sys.argv[1])' "$state/test-models/tiny-llama"
+  # 1 GPU per replica (the dev cluster's GPUs are pretend: the server runs on CPU), 1 to 2 replicas, 2 requests
+  # in flight per replica wanted, scale-down after a 20 s window.
+  kubectl apply -f - <<YAML
+apiVersion: fleetserve.io/v1alpha1
+kind: LLMDeployment
+metadata:
+  name: $name
+spec:
+  model: {source: $state/test-models/tiny-llama, servedName: tiny}
+  resources: {gpus: 1, gpuMemory: 8Gi, memory: 2Gi}
+  engine: {maxModelLen: 512, maxNumSeqs: 4, maxBatchTokens: 512}
+  replicas: 1
+  autoscaling: {enabled: true, minReplicas: 1, maxReplicas: 2, targetQueueLength: 2, targetKVCacheUsage: 0.95,
+                scaleUpStabilizationSeconds: 0, scaleDownStabilizationSeconds: 20, scrapeIntervalSeconds: 2}
+YAML
+  kubectl wait --for=condition=Ready --timeout=300s "llmd/$name"
+  kubectl get pods -o wide
+  local addr=""
+  for _ in $(seq 1 120); do
+    addr=$(kubectl get service "$name" -o jsonpath='{.metadata.annotations.fleetserve\.io/proxy-address}')
+    [[ -n "$addr" ]] && curl -fsS "http://$addr/ready" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  python hack/demo_karpenter.py "$name" "$addr"
+  echo "the Karpenter step took $((SECONDS - started)) s; to run Karpenter yourself:"
+  echo "  fleetserve dev-cluster up --nodes 1 --gpus-per-node 1 --karpenter  (README: Cluster autoscaling)"
+)
+
 demo_cluster
 demo_operator
 demo_router
+demo_karpenter
 
 step "done"
 echo "The dev cluster keeps running; use it with:  eval \"\$(fleetserve dev-cluster env ${cluster_flags[*]})\""
