@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="with --karpenter: the NodePool's limits.nodes (default 3)")
     up.add_argument("--node-provision-seconds", type=_non_negative, default=20,
                     help="with --karpenter: the KWOKNodeClass's nodeRegistrationDelay, a GPU node's boot (default 20)")
+    up.add_argument("--monitoring", action="store_true",
+                    help="run the Prometheus Operator and a Prometheus with Kubernetes discovery (both built from "
+                         "the Go module proxy on first use, minutes); see fleetserve_devcluster/monitoring.py")
     _state_dir_arg(up)
     up.set_defaults(handler=run_up)
 
@@ -128,6 +131,14 @@ def run_up(args: argparse.Namespace) -> int:
                 karpenter.build()
             except tools.ToolMissingError as exc:
                 raise DevClusterError(str(exc)) from None
+        from . import monitoring, tools  # monitoring registers its components, enabled per state dir
+
+        if args.monitoring:
+            try:
+                monitoring.build()
+            except tools.ToolMissingError as exc:
+                raise DevClusterError(str(exc)) from None
+            monitoring.enable(_state_dir(args))
         up(_state_dir(args), config)
     except DevClusterError as exc:
         return main_error(exc)
@@ -140,6 +151,7 @@ def _state_flag(args: argparse.Namespace) -> str:
 
 
 def run_down(args: argparse.Namespace) -> int:
+    from . import monitoring  # noqa: F401  (its components stop before the control plane)
     from .controlplane import down
 
     down(_state_dir(args))
@@ -147,6 +159,7 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from . import monitoring
     from .controlplane import DevClusterError, main_error, status
 
     try:
@@ -162,6 +175,8 @@ def run_status(args: argparse.Namespace) -> int:
         health = "-" if r.healthy is None else ("ok" if r.healthy else "failing")
         print(f"{r.name:<24} {r.pid if r.pid is not None else '-':<8} "
               f"{'running' if r.running else 'stopped':<8} {health}")
+    if monitoring.enabled(cluster.state_dir):
+        print(f"prometheus {monitoring.prometheus_url(cluster.state_dir)}")
     from .proxy import proxy_addresses
 
     for service, address in sorted(proxy_addresses(cluster.state_dir).items()):
