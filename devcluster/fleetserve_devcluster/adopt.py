@@ -170,6 +170,8 @@ class Adopter:
         self.records: dict[str, Adopted] = {}
         self.allocators: dict[str, NodeAllocator] = {}
         self.next_heartbeat: dict[str, float] = {}
+        # Where `sync` reads the Nodes: a list request here; the node agent's Node informer (watch.py).
+        self.list_nodes: Callable[[], list[JsonObj]] = lambda: list(self.kube.get("/api/v1/nodes")["items"])
 
     def allocator(self, node: str) -> NodeAllocator | None:
         """The allocator of an adopted node whose pods may run (Ready or draining), else None."""
@@ -180,7 +182,7 @@ class Adopter:
 
     def sync(self, now: float, running_on: Callable[[str], int]) -> None:
         """One pass over every Node: adopt, make ready, heartbeat, drain, release."""
-        nodes = self.kube.get("/api/v1/nodes")["items"]
+        nodes = self.list_nodes()
         present = set()
         for node in nodes:
             name = node["metadata"]["name"]

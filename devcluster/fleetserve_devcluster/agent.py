@@ -2,8 +2,10 @@
 
 It registers `fs-node-0..N-1` as GPU nodes (`nvidia.com/gpu` capacity, GPU
 labels, Ready, Lease heartbeats so the node-lifecycle controller never taints
-them), watches the pods bound to them (polling every half second) and hands
-each pod to a `PodWorker` thread that runs its containers as local processes.
+them), watches the pods bound to them (one informer per node, `spec.nodeName=<node>`,
+as each kubelet watches its own; see watch.py) and hands each pod to a `PodWorker`
+thread that runs its containers as local processes.  It reacts to a pod change as soon
+as the watch delivers it; when idle it costs the API server only its heartbeats.
 On a real cluster the kubelet does all of this.
 """
 
@@ -34,10 +36,11 @@ from .pods import GPU_RESOURCE, MAX_NODES, NETWORK_BLOCKS, NodeAllocator, defaul
 from .podworker import AgentContext, PodWorker
 from .proxy import ServiceProxy
 from .status import now_rfc3339
+from .watch import Changes, Informer, ObjectCache
 
 JsonObj = dict[str, Any]
 log = logging.getLogger("fleetserve.devcluster.agent")
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.5  # the loop's timer (heartbeats, adoption delays) when no watch event wakes it sooner
 LEASE_SECONDS = 40
 LEASE_RENEW_SECONDS = 10
 NODE_STATUS_SECONDS = 30
@@ -127,6 +130,12 @@ class NodeAgent:
         # Nodes a cluster autoscaler creates (kwok.x-k8s.io/node: fake) are run too: see adopt.py.
         self.adopter = Adopter(ctx.kube, adopt_delay_s, self.nodes, net, cfg.gpus,
                                lambda name, ip, gpus, old: node_status(name, ip, replace(cfg, gpus=gpus), old))
+        # Pods and Nodes come from informers (watch.py): one Node informer (the adopter reads it) and
+        # one pod informer per node this agent runs; any change wakes the loop at once.
+        self.changes = Changes()
+        self.node_informer = Informer(ctx.kube, "/api/v1/nodes", changes=self.changes, name="nodes")
+        self.adopter.list_nodes = self.node_informer.items
+        self.pod_informers: dict[str, Informer] = {}
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
         self.next_lease = 0.0
@@ -191,8 +200,24 @@ class NodeAgent:
                 self._post_status(name, alloc, node)
 
     # ------------------------------------------------------------------ pods
+    def watch_pods(self) -> None:
+        """A pod informer for every node this agent runs (own and adopted), none for any other."""
+        wanted = set(self.nodes) | set(self.adopter.allocators)
+        for node in sorted(wanted - set(self.pod_informers)):
+            self.pod_informers[node] = Informer(self.kube, "/api/v1/pods", field_selector=f"spec.nodeName={node}",
+                                                changes=self.changes, name=f"pods on {node}").start()
+        for node in set(self.pod_informers) - wanted:
+            self.pod_informers.pop(node).stop(wait=False)
+
     def sync_pods(self) -> None:
-        pods = self.kube.get("/api/v1/pods")["items"]
+        """Start a worker per new pod, pass every worker its pod's latest version, end the gone ones."""
+        pods: list[JsonObj] = []
+        unsynced: set[str] = set()  # nodes whose first list has not come yet: their workers are left alone
+        for node, informer in self.pod_informers.items():
+            if informer.synced.is_set():
+                pods.extend(informer.items())
+            else:
+                unsynced.add(node)
         seen: set[str] = set()
         for pod in pods:
             node = pod.get("spec", {}).get("nodeName")
@@ -214,7 +239,7 @@ class NodeAgent:
             self.workers[uid] = worker
             worker.start()
         for uid, worker in list(self.workers.items()):
-            if uid not in seen:
+            if uid not in seen and worker.node not in unsynced:
                 worker.gone.set()
             if not worker.is_alive():
                 del self.workers[uid]
@@ -235,7 +260,12 @@ class NodeAgent:
         return sum(1 for w in self.workers.values() if w.node == node and w.is_alive())
 
     def run(self, stop: threading.Event, on_pass: Callable[[], None] = lambda: None) -> None:
-        """Register, then heartbeat and sync pods until `stop` is set; API errors are retried."""
+        """Register, then heartbeat and sync pods until `stop` is set; API errors are retried.
+
+        A pass runs as soon as an informer's cache changed, else every POLL_SECONDS (the
+        heartbeats and the adoption delays are timed); it reads the caches, so an idle pass
+        sends nothing to the API server.
+        """
         self.remove_stale_addresses()
         while not stop.is_set():
             try:
@@ -244,23 +274,52 @@ class NodeAgent:
             except (KubeError, OSError) as exc:
                 log.warning("registering nodes failed (retrying): %s", exc)
                 stop.wait(1.0)
+        self.node_informer.start()
+        seen = self.changes.count
         while not stop.is_set():
             try:
                 self.heartbeat(time.monotonic())
-                self.adopter.sync(time.monotonic(), self.running_on)
+                if self.node_informer.synced.is_set():
+                    self.adopter.sync(time.monotonic(), self.running_on)
+                self.watch_pods()
                 self.serve_logs()
                 self.sync_pods()
                 on_pass()
             except (KubeError, OSError) as exc:
                 log.warning("sync failed (retrying): %s", exc)
-            stop.wait(POLL_SECONDS)
+            seen = self.changes.wait(seen, POLL_SECONDS)
 
     def shutdown(self) -> None:
         """Stop every pod's processes (SIGTERM, a short wait, SIGKILL); nothing is written to the API."""
+        for informer in [self.node_informer, *self.pod_informers.values()]:
+            informer.stop(wait=False)
+        if self.ctx.objects is not None:
+            self.ctx.objects.close()
         for worker in self.workers.values():
             worker.stop()
         for worker in self.workers.values():
             worker.join(timeout=10)
+
+
+class RequestLog:
+    """Writes the components' request counts (Kube.counts) to a JSON file whenever they changed.
+
+    `{"started": <unix time>, "written": <unix time>, "agent": {"LIST pods": 3, ...}, "proxy": {...}}`:
+    a test or a benchmark reads it twice and divides the difference by the time between.
+    """
+
+    def __init__(self, path: Path, clients: dict[str, Kube]) -> None:
+        self.path, self.clients, self.started = path, clients, time.time()
+        self.last: dict[str, dict[str, int]] | None = None
+
+    def write(self) -> None:
+        counts = {name: kube.request_counts() for name, kube in self.clients.items()}
+        if counts == self.last:
+            return
+        self.last = counts
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"started": self.started, "written": time.time(), **counts}, indent=1) + "\n")
+        tmp.replace(self.path)
 
 
 def remove_block_addresses(net: int) -> None:
@@ -272,6 +331,7 @@ def remove_block_addresses(net: int) -> None:
 
 # ---------------------------------------------------------------------- the process
 HEARTBEAT_FILE = "node-agent.heartbeat"
+REQUESTS_FILE = "node-agent.requests.json"  # API requests sent so far, by component, verb and resource
 NETWORK_FILE = "network.json"  # the block the agent holds, so `down` can clean up after a killed agent
 
 
@@ -348,7 +408,8 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube = Kube.from_kubeconfig(state_dir / "kubeconfig", secrets_dir=state_dir / "node-agent")
     ctx = AgentContext(kube=kube, fleetserve_bin=default_fleetserve_bin(), api_host=kube.server.host,
-                       api_port=kube.server.port, state_dir=state_dir, host_path_allow=host_path_allow)
+                       api_port=kube.server.port, state_dir=state_dir, host_path_allow=host_path_allow,
+                       objects=ObjectCache(kube))
     held = claim_network_block()  # until this process exits
     block = held.index
     (state_dir / NETWORK_FILE).write_text(json.dumps({"block": block}) + "\n")
@@ -361,7 +422,8 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
     agent = NodeAgent(ctx, nodes, cfg, net=block,
                       adopt_delay_s=provision_delay(state_dir))
     agent.logs = logs
-    proxy = ServiceProxy(kube, state_dir, retry_next_backend=proxy_retry_next_backend)
+    # The proxy has a client of its own, so that each one's requests are counted apart (REQUESTS_FILE).
+    proxy = ServiceProxy(Kube(kube.server), state_dir, retry_next_backend=proxy_retry_next_backend)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -370,7 +432,13 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
     heartbeat = state_dir / HEARTBEAT_FILE
     log.info("node agent: %d node(s) x %d %s, api %s:%d", nodes, gpus_per_node, GPU_RESOURCE,
              ctx.api_host, ctx.api_port)
-    agent.run(stop, on_pass=heartbeat.touch)
+    requests = RequestLog(state_dir / REQUESTS_FILE, {"agent": kube, "proxy": proxy.kube})
+
+    def on_pass() -> None:
+        heartbeat.touch()
+        requests.write()
+
+    agent.run(stop, on_pass=on_pass)
     log.info("node agent: stopping %d pod(s)", len(agent.workers))
     agent.shutdown()
     agent.remove_stale_addresses()  # the nodes' own addresses; the pods' went with their workers
@@ -378,5 +446,6 @@ def run_agent(state_dir: Path, nodes: int, gpus_per_node: int, host_path_allow: 
         logs.close()
     proxy.close()
     heartbeat.unlink(missing_ok=True)
+    (state_dir / REQUESTS_FILE).unlink(missing_ok=True)
     held.release()
     return 0

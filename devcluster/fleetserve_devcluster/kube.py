@@ -17,6 +17,7 @@ import ssl
 import tempfile
 import threading
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,20 @@ class Kube:
         if server.client_cert_file and server.client_key_file:
             self._ctx.load_cert_chain(server.client_cert_file, server.client_key_file)
         self._local = threading.local()
+        # Requests sent, by apiserver-style verb and resource ("LIST pods", "PATCH nodes/status",
+        # "WATCH services"): what `fleetserve dev-cluster` components cost the API server.
+        self.counts: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
+
+    def _count(self, method: str, path: str, query: dict[str, str] | None) -> None:
+        key = request_kind(method, path, query)
+        with self._count_lock:
+            self.counts[key] += 1
+
+    def request_counts(self) -> dict[str, int]:
+        """A copy of `counts` (taken under its lock: other threads add to it)."""
+        with self._count_lock:
+            return dict(sorted(self.counts.items()))
 
     @classmethod
     def from_kubeconfig(cls, path: str | Path, secrets_dir: str | Path | None = None) -> Kube:
@@ -121,6 +136,7 @@ class Kube:
     def request(self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None,
                 content_type: str = "application/json") -> JsonObj:
         """Send one request; return the decoded JSON answer or raise KubeError."""
+        kind_path, kind_query = path, query
         if query:
             path = f"{path}?{urllib.parse.urlencode(query)}"
         headers = {"Accept": "application/json"}
@@ -140,6 +156,7 @@ class Kube:
         for attempt in (0, 1) if retry else (0,):
             try:
                 conn = self._conn(fresh=attempt == 1 or (not retry and _closed_by_peer(self._local)))
+                self._count(method, kind_path, kind_query)
                 conn.request(method, path, body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read().decode()
@@ -153,6 +170,25 @@ class Kube:
         if resp.status >= 300:
             raise KubeError(resp.status, method, path, raw)
         return json.loads(raw) if raw else {}
+
+    def open_watch(self, path: str, query: dict[str, str],
+                   read_timeout: float) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        """Start a streaming GET (a watch) on a connection of its own; the caller reads and closes it.
+
+        Not on the thread's shared keep-alive connection: a watch holds its connection for minutes.
+        """
+        headers = {"Accept": "application/json"}
+        if self.server.token:
+            headers["Authorization"] = f"Bearer {self.server.token}"
+        conn = http.client.HTTPSConnection(self.server.host, self.server.port, context=self._ctx,
+                                           timeout=read_timeout)
+        self._count("GET", path, query)
+        try:
+            conn.request("GET", f"{path}?{urllib.parse.urlencode(query)}", headers=headers)
+            return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
 
     def get(self, path: str, **query: str) -> JsonObj:
         return self.request("GET", path, query=query or None)
@@ -191,6 +227,21 @@ def _closed_by_peer(local: threading.local) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+def request_kind(method: str, path: str, query: dict[str, str] | None = None) -> str:
+    """A request as the API server's metrics name it: verb and resource, e.g. "LIST pods",
+    "WATCH endpointslices", "PATCH nodes/status", "CREATE serviceaccounts/token"."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]  # /api/v1/... or /apis/<group>/<version>/...
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    resource = "/".join([rest[0], *rest[2:3]]) if rest else "/"
+    named = len(rest) >= 2
+    verb = {"POST": "CREATE", "PUT": "UPDATE"}.get(method, method)
+    if method == "GET" and not named:
+        verb = "WATCH" if (query or {}).get("watch") in ("1", "true") else "LIST"
+    return f"{verb} {resource}"
 
 
 def ns_path(namespace: str, resource: str, name: str = "", group: str = "") -> str:

@@ -55,6 +55,7 @@ from .volumes import (
     volume_files,
     write_atomic,
 )
+from .watch import ObjectCache
 
 JsonObj = dict[str, Any]
 log = logging.getLogger("fleetserve.devcluster.agent")
@@ -78,6 +79,7 @@ class AgentContext:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     host_path_allow: tuple[str, ...] = ()  # directories hostPath volumes may use (ClusterConfig)
+    objects: ObjectCache | None = None  # ConfigMaps and Secrets by watch (watch.py); None: a GET each time
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -238,6 +240,8 @@ class PodWorker(threading.Thread):
     # ------------------------------------------------------------------ volumes, env
     def _fetch(self, kind: str, namespace: str, name: str) -> JsonObj | None:
         resource = "configmaps" if kind == "configmap" else "secrets"
+        if self.ctx.objects is not None:
+            return self.ctx.objects.get(resource, namespace, name)
         return self.ctx.kube.get_or_none(ns_path(namespace, resource, name))
 
     def _lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:

@@ -13,6 +13,9 @@ would hide a server that drops connections while it drains.  The old retry on th
 next backend is kept only behind `up --proxy-retry-next-backend`.  The
 Service's own address is written on it as the annotation
 `fleetserve.io/proxy-address` (the port named `http`, else the first port).
+Services and EndpointSlices come from informers (watch.py), as kube-proxy's do: a
+change is applied as soon as its watch event arrives, and an idle proxy sends
+nothing to the API server.
 On a real cluster kube-proxy (or the CNI) does this on the ClusterIP.
 """
 
@@ -30,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from .kube import Kube, KubeError, ns_path
+from .watch import Changes, Informer
 
 JsonObj = dict[str, Any]
 log = logging.getLogger("fleetserve.devcluster.proxy")
 ANNOTATION = "fleetserve.io/proxy-address"
 ANNOTATION_ALL = "fleetserve.io/proxy-addresses"
-POLL_SECONDS = 0.25
+RESYNC_SECONDS = 1.0  # a pass from the caches (no API request) also runs this often: retries a failed patch
 CONNECT_TIMEOUT = 2.0
 PROXY_HOST = "127.0.0.1"
 
@@ -119,7 +123,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class ServiceProxy:
-    """Listeners for all Services, kept in sync with the API every POLL_SECONDS.
+    """Listeners for all Services, kept in sync with the Service and EndpointSlice informers.
 
     Invariant: `listeners` has exactly the TCP ports of the existing Services (after a sync).
     """
@@ -129,6 +133,10 @@ class ServiceProxy:
     def __init__(self, kube: Kube, state_dir: Path, retry_next_backend: bool = False) -> None:
         self.retry_next_backend = retry_next_backend
         self.kube = kube
+        self.changes = Changes()
+        self.services = Informer(kube, "/api/v1/services", changes=self.changes, name="services")
+        self.slices = Informer(kube, "/apis/discovery.k8s.io/v1/endpointslices", changes=self.changes,
+                               name="endpointslices")
         self.state_file = state_dir / "proxy.json"
         self.loop = asyncio.new_event_loop()
         self.listeners: dict[str, Listener] = {}
@@ -196,8 +204,9 @@ class ServiceProxy:
 
     # ------------------------------------------------------------------ control path
     def sync(self) -> None:
-        services = self.kube.get("/api/v1/services")["items"]
-        slices = self.kube.get("/apis/discovery.k8s.io/v1/endpointslices")["items"]
+        """Make the listeners and annotations match the informers' caches (both must have synced)."""
+        services = self.services.items()
+        slices = self.slices.items()
         by_service: dict[tuple[str, str], list[JsonObj]] = {}
         for s in slices:
             owner = (s.get("metadata", {}).get("labels") or {}).get("kubernetes.io/service-name")
@@ -251,12 +260,22 @@ class ServiceProxy:
                 raise
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                self.sync()
-            except (KubeError, OSError) as exc:
-                log.warning("proxy sync failed (retrying): %s", exc)
-            stop.wait(POLL_SECONDS)
+        """Sync on every change of either informer (and every RESYNC_SECONDS) until `stop` is set."""
+        self.services.start()
+        self.slices.start()
+        seen = self.changes.count
+        try:
+            while not stop.is_set():
+                # Not before both caches are filled: an empty cache would close every listener.
+                if self.services.synced.is_set() and self.slices.synced.is_set():
+                    try:
+                        self.sync()
+                    except (KubeError, OSError) as exc:
+                        log.warning("proxy sync failed (retrying): %s", exc)
+                seen = self.changes.wait(seen, RESYNC_SECONDS)
+        finally:
+            self.services.stop(wait=False)
+            self.slices.stop(wait=False)
 
     def close(self) -> None:
         for listener in self.listeners.values():
