@@ -33,6 +33,7 @@ pod's.  An exec probe or hook enters the running container's namespaces with
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -43,7 +44,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import confine
+from . import confine, mountpoints
 from .mountpoints import first_missing, record
 from .subpath import open_beneath
 
@@ -154,18 +155,20 @@ def set_up(spec: dict) -> None:  # type: ignore[type-arg]
     # its containers get the mounts only, as they did then.
     legacy = "security" not in spec
     masks = [] if legacy else confine.unreachable_dirs([*image, *data])
-    for directory in masks:
-        confine.mask(directory, held, read_only=data)
-    for m, fd in zip(spec["mounts"], sources, strict=True):
-        source = f"/proc/self/fd/{fd}"
-        in_mask = any(confine.under(os.path.normpath(m["target"]), d) for d in masks)
-        bind(source, m["target"], m["read_only"], is_dir=os.path.isdir(source),
-             record_file=None if in_mask else record_file)
-        # Bound back right after the mount that covers them (a deeper volume mounted later still goes
-        # on top): the program must stay reachable.
-        for path in hidden_paths(list(held), [m["target"]]):
-            Path(path).mkdir(parents=True, exist_ok=True)
-            _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
+    # No pod's cleanup removes a mount point between its creation here and the bind onto it (mountpoints.py).
+    with mountpoints.exclusive() if record_fd is not None else contextlib.nullcontext():
+        for directory in masks:
+            confine.mask(directory, held, read_only=data)
+        for m, fd in zip(spec["mounts"], sources, strict=True):
+            source = f"/proc/self/fd/{fd}"
+            in_mask = any(confine.under(os.path.normpath(m["target"]), d) for d in masks)
+            bind(source, m["target"], m["read_only"], is_dir=os.path.isdir(source),
+                 record_file=None if in_mask else record_file)
+            # Bound back right after the mount that covers them (a deeper volume mounted later still goes
+            # on top): the program must stay reachable.
+            for path in hidden_paths(list(held), [m["target"]]):
+                Path(path).mkdir(parents=True, exist_ok=True)
+                _mount(f"/proc/self/fd/{held[path]}", path, MS_BIND | MS_REC)
     for fd in [*sources, *held.values(), *([record_fd] if record_fd is not None else [])]:
         os.close(fd)
     if not (legacy or security.get("privileged")):

@@ -10,19 +10,46 @@ the pod worker removes them when the pod's processes are gone.
 Removal is careful: Linux lets `rmdir` remove a directory that is a mount
 point in *another* mount namespace and silently detaches that mount, so a
 path still mounted in any namespace on the machine (another pod, another dev
-cluster) is left alone; only empty directories and empty regular files are
+cluster) is left alone -- compared by its resolved path, as mountinfo names
+it (a pod's token at /var/run/secrets/... is mounted at /run/secrets/...); only empty directories and empty regular files are
 removed, never anything that got contents on the host.
+
+Creation and removal exclude each other through one flock for the whole
+machine (`mountpoints.lock` in the dev cluster's lock directory, see locks.py):
+a launcher holds it from its first mount point's creation until its last bind
+mount is made, a removal from its scan of the mount namespaces until its last
+`rmdir`.  Without it a pod's cleanup could scan the namespaces, then a new pod's
+launcher bind onto the same (shared) directory, then the cleanup remove it --
+silently detaching the new pod's mount (its service-account token gone).
 
 Standard library only: the container launcher imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
+from . import locks
+
 RECORD = "mountpoints"
+LOCK = "mountpoints.lock"
+PENDING = "mountpoints.pending"
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold the machine's mount-point lock (creation and removal of mount points, every dev cluster)."""
+    path = locks.private_dir(locks.lock_dir()) / LOCK
+    fd = locks.acquire(path)
+    assert fd is not None  # blocking
+    try:
+        yield
+    finally:
+        locks.release(fd, path)
 
 
 def first_missing(path: Path) -> Path | None:
@@ -67,18 +94,50 @@ def _busy(path: str, mounted: set[str]) -> bool:
     return any(p == path or p.startswith(prefix) for p in mounted)
 
 
+def _entries(text: str) -> set[tuple[str, str]]:
+    return {(e[0], e[1]) for e in (line.split("\t", 1) for line in text.splitlines()) if len(e) == 2}
+
+
 def remove_created(record_file: Path) -> list[str]:
-    """Remove the recorded mount points that are empty and mounted nowhere; return what was removed."""
+    """Remove the recorded mount points that are empty and mounted nowhere; return what was removed.
+
+    One still mounted elsewhere (a pod started while this one ran found it there, so did not record
+    it) is handed over to the machine's pending list (`mountpoints.pending` beside the lock), which
+    every later call retries: the last pod using it removes it.
+    """
     try:
-        lines = record_file.read_text().splitlines()
+        entries = _entries(record_file.read_text())
     except FileNotFoundError:
-        return []
-    entries = sorted({tuple(line.split("\t", 1)) for line in lines if "\t" in line},
-                     key=lambda e: -len(e[1]))  # deepest first
-    mounted = _mounted_paths()
+        entries = set()
+    with exclusive():  # no launcher creates or binds a mount point between the scan and the rmdirs
+        pending = locks.private_dir(locks.lock_dir()) / PENDING
+        try:
+            fd = os.open(pending, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as f:
+                entries |= _entries(f.read())
+        except FileNotFoundError:
+            pass
+        if not entries:
+            return []
+        removed, busy = _remove(sorted(entries, key=lambda e: -len(e[1])), _mounted_paths())  # deepest first
+        if busy:
+            fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.writelines(f"{top}\t{target}\n" for top, target in sorted(busy))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                pending.unlink()
+        return removed
+
+
+def _remove(entries: list[tuple[str, str]], mounted: set[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Remove what is mounted nowhere; (what was removed, the entries still mounted somewhere)."""
+    busy: list[tuple[str, str]] = []
     removed: list[str] = []
     for top, target in entries:
-        if _busy(top, mounted):
+        # mountinfo names the resolved path: /var/run/secrets is mounted as /run/secrets (/var/run -> /run)
+        if _busy(top, mounted) or _busy(os.path.realpath(top), mounted):
+            busy.append((top, target))
             continue
         path = Path(target)
         try:
@@ -96,4 +155,4 @@ def remove_created(record_file: Path) -> list[str]:
                 path = path.parent
         except OSError:
             continue  # not empty (someone wrote into it on the host), or gone already: leave it
-    return removed
+    return removed, busy
