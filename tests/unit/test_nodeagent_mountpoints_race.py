@@ -1,4 +1,5 @@
-"""A pod's mount-point cleanup racing another pod's start (real launcher, real mount namespaces).
+"""Mount points two pods share (real launcher, real mount namespaces): a pod's cleanup racing another
+pod's start, a mount point behind a symlink (/var/run -> /run), and the last user removing it.
 
 Two pods share a mount point the launcher created on the host (every pod with a ServiceAccount binds
 its token at /var/run/secrets/kubernetes.io/serviceaccount).  The first pod's cleanup scans the
