@@ -49,6 +49,12 @@ subprocess.run([kubectl, "apply", "-f", "-"], input=json.dumps(pod), env=env, ch
                text=True)
 wait(lambda: run(kubectl, "get", "pod", "p", "-n", "clean", "-o", "jsonpath={.status.phase}").stdout == "Running",
      "the pod running")
+# Phase Running comes when the launcher starts; its mount points follow once it holds the machine's
+# mount-point lock (mountpoints.py), which another cluster's pod start or cleanup may hold a moment.
+try:
+    wait(lambda: os.path.isdir(mount_point), "the pod's mount point on the host", timeout=60)
+except SystemExit:
+    pass
 mounted = os.path.isdir(mount_point)
 try:
     block = json.load(open(os.path.join(state, "network.json")))["block"]
