@@ -12,7 +12,6 @@ mounts or is waiting for the mount-point lock.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -24,19 +23,11 @@ from pathlib import Path
 import pytest
 from fleetserve_devcluster import locks, mountpoints
 
+sys.path.insert(0, os.path.dirname(__file__))
+from test_nodeagent_mountpoints import _start  # noqa: E402
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
                                 reason="needs root, unshare and nsenter")
-
-
-def _start(spec: dict[str, object]) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable, "-m",
-                             "fleetserve_devcluster.launch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env)
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(spec))
-    proc.stdin.close()
-    return proc
 
 
 def _waits_for_a_lock(pid: int) -> bool:
