@@ -27,12 +27,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from . import tools
+from .crdwait import wait_established
 
 KARPENTER_VERSION = "v1.15.0"
 BINARY = "karpenter-kwok"
@@ -150,18 +150,8 @@ def prepare(state_dir: Path, max_nodes: int, provision_s: float) -> None:
             raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
 
     run("apply", "--server-side", "--force-conflicts", "-f", str(crds_dir()))
-    # A CRD created a moment ago has no status.conditions yet, and `kubectl wait` then fails at once
-    # (".status.conditions accessor error: <nil>") instead of waiting: retry until the deadline.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            run("wait", "--for=condition=Established", "--timeout=60s", "crd/nodepools.karpenter.sh",
-                "crd/nodeclaims.karpenter.sh", "crd/kwoknodeclasses.karpenter.kwok.sh")
-            break
-        except RuntimeError as exc:
-            if "accessor error" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_established(run, "crd/nodepools.karpenter.sh", "crd/nodeclaims.karpenter.sh",
+                     "crd/kwoknodeclasses.karpenter.kwok.sh")
     objects = {"apiVersion": "v1", "kind": "List", "items": [node_class(provision_s), node_pool(max_nodes)]}
     run("apply", "--server-side", "--force-conflicts", "--field-manager=fleetserve-dev-cluster", "-f", "-",
         stdin=json.dumps(objects))

@@ -57,6 +57,7 @@ from typing import Any
 import yaml
 
 from . import controlplane, tools
+from .crdwait import wait_established
 
 PROMETHEUS_OPERATOR_VERSION = "v0.85.0"
 # Go module tag of Prometheus 3.16.0 (Prometheus tags its Go module v0.<3MM>.<P>).
@@ -244,16 +245,8 @@ def prepare(state_dir: Path) -> Path:
     """CRDs, namespace, RBAC and the Prometheus object; returns the operator's kubeconfig."""
     kubectl = _Kubectl(state_dir)
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds_dir()))
-    deadline = time.monotonic() + 60
-    while True:  # a CRD created a moment ago has no status.conditions yet: `kubectl wait` fails at once
-        try:
-            kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/prometheuses.monitoring.coreos.com",
-                    "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com")
-            break
-        except RuntimeError as exc:
-            if "accessor error" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_established(kubectl, "crd/prometheuses.monitoring.coreos.com", "crd/servicemonitors.monitoring.coreos.com",
+                     "crd/prometheusrules.monitoring.coreos.com")
     kubectl.apply([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}])
     kubectl.apply(_rbac_objects())
     kubectl.apply([prometheus_object()])
