@@ -51,7 +51,7 @@ start_operator() {
       fd=${fd##*/}
       if ((fd > 2)); then eval "exec $fd>&-" 2>/dev/null || true; fi
     done
-    exec setsid fleetserve operator --namespace default --metrics-port 0 </dev/null >>"$2" 2>&1
+    exec setsid fleetserve operator --namespace default --metrics-port 0 --no-leader-election </dev/null >>"$2" 2>&1
   ) &
   echo $! >"$1"
 }

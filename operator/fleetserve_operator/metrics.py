@@ -1,4 +1,4 @@
-"""The operator's own /metrics and /healthz, served on ``--metrics-port`` (default 8080).
+"""The operator's own /metrics, /healthz and /readyz, served on ``--metrics-port`` (default 8080).
 
 Only this module imports prometheus_client. The HTTP server runs on kopf's
 event loop (aiohttp, which kopf already depends on), so a wedged loop also
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .health import Health
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,12 @@ APPLIES = Counter(
     "fleetserve_operator_applies_total",
     "Server-side applies of child objects, by kind",
     ["kind"], registry=REGISTRY,
+)
+LEADER = Gauge(
+    "fleetserve_operator_leader",
+    "1 while this operator process reconciles (it holds the leader Lease, or runs without leader "
+    "election), 0 while it waits as a standby",
+    registry=REGISTRY,
 )
 MANAGED = Gauge(
     "fleetserve_operator_managed_llmdeployments",
@@ -149,22 +158,33 @@ def render() -> bytes:
     return generate_latest(REGISTRY)
 
 
-async def start_http_server(port: int, host: str = "0.0.0.0") -> Any:
-    """Serve /healthz and /metrics; returns the aiohttp runner (call ``cleanup()`` to stop)."""
+async def start_http_server(port: int, host: str = "0.0.0.0", health: Health | None = None) -> Any:
+    """Serve /healthz, /readyz and /metrics; returns the aiohttp runner (call ``cleanup()`` to stop).
+
+    Without ``health`` (kopf's test runner) both probes answer 200 while the event loop runs.
+    """
     from aiohttp import web
 
     async def healthz(_: web.Request) -> web.Response:
+        problems = health.problems() if health is not None else []
+        if problems:
+            return web.Response(status=503, text="".join(f"unhealthy: {p}\n" for p in problems))
         return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready, why = health.readiness() if health is not None else (True, "ok")
+        return web.Response(status=200 if ready else 503, text=f"{why}\n")
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    log.info("operator /healthz and /metrics on %s:%d", host, port)
+    log.info("operator /healthz, /readyz and /metrics on %s:%d", host, port)
     return runner

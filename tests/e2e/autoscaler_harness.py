@@ -47,7 +47,7 @@ def running_operator(cluster: DevClusterHandle, namespace: str, log_path: Path) 
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetserve_cli.main", "operator", "--namespace", namespace,
+            [sys.executable, "-m", "fleetserve_cli.main", "operator", "--namespace", namespace, "--no-leader-election",
              "--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--verbose"],
             env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
         try:

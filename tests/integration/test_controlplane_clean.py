@@ -63,7 +63,8 @@ except OSError:
 # The operator, started exactly as hack/demo.sh starts it: detached, its pid file in the state dir.
 os.makedirs(os.path.join(state, "logs"), exist_ok=True)
 with open(os.path.join(state, "logs", "demo-operator.log"), "ab") as log:
-    op = subprocess.Popen(["setsid", fleetserve, "operator", "--namespace", "default", "--metrics-port", "0"],
+    op = subprocess.Popen(["setsid", fleetserve, "operator", "--namespace", "default", "--metrics-port", "0",
+                           "--no-leader-election"],
                           env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 open(os.path.join(state, "pids", "demo-operator.pid"), "w").write(f"{op.pid}\n")
 time.sleep(2)
