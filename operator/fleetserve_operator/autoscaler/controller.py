@@ -347,6 +347,10 @@ def export_metrics(namespace: str, name: str, observation: FleetObservation, dec
         # inc(0) creates the series, so rate() over it reads 0 rather than nothing.
         metrics.AUTOSCALER_SCRAPE_ERRORS.labels(namespace, name, reason.value).inc(
             observation.scrape_errors.get(reason, 0))
+    for direction in ("up", "down"):
+        # At 0 from the first tick: the dashboard's scale-event panel (increase()) has a series
+        # before the first scaling rather than nothing.
+        metrics.AUTOSCALER_SCALE_EVENTS.labels(namespace, name, direction)
 
 
 def forget_metrics(namespace: str, name: str) -> None:
