@@ -36,6 +36,7 @@ from torch import nn
 
 from fleetserve_server.memory import BNB4_BLOCKSIZE
 from fleetserve_server.runner.model import SUPPORTED_ARCHITECTURES, PagedCausalLM
+from fleetserve_server.runner.qlinear import use_cpu_fast_path
 
 _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -144,6 +145,7 @@ def load_model(
         model = load_streaming(path, dtype=torch_dtype, device=device, quantization=quantization,
                                max_positions=max_positions, keep_layers=keep_layers, blocksize=blocksize,
                                layout=layout, tp=tp)
+        use_cpu_fast_path(model)
         return LoadedModel(model, config, dtype, device.type, quantization)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     hf.eval()
@@ -153,6 +155,7 @@ def load_model(
         _quantize_layers(model, quantization, torch_dtype, keep_layers, blocksize)
     model.to(device)
     model.device = device
+    use_cpu_fast_path(model)
     return LoadedModel(model, config, dtype, device.type, quantization)
 
 

@@ -1,0 +1,206 @@
+"""CPU forward for the loader's bitsandbytes layers, over bitsandbytes' own storage.
+
+On CPU, bitsandbytes' layers are slow for inference: its 4-bit matmul wants a
+fused kernel it loads from the ``kernels`` hub (absent), so it repacks the
+weight on the first call (bfloat16 absmaxes, no nested quantization) and runs
+a scalar-ish bfloat16 GEMV; its LLM.int8 path spends most of its time in a
+dozen float16 element-wise ops around the int8 matmul. The layers here keep
+the very tensors the loader produced (so ``model_bytes``, the planner's
+formula and the layout tests hold unchanged) and only replace the forward:
+
+* ``CpuLinear4bit`` (nf4/fp4): dequantizes the nested absmaxes and then the
+  whole 4-bit weight with bitsandbytes' own C kernels into a ``Workspace``
+  buffer shared by every layer of the model, then one ``F.linear`` (float32
+  or the compute dtype) over it. The dequantized weight equals
+  ``bitsandbytes.functional.dequantize_4bit`` bit for bit; the buffer is
+  reused by the next layer, so it costs one largest-Linear's worth of memory
+  per process (``workspace_bytes``), which the planner reserves.
+* ``CpuLinear8bit`` (int8): LLM.int8 as bitsandbytes computes it (inputs
+  rounded to float16, row-wise absmax quantization, input columns with an
+  outlier >= threshold in full precision against their dequantized weight
+  columns), int8 x int8 -> int32 through the same ``int8_linear_matmul`` op
+  (``torch._int_mm`` on AVX-512), but with the quantization done in a few
+  fused float32 ops instead of bitsandbytes' float16 ones. No buffer.
+
+Only CPU layers are replaced (CUDA keeps bitsandbytes' kernels), and only
+shapes the C kernels handle (even ``in_features``, a multiple of the absmax
+block); anything else stays a bitsandbytes layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LAYER_NAMES = ("qkv", "o_proj", "gate_up", "down")
+
+
+def workspace_bytes(max_linear_elements: int, dtype_bytes: int) -> int:
+    """Bytes of the dequantization buffer for 4-bit layers of at most ``max_linear_elements`` weights
+    (out x in): the weight in the compute dtype plus its float32 absmaxes (one per 32 values)."""
+    return max_linear_elements * dtype_bytes + -(-max_linear_elements // 32) * 4
+
+
+class Workspace:
+    """Reusable buffers for ``CpuLinear4bit``: a dequantized weight and its absmaxes.
+
+    Invariant: ``weight`` holds at least ``out x in`` elements and ``absmax`` at least
+    one float32 per absmax block of every layer that shares it; a model runs one
+    forward at a time, so one layer's dequantized weight is dead before the next
+    layer dequantizes over it."""
+
+    def __init__(self, weight_elements: int, absmax_elements: int, dtype: torch.dtype) -> None:
+        self.weight = torch.empty(weight_elements, dtype=dtype)
+        self.absmax = torch.empty(absmax_elements, dtype=torch.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.absmax.numel() * 4
+
+
+def _lib() -> Any:
+    """bitsandbytes' CPU library, or None where it did not load (its stand-in raises on use)."""
+    try:
+        from bitsandbytes.cextension import lib
+    except Exception:  # pragma: no cover - bitsandbytes is a pinned dependency
+        return None
+    return lib if hasattr(lib, "cdequantize_blockwise_cpu_nf4_fp32") else None
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+_DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+class CpuLinear4bit(nn.Module):
+    """A bitsandbytes ``Linear4bit`` (nf4/fp4, nested or plain absmaxes) computed by dequantizing
+    into ``workspace`` and one ``F.linear``. Holds the original ``Params4bit`` as ``weight``
+    (its ``quant_state`` untouched), so memory accounting sees the same tensors."""
+
+    def __init__(self, layer: nn.Module, workspace: Workspace, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.workspace = workspace
+        self.dtype = dtype
+        state = layer.weight.quant_state
+        lib = _lib()
+        self._dequantize = getattr(lib, f"cdequantize_blockwise_cpu_{state.quant_type}_{_DTYPE_SUFFIX[dtype]}")
+        self._dequantize_absmax = lib.cdequantize_blockwise_cpu_fp32
+        self.blocks = state.absmax.numel()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight in the compute dtype, in the workspace (valid until the next layer's call)."""
+        state = self.weight.quant_state
+        absmax = state.absmax
+        if state.nested:
+            out = self.workspace.absmax[: self.blocks]
+            self._dequantize_absmax(_ptr(state.state2.code), _ptr(state.absmax), _ptr(state.state2.absmax),
+                                    _ptr(out), ctypes.c_longlong(state.state2.blocksize),
+                                    ctypes.c_longlong(self.blocks))
+            absmax = out.add_(state.offset)
+        rows, cols = self.out_features, self.in_features
+        weight = self.workspace.weight[: rows * cols].view(rows, cols)
+        self._dequantize(_ptr(self.weight.data), _ptr(absmax), _ptr(weight), ctypes.c_longlong(state.blocksize),
+                         ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.dequantized_weight(), self.bias)
+
+
+class CpuLinear8bit(nn.Module):
+    """A bitsandbytes ``Linear8bitLt`` (``has_fp16_weights=False``) computing LLM.int8 as
+    bitsandbytes does on CPU. Holds the original ``Int8Params`` (int8 rows, ``SCB`` the
+    per-row absmax) as ``weight``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = layer.weight
+        if self.weight.SCB is None:  # bitsandbytes' forward moves it into the layer's state
+            self.weight.SCB = layer.state.SCB
+        self.bias = layer.bias
+        self.threshold = float(layer.state.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = int8_matmul(x.reshape(-1, shape[-1]), self.weight.data, self.weight.SCB, self.bias, self.threshold)
+        return out.view(*shape[:-1], self.out_features)
+
+
+def int8_matmul(a: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float) -> torch.Tensor:
+    """``a @ W.T + bias`` for LLM.int8 weights ``cb`` (int8 [out, in]) and ``scb`` (float32 row
+    absmaxes), the same arithmetic as bitsandbytes' ``MatMul8bitLt`` forward (int8_vectorwise_quant,
+    int8_mixed_scaled_mm): float16-rounded inputs; outlier elements (|a| >= threshold) excluded from
+    the row absmax; every input column holding one zeroed in the int8 operand and added back in
+    ``a``'s dtype against the dequantized weight columns."""
+    rounded = a.to(torch.float16).float()  # bitsandbytes quantizes a float16 copy
+    magnitude = rounded.abs()
+    outlier_cols = None
+    if threshold > 0.0:
+        outliers = magnitude >= threshold
+        if bool(outliers.any()):
+            outlier_cols = outliers.any(dim=0).nonzero().view(-1)
+            magnitude.masked_fill_(outliers, 0.0)
+    row_stats = magnitude.amax(dim=1)
+    ca = torch.round(rounded.mul_((127.0 / row_stats).unsqueeze(1)))
+    if outlier_cols is not None:
+        ca[:, outlier_cols] = 0.0
+    acc = torch.ops.bitsandbytes.int8_linear_matmul.default(ca.to(torch.int8), cb)
+    out = row_stats.unsqueeze(1) * scb.unsqueeze(0)
+    out.mul_(acc).mul_(6.200124e-05)  # bitsandbytes' int8_mm_dequant: acc * (rows * cols) / 127^2
+    if bias is not None:
+        out.add_(bias)
+    out = out.to(a.dtype)
+    if outlier_cols is not None:
+        sub_b = (cb[:, outlier_cols] * scb.view(-1, 1) * 7.874015718698502e-3).to(a.dtype)
+        out.addmm_(a[:, outlier_cols], sub_b.t())
+    return out
+
+
+def _fast_4bit_supported(layer: nn.Module, lib: Any) -> bool:
+    state = getattr(layer.weight, "quant_state", None)
+    return (
+        lib is not None and state is not None and state.quant_type in ("nf4", "fp4")
+        and layer.in_features % 2 == 0 and layer.in_features % state.blocksize == 0
+        and state.blocksize < 2048  # bitsandbytes' own AVX-512 kernel is inexact beyond
+        and (not state.nested or state.state2.blocksize == 256)
+        and not getattr(state, "packing_format_for_cpu", False)
+    )
+
+
+def use_cpu_fast_path(model: Any) -> Workspace | None:
+    """Replace ``model``'s bitsandbytes layers on CPU by ``CpuLinear4bit`` / ``CpuLinear8bit``
+    over the same tensors; the 4-bit ones share one ``Workspace`` sized to the largest of them
+    (returned, also kept as ``model.dequant_workspace``; None when there is none)."""
+    if model.device.type != "cpu":
+        return None
+    import bitsandbytes as bnb
+
+    lib = _lib()
+    four_bit: list[tuple[nn.Module, str, nn.Module]] = []
+    for layer in model.layers:
+        for name in _LAYER_NAMES:
+            linear = getattr(layer, name)
+            if isinstance(linear, bnb.nn.Linear8bitLt) and not linear.state.has_fp16_weights:
+                setattr(layer, name, CpuLinear8bit(linear))
+            elif isinstance(linear, bnb.nn.Linear4bit) and _fast_4bit_supported(linear, lib):
+                four_bit.append((layer, name, linear))
+    if not four_bit:
+        return None
+    largest = max(linear.in_features * linear.out_features for _, _, linear in four_bit)
+    blocks = max(linear.weight.quant_state.absmax.numel() for _, _, linear in four_bit)
+    workspace = Workspace(largest, blocks, model.dtype)
+    for layer, name, linear in four_bit:
+        setattr(layer, name, CpuLinear4bit(linear, workspace, model.dtype))
+    model.dequant_workspace = workspace
+    return workspace
