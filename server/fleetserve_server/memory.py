@@ -146,9 +146,23 @@ def _shard_weight_bytes(arch: ModelArchitecture, shard: RankShard, q: str, dtype
     return unquantized + math.ceil(linear / 2) + blocks + math.ceil(blocks / _BNB4_NESTED_BLOCK) * 4
 
 
+def dequant_workspace_bytes(arch: ModelArchitecture, shard: RankShard, quantization: str, dtype: str,
+                            device: str) -> int:
+    """The CPU 4-bit layers' one shared dequantization buffer (``runner.qlinear.Workspace``): this
+    rank's largest quantized Linear (out x in, fused q/k/v and gate/up) in the compute dtype plus a
+    float32 absmax per 32-value block. 0 unquantized, for int8 (no buffer) and off CPU (CUDA keeps
+    bitsandbytes' kernels)."""
+    if quantization not in ("nf4", "fp4") or device.lower() != "cpu":
+        return 0
+    q, kv, hidden = shard.attention_heads * arch.head_dim, shard.kv_heads * arch.head_dim, arch.hidden_size
+    largest = max((q + 2 * kv) * hidden, hidden * q, 2 * shard.intermediate_size * hidden,
+                  hidden * shard.intermediate_size)
+    return largest * dtype_bytes(dtype, device) + math.ceil(largest / BNB4_BLOCKSIZE) * 4
+
+
 def activation_reserve_bytes(
     arch: ModelArchitecture, *, dtype: str, device: str, max_batch_tokens: int, max_num_seqs: int,
-    tensor_parallel_size: int = 1, rank: int = 0,
+    tensor_parallel_size: int = 1, rank: int = 0, quantization: str = "none",
 ) -> int:
     """Memory one device sets aside for a step's activations, not given to the KV cache.
 
@@ -161,6 +175,8 @@ def activation_reserve_bytes(
     ``tensor_parallel_size > 1`` one more ``hidden``-wide buffer per token for
     the all-reduce, and on CUDA 256 MiB for NCCL's communicator buffers (its
     default 4 MiB per channel x up to 32 channels x send and receive).
+    With ``nf4``/``fp4`` on CPU the dequantization buffer the 4-bit layers share
+    (``dequant_workspace_bytes``).
     """
     n = tensor_parallel_size
     shard = rank_shard(arch, n, rank)
@@ -175,6 +191,7 @@ def activation_reserve_bytes(
     if n > 1:
         per_token += arch.hidden_size * elem
         fixed += 256 * MiB if device.lower() != "cpu" else 0
+    fixed += dequant_workspace_bytes(arch, shard, quantization, dtype, device)
     return max_batch_tokens * per_token + logits + fixed
 
 
@@ -265,6 +282,7 @@ def _rank_plans(s: _Sizing, quantization: str, tensor_parallel_size: int) -> lis
         reserve = activation_reserve_bytes(
             s.arch, dtype=s.dtype, device=s.device, max_batch_tokens=s.max_batch_tokens,
             max_num_seqs=s.max_num_seqs, tensor_parallel_size=tensor_parallel_size, rank=shard.rank,
+            quantization=quantization,
         )
         headroom = s.usable - weights - reserve
         capacity = (max(0, headroom) // per_token) // s.block_size * s.block_size

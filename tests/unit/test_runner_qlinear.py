@@ -10,6 +10,7 @@ close logits as the same weights run through bitsandbytes.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
+from fleetserve_server.memory import (  # noqa: E402
+    MiB,
+    architecture_from_config,
+    dequant_workspace_bytes,
+    plan_memory,
+    rank_shard,
+)
 from fleetserve_server.runner import loader as loader_module  # noqa: E402
 from fleetserve_server.runner.loader import import_bnb, load_model, to_bnb  # noqa: E402
 from fleetserve_server.runner.qlinear import CpuLinear4bit, CpuLinear8bit, use_cpu_fast_path  # noqa: E402
@@ -91,14 +99,37 @@ def test_int8_fast_path_reproduces_llm_int8(rows: int, outliers: bool) -> None:
     assert (got - dense).abs().max() <= 0.05 * dense.abs().max()
 
 
-def test_4bit_layers_share_one_workspace_sized_to_the_largest(tmp_path: Path) -> None:
-    path = make_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256)
-    model = load_model(path, dtype="float32", device=CPU, quantization="nf4", max_positions=64).model
+@pytest.mark.parametrize("quantization", ["nf4", "fp4"])
+def test_4bit_layers_share_one_workspace_the_planner_reserves(tmp_path: Path, quantization: str) -> None:
+    path = make_tiny_llama(tmp_path / "m", hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=256)
+    model = load_model(path, dtype="float32", device=CPU, quantization=quantization, max_positions=64).model
     layers = [getattr(layer, name) for layer in model.layers for name in NAMES]
     assert all(isinstance(q, CpuLinear4bit) for q in layers)
     assert len({id(q.workspace) for q in layers}) == 1
     largest = max(q.in_features * q.out_features for q in layers)
     assert model.dequant_workspace.weight.numel() == largest  # gate_up: 2 x 256 x 128
+
+    # the planner's activation reserve holds exactly this buffer, on CPU, for 4-bit only
+    arch = architecture_from_config(json.loads((path / "config.json").read_text()), name="tiny")
+    shard = rank_shard(arch, 1, 0)
+    assert dequant_workspace_bytes(arch, shard, quantization, "float32", "cpu") == model.dequant_workspace.nbytes
+    assert dequant_workspace_bytes(arch, shard, "int8", "float32", "cpu") == 0
+    assert dequant_workspace_bytes(arch, shard, quantization, "bfloat16", "cuda") == 0
+
+    def reserve(q: str) -> int:
+        plan = plan_memory(arch, quantization=q, dtype="float32", device="cpu", device_memory_bytes=64 * MiB,
+                           max_model_len=64, max_num_seqs=2, max_batch_tokens=64)
+        return plan.ranks[0].activation_reserve_bytes
+
+    assert reserve(quantization) - reserve("none") == model.dequant_workspace.nbytes
+    assert reserve("int8") == reserve("none")
+
+
+def test_int8_layers_need_no_workspace(tmp_path: Path) -> None:
+    path = make_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256)
+    model = load_model(path, dtype="float32", device=CPU, quantization="int8", max_positions=64).model
+    assert all(isinstance(getattr(layer, name), CpuLinear8bit) for layer in model.layers for name in NAMES)
+    assert getattr(model, "dequant_workspace", None) is None
 
 
 @pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4"])

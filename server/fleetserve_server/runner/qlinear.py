@@ -14,7 +14,7 @@ formula and the layout tests hold unchanged) and only replace the forward:
   or the compute dtype) over it. The dequantized weight equals
   ``bitsandbytes.functional.dequantize_4bit`` bit for bit; the buffer is
   reused by the next layer, so it costs one largest-Linear's worth of memory
-  per process (``workspace_bytes``), which the planner reserves.
+  per process, which the planner reserves (``memory.dequant_workspace_bytes``).
 * ``CpuLinear8bit`` (int8): LLM.int8 as bitsandbytes computes it (inputs
   rounded to float16, row-wise absmax quantization, input columns with an
   outlier >= threshold in full precision against their dequantized weight
@@ -37,12 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 _LAYER_NAMES = ("qkv", "o_proj", "gate_up", "down")
-
-
-def workspace_bytes(max_linear_elements: int, dtype_bytes: int) -> int:
-    """Bytes of the dequantization buffer for 4-bit layers of at most ``max_linear_elements`` weights
-    (out x in): the weight in the compute dtype plus its float32 absmaxes (one per 32 values)."""
-    return max_linear_elements * dtype_bytes + -(-max_linear_elements // 32) * 4
 
 
 class Workspace:
