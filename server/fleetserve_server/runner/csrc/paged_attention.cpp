@@ -1,0 +1,197 @@
+// Paged attention on CPU that reads the KV cache in place (no gather of the
+// live context into a dense, padded tensor).
+//
+// One call per layer covers every token of a step: decode tokens (one per
+// sequence) and multi-token prefill chunks alike. Token t attends to
+// positions 0 .. ctx[t]-1 of sequence seq[t], whose position p lives in cache
+// slot tables[seq[t]][p / block_size] * block_size + p % block_size.
+//
+// Layer cache layout (runner/model.py): [2, kv_heads, num_slots, head_dim],
+// K then V, heads outermost, one contiguous head_dim row per slot.
+//
+// Work item = (token, kv head): the `group` query heads that share a kv head
+// are scored against each key row while it is in L1 (GQA reads K/V once per
+// group). Items are handed out dynamically (an atomic counter) to the
+// at::parallel_for threads, so ragged context lengths balance. Dot products
+// and the V accumulation are written as fixed-width lane loops that the
+// compiler vectorizes without reassociating a scalar reduction (no
+// -ffast-math needed).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>  // the at::Tensor <-> torch.Tensor caster (lighter than torch/extension.h)
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// 16 floats in GCC/Clang's portable vector type (AVX-512: one register; AVX2/SSE/NEON: several),
+// element-aligned so that any row can be loaded.
+typedef float vfloat __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t kLanes = 16;
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  vfloat acc = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    acc += *reinterpret_cast<const vfloat*>(a + d) * *reinterpret_cast<const vfloat*>(b + d);
+  }
+  float s = 0.f;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// acc += p * row
+inline void axpy(float* __restrict__ acc, float p, const float* __restrict__ row, int64_t n) {
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    *reinterpret_cast<vfloat*>(acc + d) += p * *reinterpret_cast<const vfloat*>(row + d);
+  }
+  for (; d < n; ++d) acc[d] += p * row[d];
+}
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename scalar_t>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
+         const at::Tensor& seq, const at::Tensor& ctx, int64_t block_size, double scale) {
+  const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t kv_heads = cache.size(1), num_slots = cache.size(2);
+  const int64_t group = num_heads / kv_heads;
+  const int64_t width = tables.size(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = cache.data_ptr<scalar_t>();
+  const scalar_t* vp = kp + kv_heads * num_slots * head_dim;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* sp = seq.data_ptr<int32_t>();
+  const int32_t* cp = ctx.data_ptr<int32_t>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t items = num_tokens * kv_heads;
+  constexpr bool is_float = std::is_same<scalar_t, float>::value;
+
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> scores, qf(group * head_dim), acc(group * head_dim), best(group), total(group), kf, vf;
+    if (!is_float) {
+      kf.resize(head_dim);
+      vf.resize(head_dim);
+    }
+    for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
+      const int64_t t = item / kv_heads, h = item % kv_heads;
+      const int64_t n = cp[t];
+      const int32_t* table = tp + static_cast<int64_t>(sp[t]) * width;
+      const scalar_t* qrow = qp + (t * num_heads + h * group) * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(qrow[i]) * fscale;
+      scores.resize(static_cast<size_t>(group * n));
+      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
+      const scalar_t* khead = kp + h * num_slots * head_dim;
+      const scalar_t* vhead = vp + h * num_slots * head_dim;
+      // pass 1: scores of every position, block by block through the table
+      for (int64_t start = 0; start < n; start += block_size) {
+        const int64_t rows = std::min(block_size, n - start);
+        const scalar_t* kblock = khead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* krow;
+          if constexpr (is_float) {
+            krow = reinterpret_cast<const float*>(kblock + r * head_dim);
+          } else {
+            to_float(kblock + r * head_dim, kf.data(), head_dim);
+            krow = kf.data();
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            const float s = dot(qf.data() + g * head_dim, krow, head_dim);
+            scores[g * n + start + r] = s;
+            best[g] = std::max(best[g], s);
+          }
+        }
+      }
+      // softmax numerators (fp32) and their sums
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * n;
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          row[i] = std::exp(row[i] - best[g]);
+          sum += row[i];
+        }
+        total[g] = sum;
+      }
+      // pass 2: probability-weighted sum of the value rows
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t start = 0; start < n; start += block_size) {
+        const int64_t rows = std::min(block_size, n - start);
+        const scalar_t* vblock = vhead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* vrow;
+          if constexpr (is_float) {
+            vrow = reinterpret_cast<const float*>(vblock + r * head_dim);
+          } else {
+            to_float(vblock + r * head_dim, vf.data(), head_dim);
+            vrow = vf.data();
+          }
+          for (int64_t g = 0; g < group; ++g) {
+            axpy(acc.data() + g * head_dim, scores[g * n + start + r], vrow, head_dim);
+          }
+        }
+      }
+      scalar_t* orow = op + (t * num_heads + h * group) * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) orow[g * head_dim + d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// out [T, H, D] (written), q [T, H, D], cache [2, KV, slots, D], tables [S, W] int32,
+// seq [T] int32 (row of tables), ctx [T] int32 (positions attended, >= 1).
+void paged_attention(at::Tensor out, at::Tensor q, at::Tensor cache, at::Tensor tables,
+                     at::Tensor seq, at::Tensor ctx, int64_t block_size, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "paged_attention: q and out must be [T, H, D]");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.size(3) == q.size(2),
+              "paged_attention: cache must be [2, KV, slots, D]");
+  TORCH_CHECK(q.size(1) % cache.size(1) == 0, "paged_attention: query heads must be a multiple of kv heads");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && cache.is_contiguous() && tables.is_contiguous(),
+              "paged_attention: contiguous tensors only");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "paged_attention: q, out and cache must share a dtype");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && seq.scalar_type() == at::kInt &&
+                  ctx.scalar_type() == at::kInt,
+              "paged_attention: tables, seq and ctx must be int32");
+  TORCH_CHECK(seq.numel() == q.size(0) && ctx.numel() == q.size(0), "paged_attention: one seq/ctx per token");
+  TORCH_CHECK(block_size >= 1, "paged_attention: block_size must be >= 1");
+  {  // every address the kernel forms stays inside the cache and the tables
+    const int64_t rows = tables.size(0), width = tables.size(1), blocks = cache.size(2) / block_size;
+    const int32_t* sp = seq.data_ptr<int32_t>();
+    const int32_t* cp = ctx.data_ptr<int32_t>();
+    for (int64_t t = 0; t < seq.numel(); ++t) {
+      TORCH_CHECK(sp[t] >= 0 && sp[t] < rows, "paged_attention: token ", t, " names table row ", sp[t]);
+      TORCH_CHECK(cp[t] >= 1 && cp[t] <= width * block_size, "paged_attention: token ", t, " context ", cp[t],
+                  " outside [1, ", width * block_size, "]");
+    }
+    const int32_t* tp = tables.data_ptr<int32_t>();
+    for (int64_t i = 0; i < tables.numel(); ++i) {
+      TORCH_CHECK(tp[i] >= 0 && tp[i] < blocks, "paged_attention: block ", tp[i], " outside [0, ", blocks, ")");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
+    run<scalar_t>(out, q, cache, tables, seq, ctx, block_size, scale);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "Paged attention over a block-table KV cache (CPU)");
+}

@@ -1,0 +1,222 @@
+"""Attention that reads the paged KV cache in place, for every token of a step in one call.
+
+Semantics (shared by the C++ kernel and the torch fallback): token ``t`` of a step
+attends, causally, to positions ``0 .. ctx[t] - 1`` of the sequence whose block
+table is ``tables[seq[t]]``; position ``p`` lives in cache slot ``tables[seq[t]][p //
+block_size] * block_size + p % block_size`` of a layer cache laid out ``[2, kv_heads,
+num_slots, head_dim]`` (``runner.model``). A decode token has ``ctx`` = its context
+length; the tokens of a prefill chunk have ``ctx`` = position + 1 (their own K/V are
+written to the cache before attention), so decode and varlen prefill, with or without
+a cached prefix, are one call with no Python loop over sequences. Query heads
+``g * group .. (g + 1) * group - 1`` share kv head ``g`` (GQA).
+
+On CPU the work runs in a C++ extension (``csrc/paged_attention.cpp``) that walks each
+sequence's block table: its cost grows with the live tokens, not with batch x longest
+context, and it allocates no per-step copy of the KV. The extension is compiled with
+``torch.utils.cpp_extension`` at install time (``python -m
+fleetserve_server.runner.paged_attention --build``, run by ``make install``) or on first
+use, into ``$FLEETSERVE_CACHE_DIR/torch_extensions/<key>`` where the key hashes the
+source, the torch version, the compile flags and the CPU's instruction-set flags
+(``-march=native`` code is only reused on a CPU with the same flags). When it cannot
+be built or loaded, ``paged_attention`` logs why once and uses ``paged_attention_torch``
+(same semantics, tested to give the same results); CUDA always uses the torch path.
+``gathered_decode_attention`` is the previous decode algorithm (a padded gather of
+every sequence's blocks), kept as the reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# -fopenmp: at::parallel_for is inlined into the extension and is serial without it
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+# the torch fallback's working set: (query, key) pairs scored at once
+FALLBACK_PAIRS = 1 << 14
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key() -> str:
+    """Hash of everything the compiled module depends on (source, torch, flags, CPU ISA)."""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
+                 platform.machine().encode(), _cpu_flags().encode(), sys.version.encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    from fleetserve_server.runner.builtin import cache_root
+
+    return cache_root() / "torch_extensions" / f"paged_attention-{cache_key()}"
+
+
+def _module_name() -> str:
+    return f"fleetserve_paged_attention_{cache_key()}"
+
+
+def _import_built(directory: Path) -> ModuleType | None:
+    name = _module_name()
+    for path in directory.glob(f"{name}*.so"):
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return None
+
+
+def build(verbose: bool = False) -> ModuleType:
+    """Compile (or reuse) the extension; raises when the toolchain is missing or fails."""
+    directory = build_dir()
+    module = _import_built(directory)
+    if module is not None:
+        return module
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)  # ninja installed in the venv, not on PATH
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    return cpp_extension.load(
+        name=_module_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
+        verbose=verbose,
+    )
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernel module, or None (logged once, with the reason) when unavailable."""
+    if os.environ.get("FLEETSERVE_PAGED_ATTENTION") == "torch":
+        log.info("paged attention: FLEETSERVE_PAGED_ATTENTION=torch, using the torch fallback")
+        return None
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the fallback
+        log.warning("paged attention: C++ kernel unavailable (%s: %s); using the torch fallback",
+                    type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
+        return None
+
+
+def paged_attention(
+    q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, ctx: torch.Tensor,
+    block_size: int, scale: float, *, use_kernel: bool = True,
+) -> torch.Tensor:
+    """Attention of every token of a step over the paged cache (module docstring).
+
+    q [T, heads, head_dim]; cache [2, kv_heads, num_slots, head_dim] (one layer);
+    tables [S, W] int32 (padded with any valid block); seq, ctx [T] int32. Returns [T, heads, head_dim].
+    """
+    module = extension() if use_kernel and q.device.type == "cpu" else None
+    if module is None:
+        return paged_attention_torch(q, cache, tables, seq, ctx, block_size, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    module.paged_attention(out, q.contiguous(), cache, tables, seq, ctx, block_size, scale)
+    return out
+
+
+def paged_attention_torch(
+    q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, ctx: torch.Tensor,
+    block_size: int, scale: float,
+) -> torch.Tensor:
+    """The kernel's semantics in torch: only the live (token, position) pairs, FALLBACK_PAIRS
+    at a time, with a segmented softmax (no padding to the longest context)."""
+    num_tokens, heads, hd = q.shape
+    kv = cache.shape[1]
+    group = heads // kv
+    out = torch.empty_like(q)
+    ctx64 = ctx.long()
+    sizes = ctx64.tolist()
+    tables64 = tables.long()
+    start = 0
+    while start < num_tokens:
+        end, pairs = start + 1, sizes[start]
+        while end < num_tokens and pairs + sizes[end] <= FALLBACK_PAIRS:
+            pairs += sizes[end]
+            end += 1
+        n = end - start
+        counts = ctx64[start:end]
+        tok = torch.repeat_interleave(torch.arange(n, device=q.device), counts)  # [P]
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(pairs, device=q.device) - first[tok]
+        blocks = tables64[seq[start:end].long()][tok, pos // block_size]
+        slots = blocks * block_size + pos % block_size
+        keys = cache[0].index_select(1, slots).transpose(0, 1).float()  # [P, kv, hd]
+        vals = cache[1].index_select(1, slots).transpose(0, 1).float()
+        qs = q[start:end].float().reshape(n, kv, group, hd) * scale
+        scores = torch.einsum("pkgd,pkd->pkg", qs[tok], keys)  # [P, kv, g]
+        index = tok[:, None, None].expand_as(scores)
+        best = torch.full((n, kv, group), float("-inf"), device=q.device).scatter_reduce(
+            0, index, scores, reduce="amax")
+        weights = torch.exp(scores - best[tok])
+        total = torch.zeros(n, kv, group, device=q.device).index_add_(0, tok, weights)
+        acc = torch.zeros(n, kv, group, hd, device=q.device).index_add_(
+            0, tok, weights[..., None] * vals[:, :, None, :])
+        out[start:end] = (acc / total[..., None]).view(n, heads, hd).to(q.dtype)
+        start = end
+    return out
+
+
+def gathered_decode_attention(
+    q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, block_size: int, scale: float,
+) -> torch.Tensor:
+    """The previous decode path: one index_select of every decode sequence's blocks, padded
+    to the longest table ([2, kv, B, W * block_size, hd]), then two batched matmuls under an
+    additive mask. q [B, heads, hd] (one token per sequence), tables [B, W], lens [B]."""
+    b, heads, hd = q.shape
+    kv, slots = cache.shape[1], cache.shape[2]
+    group, width = heads // kv, tables.shape[1]
+    num_blocks = slots // block_size
+    rows = (torch.arange(2 * kv, device=q.device)[:, None] * num_blocks + tables.long().view(-1)[None, :]).view(-1)
+    gathered = cache.view(-1, block_size * hd).index_select(0, rows).view(2, kv, b, -1, hd)
+    mask = torch.zeros(b, 1, width * block_size, dtype=q.dtype, device=q.device)
+    mask.masked_fill_((torch.arange(width * block_size, device=q.device) >= lens[:, None])[:, None, :],
+                      torch.finfo(q.dtype).min)
+    qd = (q * scale).view(b, kv, group, hd).transpose(0, 1)  # [kv, B, g, hd]
+    scores = torch.matmul(qd, gathered[0].transpose(-1, -2)).add_(mask)  # [kv, B, g, S]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(gathered.dtype)
+    return torch.matmul(probs, gathered[1]).transpose(0, 1).reshape(b, heads, hd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build (or check) the paged attention C++ kernel.")
+    parser.add_argument("--build", action="store_true", help="compile it into the cache now (make install)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.build:
+        try:
+            build(verbose=args.verbose)
+        except Exception as exc:  # noqa: BLE001 - the server falls back to torch; say so, do not fail install
+            print(f"paged attention kernel: not built ({type(exc).__name__}: {exc}); the server will use the "
+                  "torch fallback", file=sys.stderr)
+            return 0
+    print(f"paged attention kernel: {build_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
