@@ -160,9 +160,36 @@ def dequant_workspace_bytes(arch: ModelArchitecture, shard: RankShard, quantizat
     return largest * dtype_bytes(dtype, device) + math.ceil(largest / BNB4_BLOCKSIZE) * 4
 
 
+# The paged attention's working memory (``runner.paged_attention``): the CPU kernel's per-thread
+# scores (``group`` query heads x the context) for at most this many threads, and the torch
+# fallback's (CUDA) window of (query, key) pairs, FALLBACK_ATTENTION_BYTES at most.
+ATTENTION_MAX_THREADS = 64
+FALLBACK_ATTENTION_BYTES = 64 * MiB
+
+
+def fallback_attention_pair_bytes(heads: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes the torch fallback holds per (query, key) pair: the pair's query heads and the
+    probability-weighted values (float32, ``heads x head_dim`` each), its key and value rows
+    (float32, ``kv_heads x head_dim`` each), scores and weights per head, and five int64 indices."""
+    return (2 * heads * head_dim + 2 * kv_heads * head_dim + 2 * heads) * 4 + 5 * 8
+
+
+def attention_workspace_bytes(arch: ModelArchitecture, shard: RankShard, *, device: str, max_model_len: int,
+                              max_batch_tokens: int) -> int:
+    """The paged attention's working memory on one rank (no per-step copy of the KV cache:
+    attention reads it in place). CPU: each thread's float32 scores, query and accumulator rows for
+    one (token, kv head) at ``max_model_len`` context. Elsewhere: the torch fallback's pair window
+    plus its running float32 maximum, sum and weighted values per token and head."""
+    heads, kv = shard.attention_heads, shard.kv_heads
+    group = max(1, heads // kv)
+    if device.lower() == "cpu":
+        return ATTENTION_MAX_THREADS * (group * max_model_len + 2 * group * arch.head_dim + 2 * group) * 4
+    return FALLBACK_ATTENTION_BYTES + max_batch_tokens * heads * (arch.head_dim + 2) * 4
+
+
 def activation_reserve_bytes(
     arch: ModelArchitecture, *, dtype: str, device: str, max_batch_tokens: int, max_num_seqs: int,
-    tensor_parallel_size: int = 1, rank: int = 0, quantization: str = "none",
+    tensor_parallel_size: int = 1, rank: int = 0, quantization: str = "none", max_model_len: int = 0,
 ) -> int:
     """Memory one device sets aside for a step's activations, not given to the KV cache.
 
@@ -176,13 +203,17 @@ def activation_reserve_bytes(
     the all-reduce, and on CUDA 256 MiB for NCCL's communicator buffers (its
     default 4 MiB per channel x up to 32 channels x send and receive).
     With ``nf4``/``fp4`` on CPU the dequantization buffer the 4-bit layers share
-    (``dequant_workspace_bytes``).
+    (``dequant_workspace_bytes``). The attention phase's per-token temporaries (the roped q|k,
+    the K/V stacked for the cache write, a contiguous q and the output) are counted when they
+    exceed the MLP's three ``intermediate`` rows (they never do for Llama-family shapes), and
+    the paged attention's fixed workspace for ``max_model_len`` (``attention_workspace_bytes``).
     """
     n = tensor_parallel_size
     shard = rank_shard(arch, n, rank)
     elem = dtype_bytes(dtype, device)
     qkv = (shard.attention_heads + 2 * shard.kv_heads) * arch.head_dim
-    per_token = (2 * arch.hidden_size + qkv + 3 * shard.intermediate_size) * elem
+    attention = (shard.attention_heads + shard.kv_heads + 2 * shard.kv_heads + 2 * shard.attention_heads) * arch.head_dim
+    per_token = (2 * arch.hidden_size + qkv + max(3 * shard.intermediate_size, attention)) * elem
     if rank == 0:
         logits = max_num_seqs * (arch.vocab_size * 2 + (shard.vocab_rows if n > 1 else 0)) * 4
     else:
@@ -192,6 +223,8 @@ def activation_reserve_bytes(
         per_token += arch.hidden_size * elem
         fixed += 256 * MiB if device.lower() != "cpu" else 0
     fixed += dequant_workspace_bytes(arch, shard, quantization, dtype, device)
+    fixed += attention_workspace_bytes(arch, shard, device=device, max_model_len=max_model_len,
+                                       max_batch_tokens=max_batch_tokens)
     return max_batch_tokens * per_token + logits + fixed
 
 
@@ -272,6 +305,7 @@ class _Sizing:
     max_batch_tokens: int
     max_num_seqs: int
     block_size: int
+    max_model_len: int = 0
 
 
 def _rank_plans(s: _Sizing, quantization: str, tensor_parallel_size: int) -> list[RankPlan]:
@@ -282,7 +316,7 @@ def _rank_plans(s: _Sizing, quantization: str, tensor_parallel_size: int) -> lis
         reserve = activation_reserve_bytes(
             s.arch, dtype=s.dtype, device=s.device, max_batch_tokens=s.max_batch_tokens,
             max_num_seqs=s.max_num_seqs, tensor_parallel_size=tensor_parallel_size, rank=shard.rank,
-            quantization=quantization,
+            quantization=quantization, max_model_len=s.max_model_len,
         )
         headroom = s.usable - weights - reserve
         capacity = (max(0, headroom) // per_token) // s.block_size * s.block_size
@@ -324,7 +358,7 @@ def plan_memory(
             raise ValueError(f"{field_name} must be >= 1, got {value!r}")
     check_tensor_parallel_size(arch, tensor_parallel_size)
     sizing = _Sizing(arch, q, dtype, device, int(device_memory_bytes * kv_cache_memory_fraction),
-                     max_batch_tokens, max_num_seqs, block_size)
+                     max_batch_tokens, max_num_seqs, block_size, max_model_len)
     ranks = _rank_plans(sizing, q, tensor_parallel_size)
     top = ranks[0]  # the largest shard and the sampler's logits: never more room than any other rank
     capacity = min(r.kv_capacity_tokens for r in ranks)

@@ -94,15 +94,18 @@ def test_mixed_step_decode_and_prefill_chunks_in_one_call(block_size: int) -> No
     torch.testing.assert_close(kernel[22:], sdpa[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_fallback_chunks_its_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tokens whose pairs exceed the fallback's working set are split over several rounds."""
+@pytest.mark.parametrize("window_bytes", [1, 3 * 40_000, 10**9])
+def test_fallback_windows_merge_to_the_same_result(monkeypatch: pytest.MonkeyPatch, window_bytes: int) -> None:
+    """Pairs over the fallback's working set are taken in windows (one pair, a few, all), split
+    inside one token's context too, and merge to the one-window result."""
     cache, tables = _case(4, 4, 2, 16, [30, 50])
     seq = torch.tensor([0] * 30 + [1], dtype=torch.int32)
     ctx = torch.tensor(list(range(1, 31)) + [50], dtype=torch.int32)
     q = torch.randn(31, 4, 16, generator=torch.Generator().manual_seed(5))
-    whole = pa.paged_attention_torch(q, cache, tables, seq, ctx, 4, 0.25)
-    monkeypatch.setattr(pa, "FALLBACK_PAIRS", 40)
-    torch.testing.assert_close(pa.paged_attention_torch(q, cache, tables, seq, ctx, 4, 0.25), whole)
+    reference = _dense_reference(q, cache, tables, seq, ctx, 4, 0.25)
+    monkeypatch.setattr(pa, "FALLBACK_ATTENTION_BYTES", window_bytes)
+    got = pa.paged_attention_torch(q, cache, tables, seq, ctx, 4, 0.25)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -39,13 +39,13 @@ from types import ModuleType
 
 import torch
 
+from fleetserve_server.memory import FALLBACK_ATTENTION_BYTES, fallback_attention_pair_bytes
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # -fopenmp: at::parallel_for is inlined into the extension and is serial without it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
-# the torch fallback's working set: (query, key) pairs scored at once
-FALLBACK_PAIRS = 1 << 14
 
 
 def _cpu_flags() -> str:
@@ -143,42 +143,47 @@ def paged_attention_torch(
     q: torch.Tensor, cache: torch.Tensor, tables: torch.Tensor, seq: torch.Tensor, ctx: torch.Tensor,
     block_size: int, scale: float,
 ) -> torch.Tensor:
-    """The kernel's semantics in torch: only the live (token, position) pairs, FALLBACK_PAIRS
-    at a time, with a segmented softmax (no padding to the longest context)."""
+    """The kernel's semantics in torch, over only the live (token, position) pairs: the pairs, in
+    token order, are taken a window at a time (at most ``memory.FALLBACK_ATTENTION_BYTES`` of
+    working memory, however long one token's context), each window's partial softmax is merged
+    into running per-token maxima, sums and weighted values (no padding to the longest context)."""
     num_tokens, heads, hd = q.shape
     kv = cache.shape[1]
     group = heads // kv
-    out = torch.empty_like(q)
+    dev = q.device
     ctx64 = ctx.long()
-    sizes = ctx64.tolist()
-    tables64 = tables.long()
-    start = 0
-    while start < num_tokens:
-        end, pairs = start + 1, sizes[start]
-        while end < num_tokens and pairs + sizes[end] <= FALLBACK_PAIRS:
-            pairs += sizes[end]
-            end += 1
-        n = end - start
-        counts = ctx64[start:end]
-        tok = torch.repeat_interleave(torch.arange(n, device=q.device), counts)  # [P]
-        first = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(pairs, device=q.device) - first[tok]
-        blocks = tables64[seq[start:end].long()][tok, pos // block_size]
-        slots = blocks * block_size + pos % block_size
+    ends = torch.cumsum(ctx64, 0)
+    total_pairs = int(ends[-1])
+    window = max(1, FALLBACK_ATTENTION_BYTES // fallback_attention_pair_bytes(heads, kv, hd))
+    best = torch.full((num_tokens, kv, group), float("-inf"), device=dev)
+    total = torch.zeros(num_tokens, kv, group, device=dev)
+    acc = torch.zeros(num_tokens, kv, group, hd, device=dev)
+    qs = q.float().reshape(num_tokens, kv, group, hd) * scale
+    tables64, seq64 = tables.long(), seq.long()
+    for p0 in range(0, total_pairs, window):
+        pairs = torch.arange(p0, min(p0 + window, total_pairs), device=dev)
+        tok = torch.searchsorted(ends, pairs, right=True)
+        pos = pairs - (ends - ctx64)[tok]
+        slots = tables64[seq64[tok], pos // block_size] * block_size + pos % block_size
         keys = cache[0].index_select(1, slots).transpose(0, 1).float()  # [P, kv, hd]
         vals = cache[1].index_select(1, slots).transpose(0, 1).float()
-        qs = q[start:end].float().reshape(n, kv, group, hd) * scale
+        lo, hi = int(tok[0]), int(tok[-1]) + 1  # the window's tokens: a contiguous range
+        local = tok - lo
         scores = torch.einsum("pkgd,pkd->pkg", qs[tok], keys)  # [P, kv, g]
-        index = tok[:, None, None].expand_as(scores)
-        best = torch.full((n, kv, group), float("-inf"), device=q.device).scatter_reduce(
+        index = local[:, None, None].expand_as(scores)
+        part_best = torch.full((hi - lo, kv, group), float("-inf"), device=dev).scatter_reduce(
             0, index, scores, reduce="amax")
-        weights = torch.exp(scores - best[tok])
-        total = torch.zeros(n, kv, group, device=q.device).index_add_(0, tok, weights)
-        acc = torch.zeros(n, kv, group, hd, device=q.device).index_add_(
-            0, tok, weights[..., None] * vals[:, :, None, :])
-        out[start:end] = (acc / total[..., None]).view(n, heads, hd).to(q.dtype)
-        start = end
-    return out
+        weights = torch.exp(scores - part_best[local])
+        part_total = torch.zeros(hi - lo, kv, group, device=dev).index_add_(0, local, weights)
+        part_acc = torch.zeros(hi - lo, kv, group, hd, device=dev).index_add_(
+            0, local, weights[..., None] * vals[:, :, None, :])
+        # merge with what earlier windows found for the same tokens (online softmax)
+        new_best = torch.maximum(best[lo:hi], part_best)
+        alpha, beta = torch.exp(best[lo:hi] - new_best), torch.exp(part_best - new_best)
+        total[lo:hi] = total[lo:hi] * alpha + part_total * beta
+        acc[lo:hi] = acc[lo:hi] * alpha[..., None] + part_acc * beta[..., None]
+        best[lo:hi] = new_best
+    return (acc / total[..., None]).view(num_tokens, heads, hd).to(q.dtype)
 
 
 def gathered_decode_attention(
