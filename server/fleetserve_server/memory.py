@@ -161,9 +161,11 @@ def dequant_workspace_bytes(arch: ModelArchitecture, shard: RankShard, quantizat
 
 
 # The paged attention's working memory (``runner.paged_attention``): the CPU kernel's per-thread
-# scores (``group`` query heads x the context) for at most this many threads, and the torch
-# fallback's (CUDA) window of (query, key) pairs, FALLBACK_ATTENTION_BYTES at most.
+# scores (a tile of ATTENTION_QUERY_TILE tokens x ``group`` query heads x the context) for at most
+# ATTENTION_MAX_THREADS threads, and the torch fallback's (CUDA) window of (query, key) pairs,
+# FALLBACK_ATTENTION_BYTES at most.
 ATTENTION_MAX_THREADS = 64
+ATTENTION_QUERY_TILE = 16  # kTile in runner/csrc/paged_attention.cpp
 FALLBACK_ATTENTION_BYTES = 64 * MiB
 
 
@@ -178,12 +180,13 @@ def attention_workspace_bytes(arch: ModelArchitecture, shard: RankShard, *, devi
                               max_batch_tokens: int) -> int:
     """The paged attention's working memory on one rank (no per-step copy of the KV cache:
     attention reads it in place). CPU: each thread's float32 scores, query and accumulator rows for
-    one (token, kv head) at ``max_model_len`` context. Elsewhere: the torch fallback's pair window
+    one (query tile, kv head) at ``max_model_len`` context. Elsewhere: the torch fallback's pair window
     plus its running float32 maximum, sum and weighted values per token and head."""
     heads, kv = shard.attention_heads, shard.kv_heads
     group = max(1, heads // kv)
     if device.lower() == "cpu":
-        return ATTENTION_MAX_THREADS * (group * max_model_len + 2 * group * arch.head_dim + 2 * group) * 4
+        rows = ATTENTION_QUERY_TILE * group
+        return ATTENTION_MAX_THREADS * rows * (max_model_len + 2 * arch.head_dim + 2) * 4
     return FALLBACK_ATTENTION_BYTES + max_batch_tokens * heads * (arch.head_dim + 2) * 4
 
 

@@ -9,9 +9,10 @@
 // Layer cache layout (runner/model.py): [2, kv_heads, num_slots, head_dim],
 // K then V, heads outermost, one contiguous head_dim row per slot.
 //
-// Work item = (token, kv head): the `group` query heads that share a kv head
+// Work item = (query tile, kv head): the `group` query heads that share a kv
+// head, of up to kTile consecutive tokens of a prefill chunk (one for decode),
 // are scored against each key row while it is in L1 (GQA reads K/V once per
-// group). Items are handed out dynamically (an atomic counter) to the
+// group and tile). Items are handed out dynamically (an atomic counter) to the
 // at::parallel_for threads, so ragged context lengths balance. Dot products
 // and the V accumulation are written as fixed-width lane loops that the
 // compiler vectorizes without reassociating a scalar reduction (no
@@ -26,6 +27,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -61,6 +63,11 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+// Query tiles: up to kTile consecutive tokens of one prefill chunk (same sequence, positions
+// p, p+1, ...) are scored against each key row together, so a chunk of n tokens reads its
+// context's K/V n / kTile times instead of n times. A decode token is a tile of one.
+constexpr int64_t kTile = 16;
+
 template <typename scalar_t>
 void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
          const at::Tensor& seq, const at::Tensor& ctx, int64_t block_size, double scale) {
@@ -76,32 +83,48 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
   const int32_t* sp = seq.data_ptr<int32_t>();
   const int32_t* cp = ctx.data_ptr<int32_t>();
   const float fscale = static_cast<float>(scale);
-  const int64_t items = num_tokens * kv_heads;
   constexpr bool is_float = std::is_same<scalar_t, float>::value;
 
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (first token, tokens)
+  for (int64_t t = 0; t < num_tokens;) {
+    int64_t n = 1;
+    while (t + n < num_tokens && n < kTile && sp[t + n] == sp[t] && cp[t + n] == cp[t + n - 1] + 1) ++n;
+    tiles.emplace_back(t, n);
+    t += n;
+  }
+  const int64_t items = static_cast<int64_t>(tiles.size()) * kv_heads;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> scores, qf(group * head_dim), acc(group * head_dim), best(group), total(group), kf, vf;
+    const int64_t max_rows = kTile * group;
+    std::vector<float> scores, qf(max_rows * head_dim), acc(max_rows * head_dim), best(max_rows),
+        total(max_rows), kf, vf;
     if (!is_float) {
       kf.resize(head_dim);
       vf.resize(head_dim);
     }
     for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
-      const int64_t t = item / kv_heads, h = item % kv_heads;
-      const int64_t n = cp[t];
-      const int32_t* table = tp + static_cast<int64_t>(sp[t]) * width;
-      const scalar_t* qrow = qp + (t * num_heads + h * group) * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = static_cast<float>(qrow[i]) * fscale;
-      scores.resize(static_cast<size_t>(group * n));
-      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
+      const auto [t0, count] = tiles[item / kv_heads];
+      const int64_t h = item % kv_heads;
+      const int64_t first_ctx = cp[t0];               // token t0 + i attends to first_ctx + i positions
+      const int64_t n = first_ctx + count - 1;        // the tile's longest context
+      const int64_t rows_used = count * group;        // score row (i, g) = i * group + g
+      const int32_t* table = tp + static_cast<int64_t>(sp[t0]) * width;
+      for (int64_t i = 0; i < count; ++i) {
+        const scalar_t* qrow = qp + ((t0 + i) * num_heads + h * group) * head_dim;
+        for (int64_t e = 0; e < group * head_dim; ++e) qf[i * group * head_dim + e] = static_cast<float>(qrow[e]) * fscale;
+      }
+      scores.resize(static_cast<size_t>(rows_used * n));
+      std::fill(best.begin(), best.begin() + rows_used, -std::numeric_limits<float>::infinity());
       const scalar_t* khead = kp + h * num_slots * head_dim;
       const scalar_t* vhead = vp + h * num_slots * head_dim;
-      // pass 1: scores of every position, block by block through the table
+      // pass 1: scores of every position, block by block through the table; position p is seen
+      // by the tile's tokens i with p < first_ctx + i (causal)
       for (int64_t start = 0; start < n; start += block_size) {
         const int64_t rows = std::min(block_size, n - start);
         const scalar_t* kblock = khead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
         for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = start + r;
           const float* krow;
           if constexpr (is_float) {
             krow = reinterpret_cast<const float*>(kblock + r * head_dim);
@@ -109,29 +132,31 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
             to_float(kblock + r * head_dim, kf.data(), head_dim);
             krow = kf.data();
           }
-          for (int64_t g = 0; g < group; ++g) {
-            const float s = dot(qf.data() + g * head_dim, krow, head_dim);
-            scores[g * n + start + r] = s;
-            best[g] = std::max(best[g], s);
+          for (int64_t row = std::max<int64_t>(0, p - first_ctx + 1) * group; row < rows_used; ++row) {
+            const float s = dot(qf.data() + row * head_dim, krow, head_dim);
+            scores[row * n + p] = s;
+            best[row] = std::max(best[row], s);
           }
         }
       }
-      // softmax numerators (fp32) and their sums
-      for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * n;
+      // softmax numerators (fp32) and their sums, over each row's own context
+      for (int64_t row = 0; row < rows_used; ++row) {
+        const int64_t len = first_ctx + row / group;
+        float* sr = scores.data() + row * n;
         float sum = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          row[i] = std::exp(row[i] - best[g]);
-          sum += row[i];
+        for (int64_t e = 0; e < len; ++e) {
+          sr[e] = std::exp(sr[e] - best[row]);
+          sum += sr[e];
         }
-        total[g] = sum;
+        total[row] = sum;
       }
       // pass 2: probability-weighted sum of the value rows
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin(), acc.begin() + rows_used * head_dim, 0.f);
       for (int64_t start = 0; start < n; start += block_size) {
         const int64_t rows = std::min(block_size, n - start);
         const scalar_t* vblock = vhead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
         for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = start + r;
           const float* vrow;
           if constexpr (is_float) {
             vrow = reinterpret_cast<const float*>(vblock + r * head_dim);
@@ -139,15 +164,20 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
             to_float(vblock + r * head_dim, vf.data(), head_dim);
             vrow = vf.data();
           }
-          for (int64_t g = 0; g < group; ++g) {
-            axpy(acc.data() + g * head_dim, scores[g * n + start + r], vrow, head_dim);
+          for (int64_t row = std::max<int64_t>(0, p - first_ctx + 1) * group; row < rows_used; ++row) {
+            axpy(acc.data() + row * head_dim, scores[row * n + p], vrow, head_dim);
           }
         }
       }
-      scalar_t* orow = op + (t * num_heads + h * group) * head_dim;
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;
-        for (int64_t d = 0; d < head_dim; ++d) orow[g * head_dim + d] = static_cast<scalar_t>(acc[g * head_dim + d] * inv);
+      for (int64_t i = 0; i < count; ++i) {
+        scalar_t* orow = op + ((t0 + i) * num_heads + h * group) * head_dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t row = i * group + g;
+          const float inv = total[row] > 0.f ? 1.f / total[row] : 0.f;
+          for (int64_t d = 0; d < head_dim; ++d) {
+            orow[g * head_dim + d] = static_cast<scalar_t>(acc[row * head_dim + d] * inv);
+          }
+        }
       }
     }
   });
