@@ -185,10 +185,16 @@ def test_helm_install_brings_up_a_model_then_test_and_uninstall(
 
     operator = f"{release}-fleetserve-operator"
     deployment = get_json(dev_cluster, "deployment", operator, "-n", namespace)
-    assert deployment["status"].get("readyReplicas") == 1
-    pod = get_json(dev_cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release},"
-                   "app.kubernetes.io/component=operator")["items"][0]
-    assert pod["spec"]["serviceAccountName"] == operator
+    # Two replicas (the chart's default), both Ready: the leader and an idle standby.
+    assert deployment["status"].get("readyReplicas") == 2
+    pods = get_json(dev_cluster, "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={release},"
+                    "app.kubernetes.io/component=operator")["items"]
+    assert all(p["spec"]["serviceAccountName"] == operator for p in pods)
+    # One of them holds the release's Lease (leader election under the chart's RBAC).
+    holder = wait_until(lambda: dev_cluster.kubectl("get", "lease", operator, "-n", namespace, "-o",
+                                                    "jsonpath={.spec.holderIdentity}", check=False).stdout.strip(),
+                        60, "a holder of the operator's Lease")
+    assert holder.split("_")[0] in {p["metadata"]["name"] for p in pods}
 
     # The operator (as its ServiceAccount) reconciles the chart's LLMDeployment into Ready server pods.
     ready = wait_until(

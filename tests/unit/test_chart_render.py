@@ -82,7 +82,7 @@ def test_defaults_render_the_operator_and_nothing_optional() -> None:
     # Cluster-wide by default: one ClusterRole for kopf's cluster reads, one for the namespaced resources.
     assert kinds == sorted([
         "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-        "Service", "Deployment", "PodDisruptionBudget",
+        "Service", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding",
     ])
     assert not by_kind(objs, "LLMDeployment")
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"):
@@ -102,8 +102,8 @@ def test_operator_command_image_and_ports() -> None:
     assert container["command"][:3] == ["fleetserve", "operator", "--all-namespaces"]
     assert "--metrics-port=8080" in container["command"] and "--metrics-host=$(POD_IP)" in container["command"]
     assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     service = one(objs, "Service")
     assert service["spec"]["ports"][0]["port"] == 8080
     assert service["spec"]["selector"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
@@ -122,10 +122,10 @@ def test_helm_test_pod_checks_operator_health() -> None:
     assert f"--service={service}" in container["command"] and "--path=/healthz" in container["command"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     # Its ServiceAccount may only list EndpointSlices, in the release namespace.
-    role = one(objs, "Role")
+    role = one(without_lease_rbac(objs), "Role")
     assert role["metadata"]["namespace"] == "fleetserve-system"
     assert _granted(role["rules"]) == {("discovery.k8s.io", "endpointslices", "list")}
-    assert pod["spec"]["serviceAccountName"] == one(objs, "RoleBinding")["subjects"][0]["name"]
+    assert pod["spec"]["serviceAccountName"] == one(without_lease_rbac(objs), "RoleBinding")["subjects"][0]["name"]
 
 
 def test_latest_tag_is_refused() -> None:
@@ -201,6 +201,11 @@ def _rules_of(objs: list[dict], kind: str) -> list[dict]:
     return [rule for obj in by_kind(objs, kind) for rule in obj["rules"]]
 
 
+def without_lease_rbac(objs: list[dict]) -> list[dict]:
+    """The objects, less the leader-election Role and RoleBinding (tested on their own)."""
+    return [o for o in objs if not o["metadata"]["name"].endswith("-leader-election")]
+
+
 def _granted(rules: list[dict]) -> set[tuple[str, str, str]]:
     return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
@@ -246,6 +251,8 @@ def test_rbac_is_least_privilege() -> None:
             ("", "events"): {"create"},
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch", "get", "patch"},
             ("", "namespaces"): {"list", "watch"},
+            # leader election: the one Lease, in the release namespace
+            ("coordination.k8s.io", "leases"): {"create", "get", "update"},
         }
         # The operator creates them per LLMDeployment whenever their CRDs exist (rbac.monitoringChildren).
         if monitoring_children:
@@ -259,7 +266,7 @@ def test_rbac_is_least_privilege() -> None:
 
 def test_rbac_namespaced_mode_uses_roles_per_namespace() -> None:
     objs = render("-f", CHART / "ci" / "namespaced-values.yaml")
-    roles = by_kind(objs, "Role")
+    roles = by_kind(without_lease_rbac(objs), "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-batch", "ml-serving"]
     cluster = _granted(_rules_of(objs, "ClusterRole"))
     # Cluster-wide the operator may only list/watch CRDs and namespaces, apply its own CRD (by name)
@@ -287,7 +294,8 @@ def test_rbac_grants_the_monitoring_children_with_default_values() -> None:
     ("args", "message"),
     [
         (["--set", "replicaCount=two"], "at '/replicaCount': got string, want integer"),
-        (["--set", "replicaCount=2"], "at '/replicaCount': maximum"),
+        (["--set", "replicaCount=-1"], "at '/replicaCount': minimum"),
+        (["--set", "operator.leaderElection.leaseDurationSeconds=1"], "/operator/leaderElection/leaseDurationSeconds"),
         (["--set", "replicasCount=2"], "additional properties 'replicasCount' not allowed"),
         (["--set", "image.tga=1.0"], "at '/image': additional properties 'tga' not allowed"),
         (["--set", "alerts.kvCacheNearlyFull.threshold=1.5"], "/alerts/kvCacheNearlyFull/threshold"),
@@ -373,7 +381,7 @@ def test_uninstall_hook_deletes_the_release_llmdeployments_first() -> None:
     for term in selector.split(","):
         key, value = term.split("=")
         assert llmd["metadata"]["labels"][key] == value
-    role = one(objs, "Role")
+    role = one(without_lease_rbac(objs), "Role")
     assert role["metadata"]["namespace"] == "ml"
     assert _granted(role["rules"]) == {("fleetserve.io", "llmdeployments", v) for v in ("list", "delete")}
     assert not by_kind(render(), "Pod"), "no hook without llmDeployments"
@@ -390,3 +398,29 @@ def test_operator_applies_its_own_crd_by_default_and_only_when_asked() -> None:
     off = render("--set", "operator.applyCRD=false")
     assert "--apply-crd" not in operator_container(off)["command"]
     assert not [r for r in _rules_of(off, "ClusterRole") if r.get("resourceNames")]
+
+
+def test_two_replicas_elect_a_leader_with_a_lease_of_their_own() -> None:
+    """Issue 19: two replicas by default, one Lease named after the release in its namespace, a Role
+    that grants exactly that Lease, a PDB that keeps one replica through a drain."""
+    objs = render()
+    deployment = one(objs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    command = operator_container(objs)["command"]
+    name = deployment["metadata"]["name"]
+    assert f"--leader-election-id={name}" in command and "--lease-duration=15" in command
+    assert "--no-leader-election" not in command
+    role = next(o for o in by_kind(objs, "Role") if o["metadata"]["name"] == f"{name}-leader-election")
+    assert role["metadata"]["namespace"] == "fleetserve-system"
+    assert _granted(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
+    named = [r for r in role["rules"] if "get" in r["verbs"]]
+    assert named and all(r["resourceNames"] == [name] for r in named)
+    assert one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+    failed = _helm_run("template", "fs", CHART, "--set", "operator.leaderElection.enabled=false")
+    assert failed.returncode != 0 and "replicaCount > 1 needs operator.leaderElection.enabled" in failed.stderr
+    single = render("--set", "replicaCount=1", "--set", "operator.leaderElection.enabled=false")
+    assert "--no-leader-election" in operator_container(single)["command"]
+    assert one(single, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
+    assert not [o for o in by_kind(single, "Role") if o["metadata"]["name"].endswith("-leader-election")]

@@ -121,8 +121,9 @@ async def _serve(args: argparse.Namespace, timing: Any, health: Health) -> None:
             log.info("leader election: %s campaigns for Lease %s/%s (duration %g s)", elector.identity,
                      namespace, args.leader_election_id, timing.lease_duration)
             elector.start()
-            while not elector.is_leader():  # polled: a SIGTERM to a standby ends this loop at once
-                await asyncio.sleep(0.2)
+            if not await _wait_for_leadership(elector):
+                log.info("leader election: stopped while a standby")
+                return
             health.role = "leader"
         else:
             health.role = "standalone"
@@ -156,6 +157,26 @@ async def _serve(args: argparse.Namespace, timing: Any, health: Health) -> None:
             await asyncio.to_thread(elector.release)
         if runner is not None:
             await runner.cleanup()
+
+
+async def _wait_for_leadership(elector: Any) -> bool:
+    """Poll the elector; False when SIGTERM/SIGINT arrived first (a standby stops cleanly, status 0)."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        while not elector.is_leader():
+            if stopping.is_set():
+                return False
+            await asyncio.sleep(0.2)
+        return True
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # kopf installs its own
+            loop.remove_signal_handler(sig)
 
 
 def _exit_lost(why: str) -> None:
