@@ -10,7 +10,15 @@ Checked through Prometheus' own HTTP API:
 * the chart's PrometheusRule and the operator's per-LLMDeployment PrometheusRule are loaded
   (rule files the Prometheus Operator generated from them);
 * a hung server (SIGSTOP: its /metrics stops answering, as a wedged process) drives
-  FleetserveServerTargetDown pending, then firing, and resolved once it runs again (SIGCONT).
+  FleetserveServerTargetDown pending, then firing, and resolved once it runs again (SIGCONT);
+* the Grafana dashboard (charts/fleetserve/files/dashboards/fleetserve.json) is proven against live
+  data: after real chat completions through the router (plain, streamed, cancelled, invalid), its
+  template variables resolve to the fleet's namespace, model and LLMDeployment, and every panel
+  query, with them substituted as Grafana does, returns data.
+
+The fleet has every source the dashboard reads: the server, the router (`router.enabled`) and the
+operator's autoscaler (`autoscaling.enabled`, pinned at 1 replica so it never adds a pod). Both
+tests share it (module scope): the dashboard test runs first, on the healthy fleet.
 
 The monitoring components are added to the shared dev cluster (`up --monitoring` on a running
 cluster starts just them) and left running, like the Prometheus Operator CRDs other tests leave.
@@ -19,6 +27,7 @@ cluster starts just them) and left running, like the Prometheus Operator CRDs ot
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -30,9 +39,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dashboard_queries
+import httpx
 import pytest
 import yaml
-from fleetserve_devcluster.testing import DevClusterHandle, wait_until
+from fleetserve_devcluster.testing import DevClusterHandle, create_namespace, wait_until
 from fleetserve_devcluster.tools import tool_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +51,10 @@ CHART = REPO / "charts" / "fleetserve"
 ALERT = "FleetserveServerTargetDown"
 TARGET_DOWN_FOR = "10s"
 BUILD_TIMEOUT_S = 1800  # a cold Go build of both binaries takes minutes on a loaded machine
+PROXY_ANNOTATION = "fleetserve.io/proxy-address"  # the dev cluster's Service address on the host
+# Panels whose queries may be NaN-only (a histogram with no observation in the window) under this
+# load, and why; every other panel must show a number. No request is held: a replica is ready.
+NAN_ALLOWED = {"Router: hold time": "requests are held only while no replica is ready"}
 
 
 class Prometheus:
@@ -84,9 +99,24 @@ def _ready_server_pods(cluster: DevClusterHandle, namespace: str) -> list[dict[s
         c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
 
 
-@pytest.fixture
-def fleet(dev_cluster: DevClusterHandle, namespace: str, prometheus: Prometheus, tmp_path: Path) -> Iterator[str]:
-    """The chart with its monitoring on and one small LLMDeployment; yields its namespace once Ready."""
+@pytest.fixture(scope="module")
+def namespace(dev_cluster: DevClusterHandle) -> Iterator[str]:
+    """The module's namespace, with the restricted Pod Security profile (as tests/e2e/conftest.py's)."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    create_namespace(dev_cluster, name)
+    dev_cluster.kubectl("label", "--overwrite", "namespace", name, "pod-security.kubernetes.io/enforce=restricted",
+                        "pod-security.kubernetes.io/enforce-version=latest")
+    try:
+        yield name
+    finally:
+        dev_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="module")
+def fleet(dev_cluster: DevClusterHandle, namespace: str, prometheus: Prometheus,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The chart with its monitoring on and one small LLMDeployment with the router and the autoscaler
+    on; yields its namespace once Ready."""
     dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     release = f"fs-{uuid.uuid4().hex[:8]}"
     values = {
@@ -101,9 +131,11 @@ def fleet(dev_cluster: DevClusterHandle, namespace: str, prometheus: Prometheus,
             "resources": {"gpus": 0, "cpu": "2", "memory": "2Gi"},
             "engine": {"maxModelLen": 512, "maxBatchTokens": 512, "maxNumSeqs": 1},
             "replicas": 1,
+            "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 1, "scrapeIntervalSeconds": 5},
+            "router": {"enabled": True, "replicas": 1},
         }],
     }
-    values_file = tmp_path / "values.yaml"
+    values_file = tmp_path_factory.mktemp("monitoring") / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     _helm(dev_cluster, "install", release, CHART, "-n", namespace, "-f", values_file, "--wait", "--timeout", "300s")
     try:
@@ -117,6 +149,100 @@ def _server_pid(pod: dict[str, Any]) -> int:
     """The server container's host pid (the node agent's containerID is `fleetserve://<pid>`)."""
     status = next(c for c in pod["status"]["containerStatuses"] if c["name"] == "server")
     return int(status["containerID"].removeprefix("fleetserve://"))
+
+
+def _chat_load(address: str) -> str:
+    """Chat completions through the router: two plain (the second hits the prefix cache), one
+    streamed, one streamed and cancelled after its first tokens, one invalid; returns the model."""
+    base = f"http://{address}/v1"
+    messages = [{"role": "user", "content": "Say hello in three words."}]
+    with httpx.Client(timeout=300) as client:
+        model = client.get(f"{base}/models").raise_for_status().json()["data"][0]["id"]
+        body = {"model": model, "messages": messages, "max_tokens": 8}
+        for _ in range(2):
+            resp = client.post(f"{base}/chat/completions", json=body)
+            assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"], resp.text
+        with client.stream("POST", f"{base}/chat/completions", json={**body, "stream": True}) as resp:
+            assert resp.status_code == 200
+            assert any(line.strip() == "data: [DONE]" for line in resp.iter_lines())
+        with client.stream("POST", f"{base}/chat/completions",
+                           json={**body, "max_tokens": 400, "stream": True}) as resp:
+            assert resp.status_code == 200
+            chunks = 0
+            for line in resp.iter_lines():
+                chunks += line.startswith("data:")
+                if chunks == 3:
+                    break  # closing the stream cancels the request: finish_reason "abort" on the server
+        resp = client.post(f"{base}/chat/completions", json={**body, "max_tokens": -1})
+        assert resp.status_code == 400, resp.text
+    return model
+
+
+def _scalar(prometheus: Prometheus, query: str) -> float:
+    result = prometheus.api("query", query=query)["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def test_every_dashboard_panel_shows_live_data_of_a_serving_fleet(
+    dev_cluster: DevClusterHandle, fleet: str, prometheus: Prometheus
+) -> None:
+    namespace = fleet
+    sel = f'namespace="{namespace}"'
+    jobs = {"fleetserve-server", "fleetserve-operator", "fleetserve-router"}
+    wait_until(lambda: jobs <= {t["labels"]["job"] for t in prometheus.api("targets", state="active")["activeTargets"]
+                                if t["labels"].get("namespace") == namespace and t["health"] == "up"} or None,
+               180, f"up targets of {sorted(jobs)}")
+    address = wait_until(lambda: json.loads(dev_cluster.kubectl("get", "service", "tiny", "-n", namespace, "-o", "json")
+                                            .stdout)["metadata"].get("annotations", {}).get(PROXY_ANNOTATION),
+                         60, f"the {PROXY_ANNOTATION} annotation on Service tiny (the router's)")
+    model = _chat_load(address)
+
+    # Every source has been scraped since the load: the server's counters (3 finished, 1 cancelled,
+    # 1 invalid), the router's routed requests, the autoscaler's inputs.
+    expected = {f'sum(fleetserve_requests_total{{{sel},finish_reason=~"stop|length"}})': 3,
+                f'sum(fleetserve_requests_total{{{sel},finish_reason="abort"}})': 1,
+                f'sum(fleetserve_requests_rejected_total{{{sel},reason="invalid"}})': 1,
+                f"sum(fleetserve_router_requests_total{{{sel}}})": 4,
+                f"count(fleetserve_operator_observed_queue_length{{{sel}}})": 1}
+    seen: dict[str, float] = {}
+
+    def scraped() -> bool | None:
+        seen.update({q: _scalar(prometheus, q) for q in expected})
+        return all(seen[q] >= n for q, n in expected.items()) or None
+
+    try:
+        wait_until(scraped, 120, "the load's requests in Prometheus", interval=1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nwanted at least: {expected}\nlast seen: {seen}") from None
+    at = prometheus.api("query", query="time()")["result"][1]  # one instant for every query
+
+    dashboard = dashboard_queries.load()
+
+    def label_values(selector: str | None, label: str) -> list[str]:
+        return prometheus.api(f"label/{label}/values", **({"match[]": selector} if selector else {}))
+
+    def choose(name: str, values: list[str]) -> str:
+        want = {"namespace": namespace, "model": model, "llmdeployment": "tiny"}[name]
+        assert want in values, f"template variable ${name}: {want!r} not among its values {values}"
+        return want
+
+    variables = dashboard_queries.resolve_variables(dashboard, label_values, choose)
+    assert set(variables) == {"namespace", "model", "llmdeployment"}, variables
+
+    empty: list[str] = []
+    nan_only: list[str] = []
+    targets = list(dashboard_queries.targets(dashboard))
+    assert len({t.panel for t in targets}) >= 20, [t.panel for t in targets]
+    for target in targets:
+        expr = dashboard_queries.substitute(target.expr, variables)
+        result = prometheus.api("query", query=expr, time=str(at))["result"]
+        name = f"panel {target.panel!r} query {target.ref_id}: {expr}"
+        if not result:
+            empty.append(name)
+        elif all(math.isnan(float(r["value"][1])) for r in result) and target.panel not in NAN_ALLOWED:
+            nan_only.append(name)
+    assert not empty, "dashboard queries with no data on a serving fleet:\n" + "\n".join(empty)
+    assert not nan_only, "dashboard queries with only NaN on a serving fleet:\n" + "\n".join(nan_only)
 
 
 def test_prometheus_operator_discovers_the_fleet_and_an_alert_fires_and_resolves(
