@@ -25,7 +25,8 @@ kernels: $(VENV)/.installed
 	$(BIN)/python -m fleetserve_server.runner.paged_attention --build
 
 # kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,
-# promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version.
+# promtool and prometheus, the Prometheus Operator and the Prometheus `dev-cluster up
+# --monitoring` runs, all cached under ~/.cache/fleetserve keyed by version.
 tools: $(VENV)/.installed
 	hack/install-tools.sh
 

@@ -7,6 +7,9 @@
 #   etcd                  built from the Go module proxy (go.etcd.io/etcd/server/v3, wrapper module)
 #   kube-*, kubectl       built from the Go module proxy by hack/k8s/build.sh
 #   prometheus-operator-crds  the Prometheus Operator's CRDs at a pinned version (hack/prometheus-operator-crds.sh)
+#   monitoring            the Prometheus Operator and Prometheus with Kubernetes discovery that
+#                         `dev-cluster up --monitoring` runs (and tests/e2e/test_monitoring_fleet.py), built
+#                         from the Go module proxy by hack/prometheus-operator/build.sh and hack/prometheus/build.sh
 #
 # The versions are pinned in devcluster/fleetserve_devcluster/tools.py, the
 # one place the CLI and the tests read them from too.  Fast tools first: the
@@ -149,8 +152,24 @@ install_prometheus_operator_crds() {
   log "prometheus-operator CRDs: in $CACHE/prometheus-operator-crds/"
 }
 
+# ---------------------------------------------------------------- monitoring (Prometheus Operator, Prometheus)
+install_monitoring() {
+  # The versions and the build scripts' order live in fleetserve_devcluster.monitoring (build() is
+  # what `dev-cluster up --monitoring` runs on a cold cache); here the install step pays for it.
+  local py=python3
+  [[ -x "$repo/.venv/bin/python" ]] && py="$repo/.venv/bin/python"
+  local mon=(env PYTHONPATH="$repo/devcluster${PYTHONPATH:+:$PYTHONPATH}" "$py" -c)
+  if "${mon[@]}" 'import sys; from fleetserve_devcluster import monitoring; sys.exit(0 if monitoring.installed() else 1)'; then
+    log "monitoring (Prometheus Operator, Prometheus): cached"; return
+  fi
+  need_go "the Prometheus Operator and Prometheus (dev-cluster up --monitoring)"
+  log "monitoring: building the Prometheus Operator and Prometheus from the Go module proxy (~15 min cold)..."
+  "${mon[@]}" 'from fleetserve_devcluster import monitoring; monitoring.build(log=lambda m: print("install-tools:", m, flush=True))'
+  log "monitoring: built"
+}
+
 # `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
-want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s)
+want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s monitoring)
 for t in "${want[@]}"; do
   case "$t" in
     prometheus|promtool) install_prometheus ;;
@@ -158,7 +177,8 @@ for t in "${want[@]}"; do
     etcd) install_etcd ;;
     k8s|kubernetes|kubectl|kube-*) install_k8s ;;
     prometheus-operator-crds) install_prometheus_operator_crds ;;
-    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s)" >&2; exit 2 ;;
+    monitoring|prometheus-operator) install_monitoring ;;
+    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s monitoring)" >&2; exit 2 ;;
   esac
 done
 log "tools on PATH via: $(tools_py bin-dir)"
