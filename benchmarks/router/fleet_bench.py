@@ -313,12 +313,24 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
         return measure(urls[arm], convs, rate, args.concurrency, seed)
 
     try:
-        # idle: a light load, few requests at a time (what "p90 TTFT at idle" means here)
-        report["idle"] = {}
-        for arm in arms:
-            arm_run(arm, 900, args.idle_sessions, args.idle_rate, pod_ips)  # warm-up
-            report["idle"][arm] = arm_run(arm, 901, args.idle_sessions, args.idle_rate, pod_ips)
+        # idle: a light load through the baseline arm (what "its idle p90 TTFT" means here)
+        other = arms[1]
+        report["idle"] = {other: arm_run(other, 901, args.idle_sessions, args.idle_rate, pod_ips)}
         print("idle:", json.dumps(report["idle"]), flush=True)
+        rate = args.rate
+        if args.rate_auto:
+            # the load: raise the rate until the baseline's p90 TTFT is at least 3x its idle value
+            report["probes"] = []
+            idle_p90 = report["idle"][other]["ttft_p90_s"]
+            for i in range(args.max_probes):
+                probe = arm_run(other, 950 + i, args.probe_sessions, rate, pod_ips)
+                report["probes"].append({"rate": rate, **probe})
+                print(f"probe {other} at {rate:.2f}/s: p90 {probe['ttft_p90_s']} s = "
+                      f"{probe['ttft_p90_s'] / idle_p90:.1f}x idle", flush=True)
+                if probe["ttft_p90_s"] >= args.auto_factor * idle_p90:
+                    break
+                rate = round(rate * 1.5, 2)
+        report["rate"] = rate
         if args.scenario == "multiturn" and args.single_sessions:
             report["single_replica"] = arm_run("single", 902, args.single_sessions, args.single_rate, pod_ips[:1])
             print("single replica:", json.dumps(report["single_replica"]), flush=True)
@@ -328,7 +340,7 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
             for arm in order:
                 # the same seed for both arms of a round would let the second find the first's text
                 # cached; a seed per arm and round gives the same shape with fresh text
-                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, args.sessions, args.rate, pod_ips)
+                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, args.sessions, rate, pod_ips)
                 print(f"round {r} {arm}: {json.dumps(row[arm])}", flush=True)
             report["rounds"].append(row)
             write(report, args)
@@ -379,10 +391,15 @@ def main() -> int:
                         help="the inference-perf executable (default: benchmarks/router/setup_inference_perf.sh)")
     parser.add_argument("--sessions", type=int, default=12, help="conversations (multiturn) or requests (unique)")
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--system-tokens", type=int, default=200, help="shared system prompt (multiturn)")
-    parser.add_argument("--question-tokens", type=int, default=60)
+    parser.add_argument("--system-tokens", type=int, default=250, help="shared system prompt (multiturn)")
+    parser.add_argument("--question-tokens", type=int, default=100)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0, help="requests per s (Poisson)")
+    parser.add_argument("--rate-auto", action="store_true",
+                        help="start at --rate and raise it x1.5 until the baseline arm's p90 TTFT >= --auto-factor x idle")
+    parser.add_argument("--auto-factor", type=float, default=3.0, help="--rate-auto's target p90 / idle p90")
+    parser.add_argument("--probe-sessions", type=int, default=6)
+    parser.add_argument("--max-probes", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--idle-sessions", type=int, default=2)

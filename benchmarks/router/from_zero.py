@@ -211,12 +211,13 @@ def gpu_nodes(fleet: Fleet) -> list[Any]:
 
 
 def plot(run: dict[str, Any], path: Path, title: str) -> None:
+    """Held requests and replicas over time; each request's wait and answer; a zoom on pod Ready."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [1, 2]})
+    fig, (top, middle, zoom) = plt.subplots(3, 1, figsize=(10, 10), gridspec_kw={"height_ratios": [1, 2, 2]})
     series = [s for s in run["series"] if "error" not in s]
     top.step([s["t"] for s in series], [s["held"] or 0 for s in series], where="post", label="router: held requests")
     top.step([s["t"] for s in series], [(s["ready"] or 0) * 10 for s in series], where="post",
@@ -224,23 +225,34 @@ def plot(run: dict[str, Any], path: Path, title: str) -> None:
     top.set_ylabel("requests")
     top.legend(loc="upper left", fontsize=8)
     reqs = sorted(run["requests"], key=lambda r: r.get("first_token") or 1e9)
-    for y, r in enumerate(reqs):
-        bottom.plot([r["sent"], r.get("first_token", r["sent"])], [y, y], color="tab:orange", lw=1)
-        bottom.plot([r.get("first_token", r["sent"]), r.get("done", r["sent"])], [y, y], color="tab:green", lw=2)
-    bottom.plot([], [], color="tab:orange", label="waiting (held in the router)")
-    bottom.plot([], [], color="tab:green", label="first token -> answer complete")
-    bottom.set_ylabel("request")
-    bottom.set_xlabel("seconds since the requests arrived")
+    for ax in (middle, zoom):
+        for y, r in enumerate(reqs):
+            ax.plot([r["sent"], r.get("first_token", r["sent"])], [y, y], color="tab:orange", lw=1)
+            ax.plot([r.get("first_token", r["sent"]), r.get("done", r["sent"])], [y, y], color="tab:green", lw=2)
+        ax.set_ylabel("request")
+    middle.plot([], [], color="tab:orange", label="waiting (held in the router)")
+    middle.plot([], [], color="tab:green", label="first token -> answer complete")
     colors = iter(["grey", "tab:red", "tab:purple", "tab:brown", "tab:blue", "black", "tab:olive", "tab:cyan"])
     for what, t in run["marks"].items():
         c = next(colors, "grey")
-        for ax in (top, bottom):
+        for ax in (top, middle, zoom):
             ax.axvline(t, color=c, ls=":", lw=1)
-        bottom.plot([], [], color=c, ls=":", label=f"{what} ({t:.1f} s)")
-    bottom.legend(loc="lower right", fontsize=7)
+        middle.plot([], [], color=c, ls=":", label=f"{what} ({t:.1f} s)")
+    middle.legend(loc="lower right", fontsize=7)
+    ready = run["marks"].get("server pod Ready (poll)")
+    if ready is not None:
+        zoom.set_xlim(ready - 2, max(r.get("done", ready) for r in reqs) + 0.5)
+        zoom.set_title("zoom: from 2 s before the pod turned Ready to the last answer", fontsize=9)
+    zoom.set_xlabel("seconds since the requests arrived")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def replot(json_path: Path, path: Path) -> None:
+    report = json.loads(json_path.read_text())
+    plot(report["runs"][0], path, f"fleetserve router: {report['requests']} concurrent requests at 0 server replicas "
+                                  f"(dev cluster, 2-core CPU; run 1 of {len(report['runs'])})")
 
 
 def main() -> int:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The router benchmarks of BENCHMARKS.md "Router" (issue 16 point 3), in the order they were run.
+# Each step is one short command under the machine's heavy-work lock; results go to benchmarks/results/.
+#   STATE=~/.cache/fleetserve/dev-cluster-b16 PORT_BASE=19000 benchmarks/router/run_all.sh [overhead|multiturn|unique|zero]...
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STATE="${STATE:-$HOME/.cache/fleetserve/dev-cluster-router-bench}"
+PORT_BASE="${PORT_BASE:-19000}"
+RATE_MULTITURN="${RATE_MULTITURN:-1.0}"
+RATE_UNIQUE="${RATE_UNIQUE:-1.0}"
+LOCK=(flock /tmp/fleetserve-heavy.lock nice -n 19)
+PY=.venv/bin/python
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(overhead multiturn unique zero)
+
+bash benchmarks/router/setup_inference_perf.sh >/dev/null
+.venv/bin/fleetserve dev-cluster up --state-dir "$STATE" --port-base "$PORT_BASE" >/dev/null
+for step in "${steps[@]}"; do
+  case "$step" in
+    overhead)   # c: router overhead at 500 req/s against a stub backend (loopback, no cluster)
+      "${LOCK[@]}" $PY benchmarks/router/overhead.py --rate 500 --seconds 10 --rounds 3 --pin \
+        --json benchmarks/results/router-overhead.json ;;
+    multiturn)  # a: router vs the Service's round-robin, 3 replicas, multi-turn chat (inference-perf)
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario multiturn \
+        --rate "$RATE_MULTITURN" --rounds 3 --json benchmarks/results/router-multiturn.json ;;
+    unique)     # b: router vs least-load, unique prompts (inference-perf)
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario unique \
+        --rate "$RATE_UNIQUE" --sessions 40 --rounds 3 --json benchmarks/results/router-unique.json ;;
+    zero)       # d: 50 concurrent requests at 0 replicas, timeline plot
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py down --state-dir "$STATE"
+      "${LOCK[@]}" $PY benchmarks/router/from_zero.py --state-dir "$STATE" --requests 50 --runs 3 \
+        --json benchmarks/results/router-from-zero.json --plot benchmarks/results/router-from-zero.png ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
