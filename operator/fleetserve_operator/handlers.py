@@ -65,6 +65,8 @@ registry = kopf.OperatorRegistry()
 RETRY_DELAY_SECONDS = 5
 RESYNC_INTERVAL_SECONDS = 60.0
 CHILD_LABELS = {LABEL_MANAGED_BY: MANAGED_BY}
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+CHILD_WATCHES = (("apps", "v1", "deployments"), ("", "v1", "pods"), ("", "v1", "services"), ("", "v1", "configmaps"))
 
 
 @dataclass
@@ -145,6 +147,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    # Server-side label selectors on every child watch (kopf's labels= filters apply client-side, after
+    # the API server streamed every Pod, Service, ConfigMap and Deployment of the watched namespaces).
+    for group, version, plural in CHILD_WATCHES:
+        settings.watching.label_selectors[group, version, plural] = CHILD_SELECTOR
     if OPTIONS.metrics_port:
         memo.metrics_runner = await metrics.start_http_server(OPTIONS.metrics_port, OPTIONS.metrics_host)
     # A fresh start knows no LLMDeployment yet: the watch's initial listing fills the table again.
