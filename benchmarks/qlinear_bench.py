@@ -5,8 +5,8 @@ Variants (same random weights, quantized once per shape):
 
 * ``fp32-packed``: the runner's float32 layer (oneDNN, weight packed once; the baseline);
   ``fp32-linear``: plain ``F.linear`` (MKL).
-* ``{int8,nf4,fp4}-bnb``: bitsandbytes' layer, today's path.
-* ``int8-fast``: LLM.int8 with lean quantization around ``int8_linear_matmul`` (``torch._int_mm``).
+* ``{int8,nf4,fp4}-bnb``: bitsandbytes' layer as the loader leaves it (training mode), today's path.
+* ``int8-fast``: the input as three int8 terms, one ``torch._int_mm`` (float32-exact to ~1e-6).
 * ``int8-dequant``: the option not taken: dequantize the int8 rows into a float32 buffer, F.linear.
 * ``{nf4,fp4}-fast``: dequantize into the shared workspace with bitsandbytes' C kernel, F.linear.
 * ``nf4-dequant-only``: just the dequantization (the fast path's overhead over fp32-linear).
@@ -45,7 +45,7 @@ def variants(out_features: int, in_features: int) -> dict[str, Callable[[torch.T
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     linear.requires_grad_(False)
     bnb = import_bnb("int8")
-    layers = {q: to_bnb(bnb, linear, q, torch.float32, 32).to("cpu").eval() for q in ("int8", "nf4", "fp4")}
+    layers = {q: to_bnb(bnb, linear, q, torch.float32, 32).to("cpu") for q in ("int8", "nf4", "fp4")}  # as loaded
     workspace = Workspace(out_features * in_features, out_features * in_features // 32, torch.float32)
     fast4 = {q: CpuLinear4bit(copy.deepcopy(layers[q]), workspace, torch.float32) for q in ("nf4", "fp4")}
     fast8 = CpuLinear8bit(copy.deepcopy(layers["int8"]))

@@ -2,9 +2,9 @@
 
 Same quantized tensors, two forwards: bitsandbytes' (today's path) and the fast one. The fast
 4-bit layer must dequantize to exactly ``bitsandbytes.functional.dequantize_4bit`` and then
-equal ``F.linear`` over it; the fast int8 layer must reproduce LLM.int8 (outlier columns
-included). On a tiny Llama, the loader's fast model must give the same greedy tokens and
-close logits as the same weights run through bitsandbytes.
+equal ``F.linear`` over it; the fast int8 layer must equal the float matmul over its
+dequantized rows, which is what bitsandbytes computes for the loader's (training-mode) layers. On a tiny Llama, the loader's fast model must give the same greedy tokens and
+the same perplexity as the same weights run through bitsandbytes.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ def _quantized(quantization: str, in_features: int = 256, out_features: int = 19
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     linear.requires_grad_(False)
     bnb = import_bnb(quantization)
-    layer = to_bnb(bnb, linear, quantization, torch.float32, 32).to("cpu")
-    layer.eval()
-    return layer
+    return to_bnb(bnb, linear, quantization, torch.float32, 32).to("cpu")  # as the loader leaves it
 
 
 class _Model:
@@ -72,31 +70,29 @@ def test_4bit_fast_path_is_linear_over_bitsandbytes_dequantized_weight(quant_typ
     with torch.inference_mode():
         got = fast(x)
         reference = torch.nn.functional.linear(x, expected_w, layer.bias)
-        today = layer(x)  # bitsandbytes' own forward (bfloat16 GEMV where the CPU has AVX512-BF16)
+        today = layer(x)  # bitsandbytes' own forward, the path before the fast one
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
-    # today's path rounds to bfloat16 at most: within ~1 % of the output's scale, a wrong nibble is not
-    assert (got - today).abs().max() <= 0.02 * today.abs().max()
+    torch.testing.assert_close(got, today, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 32])
 @pytest.mark.parametrize("outliers", [False, True])
-def test_int8_fast_path_reproduces_llm_int8(rows: int, outliers: bool) -> None:
+def test_int8_fast_path_equals_float_matmul_over_dequantized_rows(rows: int, outliers: bool) -> None:
     layer = _quantized("int8")
     fast = _fast(layer)
     assert isinstance(fast, CpuLinear8bit)
     torch.manual_seed(1)
     x = torch.randn(rows, 256)
-    if outliers:  # activations >= 6.0 take LLM.int8's full-precision route, column by column
-        x[:, 3] *= 20.0
-        x[0, 100] = -9.0
+    if outliers:  # a few large activation columns, as LLMs have: the int8 terms must still resolve the rest
+        x[:, 3] *= 40.0
+        x[0, 100] = -90.0
     with torch.inference_mode():
         got = fast(x)
-        today = layer(x)
-    torch.testing.assert_close(got, today, rtol=1e-6, atol=1e-6)
-    # and it is a good approximation of the float matmul over the dequantized weight
+        today = layer(x)  # bitsandbytes: float input against the dequantized int8 rows
+    scale = float(today.abs().max())
+    torch.testing.assert_close(got, today, rtol=1e-5, atol=1e-5 * scale)
     w = fast.weight.data.float() * fast.weight.SCB.view(-1, 1) / 127.0
-    dense = torch.nn.functional.linear(x, w, layer.bias)
-    assert (got - dense).abs().max() <= 0.05 * dense.abs().max()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "fp4"])
@@ -151,3 +147,23 @@ def test_tiny_model_greedy_tokens_match_bitsandbytes(tmp_path: Path, monkeypatch
     bnb_tokens, bnb_model = generate()
     assert not any(isinstance(getattr(bnb_model.layers[0], n), (CpuLinear4bit, CpuLinear8bit)) for n in NAMES)
     assert fast_tokens == bnb_tokens
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_tiny_model_perplexity_equals_bitsandbytes(tmp_path: Path, monkeypatch, quantization: str) -> None:
+    """The quality benchmark's perplexity (``bench.offline_quality.perplexity_paged``) of the same
+    quantized weights, fast path vs bitsandbytes' layers: equal to 1e-4, and within 10 % of float32's."""
+    from fleetserve_server.bench.offline_quality import perplexity_paged
+
+    path = make_tiny_llama(tmp_path / "m", hidden_size=128, intermediate_size=256)
+    ids = [(7 * i * i + 3 * i) % 250 + 2 for i in range(100)]
+
+    def ppl(q: str) -> float:
+        model = load_model(path, dtype="float32", device=CPU, quantization=q, max_positions=128).model
+        return perplexity_paged(model, ids)
+
+    fast = ppl(quantization)
+    monkeypatch.setattr(loader_module, "use_cpu_fast_path", lambda model: None)
+    today = ppl(quantization)
+    assert fast == pytest.approx(today, rel=1e-4)
+    assert fast == pytest.approx(ppl("none"), rel=0.1)

@@ -40,7 +40,8 @@ def perplexity_paged(model: Any, ids: list[int]) -> float:
         for start in range(0, len(ids) - 1, CHUNK):
             chunk = ids[start : start + CHUNK]
             batch = ScheduledBatch([ScheduledSequence(0, chunk, start, table, True, greedy)])
-            input_ids, meta, _, _ = runner._prepare(batch)
+            plan, _, _ = runner._prepare(batch)
+            input_ids, meta = runner._tensors(plan)
             meta.logits_idx = torch.arange(len(chunk))
             logits = model(input_ids, meta, runner.kv_cache)
             targets = torch.tensor(ids[start + 1 : start + 1 + len(chunk)])
