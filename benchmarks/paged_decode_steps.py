@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/paged_decode_steps.json"))
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/results/paged_decode_steps.png"))
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler's top ops of decode steps at the mixed workload's shape")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.execute(ScheduledBatch(seqs))
         return time.perf_counter() - start
 
+    if args.profile:
+        profile(model, step, args)
+        return 0
     rows = []
     for shape, lens in cases(args.batch, args.longest):
         times: dict[str, list[float]] = {p: [] for p in PATHS}
@@ -95,6 +100,36 @@ def main(argv: list[str] | None = None) -> int:
                                        "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     plot(rows, args.plot, args.threads)
     return 0
+
+
+def profile(model, step, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    """Top ops by self CPU time over ``--repeats`` decode steps of ``--batch`` sequences with the
+    mixed workload's contexts (input 32-512 plus half of an output of 16-256), for each path;
+    the attention call of every layer is labelled ``attention``."""
+    import random
+
+    import torch
+    from torch.profiler import ProfilerActivity, record_function
+
+    rng = random.Random(0)
+    lens = [min(args.longest, rng.randint(32, 512) + rng.randint(16, 256) // 2) for _ in range(args.batch)]
+    inner = model._attention
+
+    def labelled(*a, **kw):  # type: ignore[no-untyped-def]
+        with record_function("attention"):
+            return inner(*a, **kw)
+
+    model._attention = labelled
+    for path in PATHS:
+        model.attention = path
+        step(lens)
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats):
+                step(lens)
+        print(f"== {path}: {args.repeats} decode steps, batch {len(lens)}, live tokens {sum(lens)}, "
+              f"longest {max(lens)}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    model._attention = inner
 
 
 def plot(rows: list[dict], path: Path, threads: int) -> None:  # type: ignore[type-arg]

@@ -35,42 +35,81 @@ namespace {
 // 16 floats in GCC/Clang's portable vector type (AVX-512: one register; AVX2/SSE/NEON: several),
 // element-aligned so that any row can be loaded.
 typedef float vfloat __attribute__((vector_size(64), aligned(4)));
+typedef float vfloat8 __attribute__((vector_size(32), aligned(4)));
+typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
 constexpr int64_t kLanes = 16;
 
-inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  vfloat acc = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    acc += *reinterpret_cast<const vfloat*>(a + d) * *reinterpret_cast<const vfloat*>(b + d);
-  }
-  float s = 0.f;
-  for (; d < n; ++d) s += a[d] * b[d];
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
+
+// Sum of the 16 lanes as a tree (a chain of 15 scalar adds would be the step's critical path).
+inline float hsum(vfloat v) {
+  vfloat8 lo, hi;
+  __builtin_memcpy(&lo, &v, sizeof lo);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const vfloat8 s8 = lo + hi;
+  vfloat4 a, b;
+  __builtin_memcpy(&a, &s8, sizeof a);
+  __builtin_memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  const vfloat4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// acc += p * row
-inline void axpy(float* __restrict__ acc, float p, const float* __restrict__ row, int64_t n) {
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    *reinterpret_cast<vfloat*>(acc + d) += p * *reinterpret_cast<const vfloat*>(row + d);
+// Row operations over head_dim = NJ x 16 values (NJ > 0: unrolled, accumulators in registers),
+// or any head_dim (NJ == 0).
+template <int NJ>
+struct Rows {
+  // a . b
+  static inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+    if constexpr (NJ > 0) {
+      vfloat acc[2] = {load(a) * load(b), {}};
+      for (int j = 1; j < NJ; ++j) acc[j & 1] += load(a + j * kLanes) * load(b + j * kLanes);
+      return hsum(acc[0] + acc[1]);
+    } else {
+      vfloat acc = {};
+      int64_t d = 0;
+      for (; d + kLanes <= n; d += kLanes) acc += load(a + d) * load(b + d);
+      float s = hsum(acc);
+      for (; d < n; ++d) s += a[d] * b[d];
+      return s;
+    }
   }
-  for (; d < n; ++d) acc[d] += p * row[d];
-}
 
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
+  // acc += sum_r p[r] * rows[r], rows of n values with stride n: the accumulator stays in
+  // registers across the rows (one load and store per block, not per row)
+  static inline void accumulate(float* __restrict__ acc, const float* __restrict__ p,
+                                const float* __restrict__ rows, int64_t count, int64_t n) {
+    if constexpr (NJ > 0) {
+      vfloat a[NJ];
+      for (int j = 0; j < NJ; ++j) a[j] = load(acc + j * kLanes);
+      for (int64_t r = 0; r < count; ++r) {
+        const float w = p[r];
+        const float* row = rows + r * n;
+        for (int j = 0; j < NJ; ++j) a[j] += w * load(row + j * kLanes);
+      }
+      for (int j = 0; j < NJ; ++j) *reinterpret_cast<vfloat*>(acc + j * kLanes) = a[j];
+    } else {
+      for (int64_t r = 0; r < count; ++r) {
+        const float w = p[r];
+        const float* row = rows + r * n;
+        int64_t d = 0;
+        for (; d + kLanes <= n; d += kLanes) {
+          *reinterpret_cast<vfloat*>(acc + d) += w * load(row + d);
+        }
+        for (; d < n; ++d) acc[d] += w * row[d];
+      }
+    }
+  }
+};
 
 // Query tiles: up to kTile consecutive tokens of one prefill chunk (same sequence, positions
 // p, p+1, ...) are scored against each key row together, so a chunk of n tokens reads its
 // context's K/V n / kTile times instead of n times. A decode token is a tile of one.
 constexpr int64_t kTile = 16;
 
-template <typename scalar_t>
+template <typename scalar_t, int NJ>
 void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
          const at::Tensor& seq, const at::Tensor& ctx, int64_t block_size, double scale) {
+  using R = Rows<NJ>;
   const int64_t num_tokens = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t kv_heads = cache.size(1), num_slots = cache.size(2);
   const int64_t group = num_heads / kv_heads;
@@ -98,11 +137,17 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t max_rows = kTile * group;
     std::vector<float> scores, qf(max_rows * head_dim), acc(max_rows * head_dim), best(max_rows),
-        total(max_rows), kf, vf;
-    if (!is_float) {
-      kf.resize(head_dim);
-      vf.resize(head_dim);
-    }
+        total(max_rows), converted;
+    if (!is_float) converted.resize(block_size * head_dim);
+    // one block's rows (block_size x head_dim) as float32: in place for a float cache
+    auto block_rows = [&](const scalar_t* base, int64_t rows) -> const float* {
+      if constexpr (is_float) {
+        return reinterpret_cast<const float*>(base);
+      } else {
+        for (int64_t e = 0; e < rows * head_dim; ++e) converted[e] = static_cast<float>(base[e]);
+        return converted.data();
+      }
+    };
     for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
       const auto [t0, count] = tiles[item / kv_heads];
       const int64_t h = item % kv_heads;
@@ -122,18 +167,12 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
       // by the tile's tokens i with p < first_ctx + i (causal)
       for (int64_t start = 0; start < n; start += block_size) {
         const int64_t rows = std::min(block_size, n - start);
-        const scalar_t* kblock = khead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
+        const float* kblock = block_rows(khead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim, rows);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = start + r;
-          const float* krow;
-          if constexpr (is_float) {
-            krow = reinterpret_cast<const float*>(kblock + r * head_dim);
-          } else {
-            to_float(kblock + r * head_dim, kf.data(), head_dim);
-            krow = kf.data();
-          }
+          const float* krow = kblock + r * head_dim;
           for (int64_t row = std::max<int64_t>(0, p - first_ctx + 1) * group; row < rows_used; ++row) {
-            const float s = dot(qf.data() + row * head_dim, krow, head_dim);
+            const float s = R::dot(qf.data() + row * head_dim, krow, head_dim);
             scores[row * n + p] = s;
             best[row] = std::max(best[row], s);
           }
@@ -150,23 +189,14 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
         }
         total[row] = sum;
       }
-      // pass 2: probability-weighted sum of the value rows
+      // pass 2: probability-weighted sum of the value rows, a block at a time per score row
       std::fill(acc.begin(), acc.begin() + rows_used * head_dim, 0.f);
       for (int64_t start = 0; start < n; start += block_size) {
         const int64_t rows = std::min(block_size, n - start);
-        const scalar_t* vblock = vhead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t p = start + r;
-          const float* vrow;
-          if constexpr (is_float) {
-            vrow = reinterpret_cast<const float*>(vblock + r * head_dim);
-          } else {
-            to_float(vblock + r * head_dim, vf.data(), head_dim);
-            vrow = vf.data();
-          }
-          for (int64_t row = std::max<int64_t>(0, p - first_ctx + 1) * group; row < rows_used; ++row) {
-            axpy(acc.data() + row * head_dim, scores[row * n + p], vrow, head_dim);
-          }
+        const float* vblock = block_rows(vhead + static_cast<int64_t>(table[start / block_size]) * block_size * head_dim, rows);
+        for (int64_t row = std::max<int64_t>(0, start - first_ctx + 1) * group; row < rows_used; ++row) {
+          const int64_t visible = std::min(rows, first_ctx + row / group - start);  // causal
+          R::accumulate(acc.data() + row * head_dim, scores.data() + row * n + start, vblock, visible, head_dim);
         }
       }
       for (int64_t i = 0; i < count; ++i) {
@@ -181,6 +211,18 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at
       }
     }
   });
+}
+
+template <typename scalar_t>
+void dispatch_head_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache, const at::Tensor& tables,
+                       const at::Tensor& seq, const at::Tensor& ctx, int64_t block_size, double scale) {
+  switch (q.size(2)) {
+    case 32: return run<scalar_t, 2>(out, q, cache, tables, seq, ctx, block_size, scale);
+    case 64: return run<scalar_t, 4>(out, q, cache, tables, seq, ctx, block_size, scale);
+    case 96: return run<scalar_t, 6>(out, q, cache, tables, seq, ctx, block_size, scale);
+    case 128: return run<scalar_t, 8>(out, q, cache, tables, seq, ctx, block_size, scale);
+    default: return run<scalar_t, 0>(out, q, cache, tables, seq, ctx, block_size, scale);
+  }
 }
 
 }  // namespace
@@ -218,7 +260,7 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor cache, at::Tensor 
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    run<scalar_t>(out, q, cache, tables, seq, ctx, block_size, scale);
+    dispatch_head_dim<scalar_t>(out, q, cache, tables, seq, ctx, block_size, scale);
   });
 }
 
