@@ -3,8 +3,9 @@
 Two sources feed it. The engine's ``EngineStats`` snapshot (queue lengths, KV
 blocks, cumulative token and cache counters) is read when ``/metrics`` is
 scraped, so gauges are never stale and counters are exactly the engine's.
-Per-request timings (queue time, TTFT, TPOT, end-to-end) are observed into
-histograms when a request finishes, from the timings on its last
+Per-request timings (queue time, TTFT, TPOT, end-to-end) and output statistics
+(tokens, mean token negative log-probability and entropy, temperature, cut at
+max_tokens) are observed into histograms when a request finishes, from its last
 ``RequestOutputDelta``. The ``vllm:`` aliases are rendered from the same
 snapshot as their native twins, so the two always agree within a scrape.
 """
@@ -39,6 +40,15 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
                  160.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+# Output-quality statistics: a request's generated tokens, the mean log-probability of its sampled
+# tokens and the mean entropy (nats) of the model's next-token distributions, the temperature asked.
+OUTPUT_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# (The log-probability is exported negated, as a negative log-likelihood: a histogram with negative
+# buckets has no _sum in the exposition format, and the fleet's mean needs it.)
+TOKEN_NLL_BUCKETS = (0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0,
+                     8.0)
+TOKEN_ENTROPY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+TEMPERATURE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0)
 
 
 EVICTION_REASONS = ("expired", "pressure")
@@ -103,6 +113,21 @@ class ServerMetrics:
         self.queue_time = histogram("fleetserve_request_queue_time_seconds",
                                     "Seconds a request waited before its first schedule.", QUEUE_BUCKETS)
         self.batch_size = histogram("fleetserve_batch_size", "Sequences per engine step.", BATCH_SIZE_BUCKETS)
+        self.output_tokens = histogram("fleetserve_output_tokens", "Tokens generated per finished request.",
+                                       OUTPUT_TOKENS_BUCKETS)
+        self.token_nll = histogram(
+            "fleetserve_output_token_nll_nats",
+            "Per finished request: mean negative log-probability (nats) of its sampled tokens under the "
+            "model's raw distribution (the log of the output's perplexity).", TOKEN_NLL_BUCKETS)
+        self.token_entropy = histogram(
+            "fleetserve_output_mean_token_entropy_nats",
+            "Per finished request: mean entropy (nats) of the model's next-token distribution "
+            "(temperature 1) over its generated tokens.", TOKEN_ENTROPY_BUCKETS)
+        self.temperature = histogram("fleetserve_request_temperature", "Sampling temperature of finished requests.",
+                                     TEMPERATURE_BUCKETS)
+        self.max_tokens_total = Counter(
+            "fleetserve_requests_max_tokens_total",
+            "Finished requests whose output was cut at their max_tokens.", ["model"], registry=r)
         self.memory_bytes = Gauge(
             "fleetserve_model_memory_bytes", "Device memory held by the model, by kind.",
             ["model", "kind"], registry=r)
@@ -113,8 +138,10 @@ class ServerMetrics:
             self.requests_total.labels(model, reason)
         for reason in REJECT_REASONS:
             self.rejected_total.labels(model, reason)
-        for hist in (self.ttft, self.tpot, self.e2e, self.queue_time, self.batch_size):
+        for hist in (self.ttft, self.tpot, self.e2e, self.queue_time, self.batch_size, self.output_tokens,
+                     self.token_nll, self.token_entropy, self.temperature):
             hist.labels(model)
+        self.max_tokens_total.labels(model)
         r.register(_EngineStatsCollector(self))
 
     def set_model(self, *, quantization: str, dtype: str, max_model_len: int,
@@ -136,6 +163,16 @@ class ServerMetrics:
             tpot = time_per_output_token(final)
             if tpot is not None:
                 self.tpot.labels(self.model).observe(tpot)
+        stats = final.output_stats
+        if stats is not None and finish_reason in ("stop", "length"):  # outputs the model completed
+            self.output_tokens.labels(self.model).observe(final.completion_tokens)
+            self.temperature.labels(self.model).observe(stats.temperature)
+            if stats.max_tokens_reached:
+                self.max_tokens_total.labels(self.model).inc()
+            if stats.mean_token_logprob is not None:
+                self.token_nll.labels(self.model).observe(-stats.mean_token_logprob)
+            if stats.mean_token_entropy is not None:
+                self.token_entropy.labels(self.model).observe(stats.mean_token_entropy)
 
     def observe_rejected(self, reason: str) -> None:
         self.rejected_total.labels(self.model, reason).inc()

@@ -187,3 +187,29 @@ def test_quantized_model_keeps_its_tied_lm_head_plain(tmp_path) -> None:
     assert type(loaded.model.lm_head) is torch.nn.Linear  # tied: packing it would add memory
     assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
     assert model_bytes(loaded.model) == before
+
+
+def test_output_statistics_are_the_sampled_tokens_logprob_and_the_distributions_entropy(tmp_path) -> None:
+    """``last_token_stats`` per sampled row: the logprob the runner returns for ``logprobs`` requests
+    and the entropy of the full raw distribution — for greedy and sampled rows in one batch, and for a
+    row whose grammar-free logits were processed (penalties) before sampling."""
+    runner = _runner(make_tiny_llama(tmp_path / "m"))
+    prompts = _prompts(3, 100)
+    params = [SamplingParams(max_tokens=4, temperature=0.0, logprobs=0),
+              SamplingParams(max_tokens=4, temperature=0.9, seed=1, logprobs=0),
+              SamplingParams(max_tokens=4, temperature=0.7, seed=2, logprobs=0, repetition_penalty=1.3)]
+    seqs = [ScheduledSequence(i, p, 0, list(range(i * 16, (i + 1) * 16)), True, params[i])
+            for i, p in enumerate(prompts)]
+    result = runner.execute(ScheduledBatch(seqs))
+    assert set(runner.last_token_stats) == {0, 1, 2}
+    # the reference: the same step's raw logits, from a second runner over the same weights
+    ref = _runner(make_tiny_llama(tmp_path / "m"))
+    for i, seq in enumerate(seqs):
+        logits = ref.model(*ref._tensors(ref._prepare(ScheduledBatch([seq]))[0]), ref.kv_cache)[-1].double()
+        logp = torch.log_softmax(logits, dim=-1)
+        logprob, entropy = runner.last_token_stats[i]
+        assert logprob == pytest.approx(runner.last_logprobs[i].sampled.logprob, abs=1e-5)
+        assert logprob == pytest.approx(logp[result[i]].item(), abs=1e-4)
+        assert entropy == pytest.approx(-(logp.exp() * logp).sum().item(), abs=1e-4)
+    runner.execute(ScheduledBatch([ScheduledSequence(0, prompts[0], 0, list(range(16)), False, params[0])]))
+    assert runner.last_token_stats == {}  # a chunk that samples nothing leaves nothing behind

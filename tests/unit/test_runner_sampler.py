@@ -8,7 +8,13 @@ torch = pytest.importorskip("torch")
 
 from fleetserve_server.engine.interfaces import ScheduledSequence  # noqa: E402
 from fleetserve_server.engine.sampling_params import SamplingParams  # noqa: E402
-from fleetserve_server.runner.sampler import CANDIDATES, Sampler, exponential_noise  # noqa: E402
+from fleetserve_server.runner.sampler import (  # noqa: E402
+    CANDIDATES,
+    Sampler,
+    distribution_stats,
+    exponential_noise,
+    token_stats,
+)
 
 VOCAB = 1000
 EOS = 2
@@ -128,3 +134,29 @@ def test_min_tokens_holds_back_stop_token_ids_too() -> None:
     sampler = Sampler(torch.device("cpu"))
     assert sampler.sample(logits, [row(p, num_generated=1)])[0] != 11
     assert sampler.sample(logits, [row(p, num_generated=2)])[0] == 11
+
+
+def test_output_statistics_by_hand() -> None:
+    """Two rows worked out on paper: p = (1/2, 1/2) and p = (1/4, 3/4) (logits 0 and ln 3)."""
+    import math
+
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    lse, entropy = distribution_stats(logits)
+    assert lse.tolist() == pytest.approx([math.log(2.0), math.log(4.0)], abs=1e-6)
+    assert entropy.tolist() == pytest.approx([math.log(2.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))],
+                                             abs=1e-6)
+    stats = token_stats(logits, lse, entropy, [1, 0])
+    assert [s[0] for s in stats] == pytest.approx([math.log(0.5), math.log(0.25)], abs=1e-6)
+
+
+def test_output_statistics_equal_the_log_softmax_definition() -> None:
+    """Against -sum(p log p) and log_softmax on peaked and flat rows, large logits included (no overflow)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.cat([torch.randn(3, VOCAB, generator=gen) * 8.0, torch.randn(2, VOCAB, generator=gen) * 0.01,
+                        torch.randn(1, VOCAB, generator=gen) + 500.0])
+    lse, entropy = distribution_stats(logits)
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    assert entropy.double().tolist() == pytest.approx((-(logp.exp() * logp).sum(-1)).tolist(), rel=1e-4, abs=1e-4)
+    tokens = [int(t) for t in torch.randint(0, VOCAB, (6,), generator=gen)]
+    got = [s[0] for s in token_stats(logits, lse, entropy, tokens)]
+    assert got == pytest.approx([logp[i, t].item() for i, t in enumerate(tokens)], abs=1e-4)

@@ -98,7 +98,9 @@ class ModelRunner(Protocol):
         for each sequence with ``sample=True``. Per-request seeded generators
         are keyed by seq_id and persist until ``release``. A runner that
         computes logprobs leaves them in ``last_logprobs`` (seq_id ->
-        ``StepLogprobs``) until the next call."""
+        ``StepLogprobs``) until the next call; one that computes the output
+        statistics leaves ``last_token_stats`` (seq_id -> (logprob of the sampled
+        token, entropy of its distribution))."""
         ...
 
     def release(self, seq_id: int) -> None:
@@ -126,6 +128,19 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class OutputStats:
+    """What a finished request's output looked like, for the output-quality metrics: the
+    temperature it asked for, whether it ran into ``max_tokens``, and the means over its generated
+    tokens of the sampled token's log-probability and of the entropy (nats) of the model's
+    next-token distribution (both None when the runner does not compute them, or no token came)."""
+
+    temperature: float
+    max_tokens_reached: bool
+    mean_token_logprob: float | None = None
+    mean_token_entropy: float | None = None
+
+
 @dataclass
 class RequestOutputDelta:
     """What the async engine yields per step for one request: the new text and
@@ -150,6 +165,8 @@ class RequestOutputDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # with finish_reason "error": the request field at fault (its own input -> a 400), else None
     error_param: str | None = None
+    # on the last delta of a request the engine ran (finish_reason set)
+    output_stats: OutputStats | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ from fleetserve_server.engine.interfaces import (
     EngineStats,
     FinishReason,
     ModelRunner,
+    OutputStats,
     RequestOutputDelta,
     ScheduledBatch,
 )
@@ -215,6 +216,9 @@ class LLMEngine:
         for seq_id, step_logprobs in (getattr(self.runner, "last_logprobs", None) or {}).items():
             if seq_id in by_id and (seq_id in sampled or step_logprobs.prompt):
                 by_id[seq_id].record_logprobs(step_logprobs)  # before update() appends the token
+        for seq_id, (logprob, entropy) in (getattr(self.runner, "last_token_stats", None) or {}).items():
+            if seq_id in sampled and seq_id in by_id:
+                by_id[seq_id].record_token_stats(logprob, entropy)
         got_token = self.scheduler.update(out, sampled)
         now = self.clock()
         self.num_steps += 1
@@ -368,6 +372,12 @@ class LLMEngine:
                 delta.time_to_first_token = seq.first_token_time - seq.arrival_time
         if finished and seq.finish_time is not None:
             delta.e2e_latency = seq.finish_time - seq.arrival_time
+        if finished:
+            delta.output_stats = OutputStats(
+                temperature=seq.params.temperature,
+                max_tokens_reached=seq.finish_reason == "length" and seq.num_output_tokens >= seq.params.max_tokens,
+                mean_token_logprob=(seq.sum_token_logprob / seq.num_token_stats) if seq.num_token_stats else None,
+                mean_token_entropy=(seq.sum_token_entropy / seq.num_token_stats) if seq.num_token_stats else None)
         return delta
 
     # ---- stats -------------------------------------------------------------

@@ -65,6 +65,11 @@ class Sequence:
         self.output_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None)
+        # output-quality statistics over the sampled tokens (runners that compute them): sums of
+        # each token's log-probability and of its distribution's entropy, and how many tokens
+        self.sum_token_logprob = 0.0
+        self.sum_token_entropy = 0.0
+        self.num_token_stats = 0
         # timings on the engine's clock
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
@@ -99,6 +104,11 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def record_token_stats(self, logprob: float, entropy: float) -> None:
+        self.sum_token_logprob += logprob
+        self.sum_token_entropy += entropy
+        self.num_token_stats += 1
 
     def record_logprobs(self, step: StepLogprobs) -> None:
         """Keep what a runner step computed; call before the step's token is appended.

@@ -16,7 +16,7 @@ import torch
 
 from fleetserve_server.engine.interfaces import ScheduledBatch, ScheduledSequence, StepLogprobs
 from fleetserve_server.runner.model import PagedCausalLM, StepMetadata
-from fleetserve_server.runner.sampler import Sampler
+from fleetserve_server.runner.sampler import Sampler, distribution_stats, token_stats
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class TorchModelRunner:
         )
         # seq_id -> the logprobs the last execute() computed (see ModelRunner.execute)
         self.last_logprobs: dict[int, StepLogprobs] = {}
+        # seq_id -> (logprob of the sampled token, entropy of its distribution), for the
+        # output-quality metrics; like last_logprobs, valid until the next execute()
+        self.last_token_stats: dict[int, tuple[float, float]] = {}
         self.sampler = Sampler(self.device, base_seed=seed, eos_token_ids=self.eos_token_ids)
         self._row_base = torch.arange(2 * model.num_kv_heads, device=self.device) * (num_blocks * block_size)
         # tensor parallelism: the model's collectives (every rank) and, on rank 0, the workers
@@ -126,6 +129,7 @@ class TorchModelRunner:
         if not batch.sequences:
             return {}
         self.last_logprobs = {}
+        self.last_token_stats = {}
         plan, sample_rows, prompt_rows = self._prepare(batch)
         if self.tp is not None:
             self.check_health()  # a clear error, not a collective's, when a worker is gone
@@ -138,7 +142,10 @@ class TorchModelRunner:
         if not sample_rows:
             return {}
         logits = logits[:n_sample]
+        lse, entropy = distribution_stats(logits)  # before sample(): a grammar may mask rows in place
         tokens = self.sampler.sample(logits, sample_rows)
+        self.last_token_stats = {row.seq_id: stats for row, stats in
+                                 zip(sample_rows, token_stats(logits, lse, entropy, tokens), strict=True)}
         wanted = [i for i, row in enumerate(sample_rows) if row.params.logprobs is not None]
         if wanted:
             index = torch.tensor(wanted, device=logits.device)

@@ -81,6 +81,31 @@ def row_seed(seq_id: int, params: SamplingParams, base_seed: int) -> int:
     return hash((base_seed, seq_id)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def distribution_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of raw ``logits`` [S, vocab]: the log of the softmax's denominator (logsumexp)
+    and the entropy, in nats, of the model's next-token distribution (temperature 1, before
+    penalties and masks: a property of the model and the context, not of the request's
+    sampling parameters). One pass of exp over the batch: H = lse - sum(p * logit).
+
+    The output-quality metrics average these over a request's generated tokens: a damaged
+    model (a bad quantization, a wrong checkpoint or chat template) shifts them."""
+    x = logits.float()
+    top = x.amax(dim=-1, keepdim=True)
+    e = torch.sub(x, top).exp_()
+    total = e.sum(dim=-1)
+    expected = e.mul_(x).sum(dim=-1) / total  # sum(p * logit)
+    lse = top.squeeze(-1) + total.log()
+    return lse, lse - expected
+
+
+def token_stats(logits: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+                tokens: list[int]) -> list[tuple[float, float]]:
+    """``(log-probability of the chosen token, entropy)`` per row; ``logits`` rows hold the raw
+    logit of each chosen token (masking in place only ever sets *forbidden* tokens to -inf)."""
+    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None]).squeeze(1).float()
+    return list(zip((chosen - lse).tolist(), entropy.tolist(), strict=True))
+
+
 class Sampler:
     """Turns a [S, vocab] float32 logits matrix into one token per row."""
 
