@@ -129,6 +129,33 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           {{ $a.kvCacheEvictions.blocksPerSecond }}/s for {{ $a.kvCacheEvictions.for }}): shared prompt prefixes are
           dropped before they are reused, so prompts are recomputed.
         runbook_url: {{ $rb }}#fleetservekvcacheevictionsrising
+    - alert: FleetserveOutputLogprobDrift
+      # The output-quality signal: with sampling the same prompt has many valid answers, so a damaged
+      # model (a bad quantization, a swapped checkpoint, a broken chat template) shows only as a shift
+      # of the output's distribution. Median over the fleet's requests of each request's mean token
+      # log-probability (exported negated, as fleetserve_output_token_nll_nats) in the last window, against the same window one offset earlier; only with
+      # enough requests in both (no data a day ago, a new fleet: silent).
+      {{- $d := $a.outputDrift }}
+      {{- $b := printf "fleetserve_output_token_nll_nats_bucket[%s]" $d.window }}
+      {{- $c := printf "fleetserve_output_token_nll_nats_count[%s]" $d.window }}
+      expr: >-
+        abs(
+          histogram_quantile(0.5, sum by (namespace, model, le) (rate({{ $b }})))
+          - histogram_quantile(0.5, sum by (namespace, model, le) (rate({{ $b }} offset {{ $d.offset }})))
+        ) > {{ $d.logprobShift }}
+        and on (namespace, model) sum by (namespace, model) (increase({{ $c }})) >= {{ $d.minRequests }}
+        and on (namespace, model) sum by (namespace, model) (increase({{ $c }} offset {{ $d.offset }})) >= {{ $d.minRequests }}
+      for: {{ $d.for }}
+      labels:
+        severity: {{ $d.severity }}
+      annotations:
+        summary: The outputs of model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} changed
+        description: >-
+          The median mean token log-probability of model {{`{{ $labels.model }}`}}'s outputs in namespace
+          {{`{{ $labels.namespace }}`}} over the last {{ $d.window }} is {{`{{ printf "%.2f" $value }}`}} nats away from
+          its level {{ $d.offset }} earlier (more than {{ $d.logprobShift }} for {{ $d.for }}): the model now answers
+          differently — check for a changed checkpoint, quantization, chat template or sampling default.
+        runbook_url: {{ $rb }}#fleetserveoutputlogprobdrift
 - name: fleetserve-router
   rules:
     - alert: FleetserveRequestsHeldTooLong
