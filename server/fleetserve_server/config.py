@@ -99,6 +99,10 @@ class ServerConfig(BaseModel):
     drain_timeout: float = Field(
         30.0, ge=0.0, description="seconds in-flight requests may run after SIGTERM before they are aborted"
     )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat-template file that replaces the model's own (for a model without one, "
+                          "or to fix a broken one); checked at startup by rendering a sample conversation"
+    )
     log_format: Literal["json", "text"] = Field("json", description="format of the server's log lines")
     log_prompts: bool = Field(False, description="include prompt and completion text in request logs")
 

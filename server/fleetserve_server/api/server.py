@@ -25,7 +25,7 @@ import uvicorn
 
 from fleetserve_server.api.app import APIContext, app_context, attach, create_app, default_max_request_bytes
 from fleetserve_server.api.state import ModelInfo, Phase
-from fleetserve_server.config import ServerConfig
+from fleetserve_server.config import ConfigError, ServerConfig
 from fleetserve_server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("fleetserve.server")
@@ -155,12 +155,36 @@ async def _load_in_thread(config: ServerConfig) -> Any:
     return await future
 
 
+def read_chat_template(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--chat-template {path}: cannot read it ({exc})") from None
+
+
+def use_chat_template(tokenizer: Any, path: str, text: str) -> None:
+    """Replace the tokenizer's chat template with ``text`` (read from ``path``), after rendering a
+    sample conversation with it: a template that cannot render fails the start, naming the file."""
+    sample = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(sample, chat_template=text, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja raises many types; the message is what matters
+        raise ConfigError(f"--chat-template {path}: the template does not render a sample conversation: "
+                          f"{type(exc).__name__}: {exc}") from None
+    tokenizer.chat_template = text
+    log.info("chat template from %s replaces the model's own", path)
+
+
 async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
     """Load, start the engine loop, warm up, attach, mark ready. Returns the async engine."""
     from fleetserve_server.engine.async_engine import AsyncEngine
     from fleetserve_server.engine.config import default_max_queue_length
 
+    template = read_chat_template(config.chat_template) if config.chat_template else None  # before the long load
     loaded = await _load_in_thread(config)
+    if config.chat_template and template is not None:
+        use_chat_template(loaded.tokenizer, config.chat_template, template)
     print_memory_plan(loaded, config)
     if config.max_queue_length is None and hasattr(loaded.engine, "set_max_queue_length"):
         # Bounded by default: past it clients get 429 + Retry-After instead of an ever-growing wait.
