@@ -9,7 +9,8 @@ guarantee that one replica alone acts. This is client-go's algorithm instead:
   (so clocks of different machines never matter). Every write carries the
   resourceVersion it read: two candidates racing for one Lease get one 200 and
   one 409.
-* The leader renews every ``retry_period``. If no renewal succeeded for
+* The leader renews every ``retry_period`` (a third of the lease); a standby reads the Lease every
+  ``standby_period`` (2 s at 15 s). If no renewal succeeded for
   ``renew_deadline`` (< ``lease_duration``), or the Lease names another holder,
   leadership is lost: :attr:`LeaderElector.on_lost` runs (the CLI exits the
   process at once, non-zero), before any standby can take the Lease over.
@@ -45,7 +46,7 @@ def _micro_time(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class Timing:
-    """Lease duration, renew deadline and retry period, in seconds (client-go's 15/10/2 by default ratios)."""
+    """Lease duration, renew deadline, renew and standby periods, in seconds (15/10/5/2 by default)."""
 
     lease_duration: float = DEFAULT_LEASE_DURATION_SECONDS
 
@@ -60,8 +61,14 @@ class Timing:
 
     @property
     def retry_period(self) -> float:
-        """Renewals and acquisition attempts, this often."""
+        """The leader renews this often (two tries before the renew deadline)."""
         return self.lease_duration / 3
+
+    @property
+    def standby_period(self) -> float:
+        """A standby reads the Lease this often (client-go's 2 s at 15 s): it notices the last renewal, and
+        so the expiry, at most this late (a read is one GET; a renewal is a GET and a PUT)."""
+        return max(0.5, self.lease_duration * 2 / 15)
 
 
 class LeaderElector:
@@ -118,7 +125,7 @@ class LeaderElector:
                     self._leader.set()
                     log.info("leader election: %s now holds Lease %s/%s", self.identity, self.namespace, self.name)
                 # Jitter: standbys started together do not hit the API server in step.
-                self._stop.wait(period * random.uniform(1.0, 1.2))
+                self._stop.wait(self.timing.standby_period * random.uniform(1.0, 1.2))
                 continue
             renewed = self._attempt()
             if self._stop.is_set():
