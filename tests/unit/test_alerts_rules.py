@@ -72,7 +72,7 @@ def test_every_issue_alert_exists() -> None:
         # issue 16 point 2: requests held by the router with no ready replica
         "FleetserveRequestsHeldTooLong",
         # issue 22 point 1: the outputs drift from their own level a day earlier
-        "FleetserveOutputLogprobDrift",
+        "FleetserveOutputLogprobDrift", "FleetserveOutputEntropyDrift",
     }
     names = _alert_names()
     assert len(names) == len(set(names)), f"duplicate alert names: {names}"

@@ -156,6 +156,34 @@ Annotations are Prometheus templates: {{`{{ $labels.x }}`}} is escaped so Helm l
           its level {{ $d.offset }} earlier (more than {{ $d.logprobShift }} for {{ $d.for }}): the model now answers
           differently — check for a changed checkpoint, quantization, chat template or sampling default.
         runbook_url: {{ $rb }}#fleetserveoutputlogprobdrift
+    - alert: FleetserveOutputEntropyDrift
+      # The companion signal: the mean entropy of the model's next-token distribution over the fleet's
+      # outputs (how sure the model is, whatever the clients' sampling), last window against the same
+      # window one offset earlier; measured to move more than the logprob median for a coarse
+      # quantization and a wrong chat template (BENCHMARKS.md "Output statistics").
+      {{- $e := $a.outputEntropyDrift }}
+      {{- $w := printf "[%s]" $e.window }}
+      {{- $ws := printf "[%s] offset %s" $e.window $e.offset }}
+      expr: >-
+        abs(
+          sum by (namespace, model) (rate(fleetserve_output_mean_token_entropy_nats_sum{{ $w }}))
+          / sum by (namespace, model) (rate(fleetserve_output_mean_token_entropy_nats_count{{ $w }}))
+          - sum by (namespace, model) (rate(fleetserve_output_mean_token_entropy_nats_sum{{ $ws }}))
+          / sum by (namespace, model) (rate(fleetserve_output_mean_token_entropy_nats_count{{ $ws }}))
+        ) > {{ $e.shift }}
+        and on (namespace, model) sum by (namespace, model) (increase(fleetserve_output_mean_token_entropy_nats_count{{ $w }})) >= {{ $e.minRequests }}
+        and on (namespace, model) sum by (namespace, model) (increase(fleetserve_output_mean_token_entropy_nats_count{{ $ws }})) >= {{ $e.minRequests }}
+      for: {{ $e.for }}
+      labels:
+        severity: {{ $e.severity }}
+      annotations:
+        summary: Model {{`{{ $labels.model }}`}} in {{`{{ $labels.namespace }}`}} is more or less certain of its outputs than a {{ $e.offset }} ago
+        description: >-
+          The mean next-token entropy of model {{`{{ $labels.model }}`}}'s outputs in namespace
+          {{`{{ $labels.namespace }}`}} over the last {{ $e.window }} is {{`{{ printf "%.2f" $value }}`}} nats away from its
+          level {{ $e.offset }} earlier (more than {{ $e.shift }} for {{ $e.for }}): the model now answers
+          differently — check for a changed checkpoint, quantization, chat template or sampling default.
+        runbook_url: {{ $rb }}#fleetserveoutputentropydrift
 - name: fleetserve-router
   rules:
     - alert: FleetserveRequestsHeldTooLong
