@@ -164,3 +164,24 @@ def test_greedy_generations_identical_with_kernel_fallback_and_gather(tmp_path) 
         runner = TorchModelRunner(loaded.model, num_blocks=256, block_size=4, eos_token_ids=frozenset())
         results[backend] = _drive(runner, prompts, [greedy] * len(prompts), steps=12, chunk=7)
     assert results["paged"] == results["torch"] == results["gather"]
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_torch_and_says_why_once(monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    def broken(verbose: bool = False):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Error building extension: no compiler")
+
+    cache, tables = _case(4, 4, 2, 16, [8, 3])
+    q = torch.randn(2, 4, 16)
+    seq, ctx = torch.arange(2, dtype=torch.int32), torch.tensor([8, 3], dtype=torch.int32)
+    monkeypatch.setattr(pa, "build", broken)
+    pa.extension.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=pa.__name__):
+            first = pa.paged_attention(q, cache, tables, seq, ctx, 4, 0.25)
+            pa.paged_attention(q, cache, tables, seq, ctx, 4, 0.25)
+        warnings = [r for r in caplog.records if "torch fallback" in r.getMessage()]
+        assert len(warnings) == 1 and "no compiler" in warnings[0].getMessage()
+        torch.testing.assert_close(first, pa.paged_attention_torch(q, cache, tables, seq, ctx, 4, 0.25))
+    finally:
+        pa.extension.cache_clear()  # the next caller loads the real kernel again

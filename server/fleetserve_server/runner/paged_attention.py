@@ -117,8 +117,9 @@ def extension() -> ModuleType | None:
     try:
         return build()
     except Exception as exc:  # noqa: BLE001 - any build/load failure means: use the fallback
+        last_line = (str(exc).strip().splitlines() or [""])[-1]  # a failed build's error is its last line
         log.warning("paged attention: C++ kernel unavailable (%s: %s); using the torch fallback",
-                    type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
+                    type(exc).__name__, last_line)
         return None
 
 
