@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install kernels tools lint unit integration e2e test fuzz demo clean
+.PHONY: install kernels tools monitoring-tools lint unit integration e2e test fuzz demo clean
 
 install: $(VENV)/.installed tools kernels
 
@@ -25,10 +25,14 @@ kernels: $(VENV)/.installed
 	$(BIN)/python -m fleetserve_server.runner.paged_attention --build
 
 # kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,
-# promtool and prometheus, the Prometheus Operator and the Prometheus `dev-cluster up
-# --monitoring` runs, all cached under ~/.cache/fleetserve keyed by version.
+# promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version.
 tools: $(VENV)/.installed
 	hack/install-tools.sh
+
+# The Prometheus Operator and the Prometheus `dev-cluster up --monitoring` runs (~15 min cold, then
+# cached): the monitoring tests need them, `make demo` does not, so only the test targets build them.
+monitoring-tools: $(VENV)/.installed
+	hack/install-tools.sh monitoring
 
 lint: install
 	$(BIN)/ruff check cli operator server router devcluster tests benchmarks
@@ -37,13 +41,13 @@ lint: install
 unit: install
 	$(PYTEST) tests/unit
 
-integration: install
+integration: install monitoring-tools
 	$(PYTEST) tests/integration
 
-e2e: install
+e2e: install monitoring-tools
 	$(PYTEST) tests/e2e
 
-test: install lint unit integration e2e
+test: install monitoring-tools lint unit integration e2e
 
 # schemathesis with valid and invalid inputs against a real server: 1,000 examples per
 # operation (500 per generation mode); asserts 0 x 5xx, /health 200 and every KV block free after.

@@ -169,7 +169,8 @@ install_monitoring() {
 }
 
 # `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
-want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s monitoring)
+# (monitoring is not in the default set: `make monitoring-tools`, which the test targets run, builds it.)
+want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s)
 for t in "${want[@]}"; do
   case "$t" in
     prometheus|promtool) install_prometheus ;;
