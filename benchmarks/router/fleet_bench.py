@@ -317,19 +317,28 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
         other = arms[1]
         report["idle"] = {other: arm_run(other, 901, args.idle_sessions, args.idle_rate, pod_ips)}
         print("idle:", json.dumps(report["idle"]), flush=True)
-        rate = args.rate
+        rate, sessions = args.rate, args.sessions
         if args.rate_auto:
-            # the load: raise the rate until the baseline's p90 TTFT is at least 3x its idle value
+            # the load: raise it until the baseline's p90 TTFT is --auto-factor x its idle value. A
+            # multi-turn conversation sends its next turn only after the previous answer, so there the
+            # load is the number of conversations in flight: raise that, not the rate
             report["probes"] = []
             idle_p90 = report["idle"][other]["ttft_p90_s"]
+            probe_sessions = args.probe_sessions
             for i in range(args.max_probes):
-                probe = arm_run(other, 950 + i, args.probe_sessions, rate, pod_ips)
-                report["probes"].append({"rate": rate, **probe})
-                print(f"probe {other} at {rate:.2f}/s: p90 {probe['ttft_p90_s']} s = "
+                probe = arm_run(other, 950 + i, probe_sessions, rate, pod_ips)
+                report["probes"].append({"rate": rate, "sessions": probe_sessions, **probe})
+                print(f"probe {other} at {rate:.2f}/s, {probe_sessions} sessions: p90 {probe['ttft_p90_s']} s = "
                       f"{probe['ttft_p90_s'] / idle_p90:.1f}x idle", flush=True)
                 if probe["ttft_p90_s"] >= args.auto_factor * idle_p90:
                     break
-                rate = round(rate * 1.5, 2)
+                if args.scenario == "multiturn":
+                    probe_sessions = round(probe_sessions * 1.5)
+                else:
+                    rate = round(rate * 1.5, 2)
+            if args.scenario == "multiturn":
+                sessions = max(sessions, probe_sessions)
+        report["sessions"] = sessions
         report["rate"] = rate
         if args.scenario == "multiturn" and args.single_sessions:
             report["single_replica"] = arm_run("single", 902, args.single_sessions, args.single_rate, pod_ips[:1])
@@ -340,7 +349,7 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
             for arm in order:
                 # the same seed for both arms of a round would let the second find the first's text
                 # cached; a seed per arm and round gives the same shape with fresh text
-                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, args.sessions, rate, pod_ips)
+                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, sessions, rate, pod_ips)
                 print(f"round {r} {arm}: {json.dumps(row[arm])}", flush=True)
             report["rounds"].append(row)
             write(report, args)
@@ -396,7 +405,7 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0, help="requests per s (Poisson)")
     parser.add_argument("--rate-auto", action="store_true",
-                        help="start at --rate and raise it x1.5 until the baseline arm's p90 TTFT >= --auto-factor x idle")
+                        help="raise the load x1.5 (multiturn: --probe-sessions; unique: --rate) until the baseline arm's p90 TTFT >= --auto-factor x idle")
     parser.add_argument("--auto-factor", type=float, default=3.0, help="--rate-auto's target p90 / idle p90")
     parser.add_argument("--probe-sessions", type=int, default=6)
     parser.add_argument("--max-probes", type=int, default=4)
