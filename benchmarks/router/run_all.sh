@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 STATE="${STATE:-$HOME/.cache/fleetserve/dev-cluster-router-bench}"
 PORT_BASE="${PORT_BASE:-19000}"
-RATE_MULTITURN="${RATE_MULTITURN:-1.0}"
-RATE_UNIQUE="${RATE_UNIQUE:-1.0}"
+RATE_MULTITURN="${RATE_MULTITURN:-1.0}"   # multiturn: --rate-auto raises the conversations (from 6) until round-robin is 3x idle
+RATE_UNIQUE="${RATE_UNIQUE:-0.6}"         # the first probe; --rate-auto raises it until least-load is 2x idle
 LOCK=(flock /tmp/fleetserve-heavy.lock nice -n 19)
 PY=.venv/bin/python
 steps=("$@")
@@ -23,11 +23,13 @@ for step in "${steps[@]}"; do
     multiturn)  # a: router vs the Service's round-robin, 3 replicas, multi-turn chat (inference-perf)
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario multiturn \
-        --rate "$RATE_MULTITURN" --rounds 3 --json benchmarks/results/router-multiturn.json ;;
+        --rate "$RATE_MULTITURN" --rate-auto --sessions 10 --rounds 3 \
+        --json benchmarks/results/router-multiturn.json ;;
     unique)     # b: router vs least-load, unique prompts (inference-perf)
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario unique \
-        --rate "$RATE_UNIQUE" --sessions 40 --rounds 3 --json benchmarks/results/router-unique.json ;;
+        --rate "$RATE_UNIQUE" --rate-auto --auto-factor 2 --sessions 40 --probe-sessions 20 --idle-sessions 10 \
+        --idle-rate 0.3 --rounds 3 --json benchmarks/results/router-unique.json ;;
     zero)       # d: 50 concurrent requests at 0 replicas, timeline plot
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py down --state-dir "$STATE"
       "${LOCK[@]}" $PY benchmarks/router/from_zero.py --state-dir "$STATE" --requests 50 --runs 3 \
