@@ -98,7 +98,8 @@ def test_standby_takes_over_and_finishes_a_scale_up_when_the_leader_is_killed(
     with operators(dev_cluster, namespace, tmp_path, "op-a", "op-b") as ops:
         lead = wait_until(lambda: holder(dev_cluster, namespace), 30, "a Lease holder").split("_")[0]
         leader, standby = ops[lead], ops["op-b" if lead == "op-a" else "op-a"]
-        assert leader.probe("/readyz")[0] == 200
+        # The Lease names the leader a moment before its process switches to leading: wait for that.
+        wait_until(lambda: leader.probe("/readyz") == (200, "leader\n"), 30, f"{leader.name}'s /readyz as leader")
         assert standby.probe("/readyz") == (200, "standby (not the leader: ready, idle)\n")
         assert standby.probe("/healthz")[0] == 200
         assert "fleetserve_operator_leader 1.0" in leader.probe("/metrics")[1]
@@ -120,7 +121,7 @@ def test_standby_takes_over_and_finishes_a_scale_up_when_the_leader_is_killed(
         cr = get(dev_cluster, namespace, "llmd", "chat") or {}
         wait_until(lambda: (get(dev_cluster, namespace, "llmd", "chat") or {}).get("status", {})
                    .get("observedGeneration") == cr["metadata"]["generation"], 30, "status of the new generation")
-        assert standby.probe("/readyz") == (200, "leader\n")
+        wait_until(lambda: standby.probe("/readyz") == (200, "leader\n"), 30, f"{standby.name}'s /readyz as leader")
         assert "fleetserve_operator_leader 1.0" in standby.probe("/metrics")[1]
 
         # A clean stop (SIGTERM) hands the Lease back: no standby would wait for it to expire.
