@@ -198,12 +198,15 @@ def test_every_dashboard_panel_shows_live_data_of_a_serving_fleet(
     model = _chat_load(address)
 
     # Every source has been scraped since the load: the server's counters (3 finished, 1 cancelled,
-    # 1 invalid), the router's routed requests, the autoscaler's inputs.
+    # 1 invalid), the router's routed requests, the autoscaler's inputs, the engine's snapshot counters.
     expected = {f'sum(fleetserve_requests_total{{{sel},finish_reason=~"stop|length"}})': 3,
                 f'sum(fleetserve_requests_total{{{sel},finish_reason="abort"}})': 1,
                 f'sum(fleetserve_requests_rejected_total{{{sel},reason="invalid"}})': 1,
                 f"sum(fleetserve_router_requests_total{{{sel}}})": 4,
-                f"count(fleetserve_operator_observed_queue_length{{{sel}}})": 1}
+                f"count(fleetserve_operator_observed_queue_length{{{sel}}})": 1,
+                # The engine's counters appear only once the model is loaded, possibly moments before the
+                # load arrives (held by the router): a rate over the panels' 1m window needs two samples.
+                f"min(count_over_time(fleetserve_generation_tokens_total{{{sel}}}[1m]))": 2}
     seen: dict[str, float] = {}
 
     def scraped() -> bool | None:
