@@ -184,10 +184,11 @@ def test_rolling_update_under_load_replaces_every_pod_with_zero_failures(
 def test_long_prompts_scale_up_on_kv_cache_usage_with_a_short_queue(
         dev_cluster: DevClusterHandle, namespace: str, operator: str, model_dir: Path) -> None:
     fleet = Fleet(dev_cluster, namespace, "kv")
-    # ~2,800 KV tokens per pod (the planner's numbers for 1030Mi at fraction 0.5); four 450-token
+    # ~3,200 KV tokens per pod (the planner's numbers for 1039Mi at fraction 0.5: 15 MiB after the
+    # runtime's 1 GiB, of which the paged attention's workspace takes ~10); four 450-token
     # sequences fill most of it while the queue (4 running, 0 waiting) stays far below 16.
     fleet.apply(llmd_manifest(
-        "kv", model_dir, memory="1030Mi",
+        "kv", model_dir, memory="1039Mi",
         engine={"kvCacheMemoryFraction": 0.5, "prefixCaching": False},
         autoscaling=autoscaling(targetQueueLength=16, targetKVCacheUsage=0.25)))
     wait_ready(fleet, 1)
