@@ -15,8 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import pytest
 from fleetserve_devcluster.testing import DevClusterHandle
 from operator_harness import apply, cheap, free_port, get, install_crds, wait_until
+from own_cluster import probe
 
 LEASE = "fleetserve-operator"
 
@@ -41,13 +40,7 @@ class Operator:
     log: Path
 
     def probe(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=3) as resp:
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode()
-        except OSError:
-            return 0, ""
+        return probe(self.port, path)
 
 
 @contextlib.contextmanager

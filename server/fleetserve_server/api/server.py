@@ -183,7 +183,7 @@ async def _bring_up(ctx: APIContext, config: ServerConfig) -> Any:
 
     template = read_chat_template(config.chat_template) if config.chat_template else None  # before the long load
     loaded = await _load_in_thread(config)
-    if config.chat_template and template is not None:
+    if template is not None:
         use_chat_template(loaded.tokenizer, config.chat_template, template)
     print_memory_plan(loaded, config)
     if config.max_queue_length is None and hasattr(loaded.engine, "set_max_queue_length"):
