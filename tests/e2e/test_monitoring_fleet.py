@@ -195,6 +195,12 @@ def test_every_dashboard_panel_shows_live_data_of_a_serving_fleet(
     address = wait_until(lambda: json.loads(dev_cluster.kubectl("get", "service", "tiny", "-n", namespace, "-o", "json")
                                             .stdout)["metadata"].get("annotations", {}).get(PROXY_ANNOTATION),
                          60, f"the {PROXY_ANNOTATION} annotation on Service tiny (the router's)")
+    # The engine's counters appear only once the model is loaded. A rate() panel over the 1m window
+    # needs a sample from before the load and one after it: if the first scrape of a freshly loaded
+    # model came after the load (the router holds requests until the pod is Ready), every sample has
+    # the final value, the rates are 0 and the hit-rate panel is 0/0 = NaN (CI failed so, 2026-12-05).
+    wait_until(lambda: _scalar(prometheus, f"count(fleetserve_prefix_cache_queries_total{{{sel}}})") >= 1 or None,
+               120, "the loaded engine's counters in Prometheus before the load")
     model = _chat_load(address)
 
     # Every source has been scraped since the load: the server's counters (3 finished, 1 cancelled,
@@ -204,9 +210,9 @@ def test_every_dashboard_panel_shows_live_data_of_a_serving_fleet(
                 f'sum(fleetserve_requests_rejected_total{{{sel},reason="invalid"}})': 1,
                 f"sum(fleetserve_router_requests_total{{{sel}}})": 4,
                 f"count(fleetserve_operator_observed_queue_length{{{sel}}})": 1,
-                # The engine's counters appear only once the model is loaded, possibly moments before the
-                # load arrives (held by the router): a rate over the panels' 1m window needs two samples.
-                f"min(count_over_time(fleetserve_generation_tokens_total{{{sel}}}[1m]))": 2}
+                # The rate() panels' 1m window holds the load: the engine's snapshot counters rose in it.
+                f"sum(increase(fleetserve_generation_tokens_total{{{sel}}}[1m]))": 1,
+                f"sum(increase(fleetserve_prefix_cache_queries_total{{{sel}}}[1m]))": 1}
     seen: dict[str, float] = {}
 
     def scraped() -> bool | None:
