@@ -105,6 +105,26 @@ class ServerConfig(BaseModel):
     )
     log_format: Literal["json", "text"] = Field("json", description="format of the server's log lines")
     log_prompts: bool = Field(False, description="include prompt and completion text in request logs")
+    capture_path: str | None = Field(
+        None, description="write a sample of finished requests (prompt, output, sampling parameters, latency, "
+                          "token logprobs when asked) as redacted JSON lines to this file; off by default"
+    )
+    capture_fraction: float = Field(0.01, description="share of requests captured, 0..1 (with --capture-path)")
+    capture_max_bytes: int = Field(
+        100 * 1024 * 1024, description="rotate the capture file before it grows past this many bytes"
+    )
+    capture_max_files: int = Field(5, description="rotated capture files kept (FILE.1 newest .. FILE.N oldest)")
+    capture_redact: list[str] = Field(
+        default_factory=list, description="a regular expression whose matches are redacted from captured "
+                                          "text, besides the defaults (repeat the flag for more)"
+    )
+    capture_default_redaction: bool = Field(
+        True, description="redact e-mail addresses, API keys/tokens and runs of 8+ digits from captured text"
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="export OpenTelemetry traces of each request over OTLP/HTTP to this URL, e.g. "
+                          "http://otel-collector:4318 (also $OTEL_EXPORTER_OTLP_ENDPOINT); off by default"
+    )
 
     @model_validator(mode="after")
     def _api_key_not_blank(self) -> ServerConfig:

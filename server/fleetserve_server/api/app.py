@@ -32,8 +32,10 @@ from fleetserve_server.api.errors import APIError, install_error_handlers
 from fleetserve_server.api.generation import CACHED_TOKENS_SCOPE_KEY
 from fleetserve_server.api.logs import RequestLogger
 from fleetserve_server.api.state import ModelInfo, ServerState, Tokenizer, engine_version
+from fleetserve_server.capture import SampleCapture
 from fleetserve_server.engine.interfaces import EngineClient, EngineStats
 from fleetserve_server.metrics import ServerMetrics
+from fleetserve_server.tracing import Tracing, TracingMiddleware
 
 log = logging.getLogger("fleetserve.server")
 
@@ -65,16 +67,20 @@ def create_app(
     max_request_bytes: int | None = None,
     first_output_grace: float = 0.25,
     sse_keepalive_seconds: float = 5.0,
+    capture: SampleCapture | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """Build the HTTP app; see the module docstring for the two ways to start it.
 
     ``max_request_bytes`` bounds request bodies (413 beyond it; None = no limit). A streamed
     answer's headers go out with its first output or after ``first_output_grace`` seconds,
     whichever is first, then an SSE comment every ``sse_keepalive_seconds`` until the first token.
+    ``capture`` writes a sample of finished requests (--capture-path); ``tracing`` adds a span per
+    request (--otlp-endpoint); both are off (None) by default and then cost nothing.
     """
     state = ServerState()
     metrics = ServerMetrics(served_name, lambda: _stats_or_none(state))
-    ctx = APIContext(state=state, metrics=metrics, request_log=RequestLogger(served_name, log_prompts),
+    ctx = APIContext(state=state, metrics=metrics, request_log=RequestLogger(served_name, log_prompts, capture),
                      api_key=api_key, first_output_grace=first_output_grace,
                      sse_keepalive_seconds=sse_keepalive_seconds)
 
@@ -111,6 +117,8 @@ def create_app(
         app.add_middleware(BodyLimitMiddleware, ctx=ctx, max_bytes=max_request_bytes)
     app.add_middleware(AuthMiddleware, ctx=ctx)
     app.add_middleware(CacheHeadersMiddleware, ctx=ctx)
+    if tracing is not None:  # inside the request id (its span carries it), around everything else
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     app.add_middleware(RequestIdMiddleware)
     if engine is not None:
         if tokenizer is None or model is None:

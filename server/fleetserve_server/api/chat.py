@@ -82,7 +82,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request) -
     def logprobs_of(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
         return chat_logprobs(entries, token_text) if req.logprobs and entries is not None else None
 
-    log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.log_prompts else None
+    log_prompt = [m.model_dump() for m in req.messages] if ctx.request_log.keeps_text else None
     n = req.n or 1
     group = await start_group(ctx, request, serving, endpoint="chat", prompts=[prompt_ids], params=[params], n=n,
                               log_prompts=[log_prompt])

@@ -102,7 +102,7 @@ async def create_completion(req: CompletionRequest, request: Request) -> Any:
         scored.extend(entries or [None] * len(delta_ids))
         return completion_logprobs(scored, ids, token_text, top_n=top_n, offset=offset)
 
-    log_prompts = [p if ctx.request_log.log_prompts else None for p in prompts]
+    log_prompts = [p if ctx.request_log.keeps_text else None for p in prompts]
     group = await start_group(ctx, request, serving, endpoint="completions", prompts=prompt_ids, params=params,
                               n=n, log_prompts=log_prompts)
     response_id = f"cmpl-{group.engine_id}"

@@ -34,6 +34,7 @@ from fleetserve_server.engine.errors import RequestFailedError
 from fleetserve_server.engine.interfaces import RequestOutputDelta
 from fleetserve_server.engine.sampling_params import SamplingParams
 from fleetserve_server.metrics import ServerMetrics
+from fleetserve_server.tracing import TRACE_SCOPE_KEY, record_generation
 
 log = logging.getLogger("fleetserve.server")
 
@@ -181,6 +182,7 @@ class GenerationRun:
     created: int = field(default_factory=lambda: int(time.time()))
     text: list[str] = field(default_factory=list)
     completion_tokens: int = 0
+    token_logprobs: list[float] = field(default_factory=list)  # with params.logprobs: the sampled tokens'
     final: RequestOutputDelta | None = None
     finish_reason: str | None = None
     _iterator: AsyncIterator[RequestOutputDelta] | None = None
@@ -280,6 +282,8 @@ class GenerationRun:
         if delta.text:
             self.text.append(delta.text)
         self.completion_tokens += len(delta.token_ids)
+        if delta.logprobs:
+            self.token_logprobs.extend(entry.logprob for entry in delta.logprobs)
         if delta.finish_reason is not None:
             self.final = delta
             self.finish_reason = delta.finish_reason
@@ -346,7 +350,16 @@ class GenerationRun:
             params=self.params, final=self.final, finish_reason=reason,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
             arrival=self.arrival, prompt=self.log_prompt, completion="".join(self.text),
+            token_logprobs=self.token_logprobs if self.params.logprobs is not None else None,
         )
+        request_trace = self.http_request.scope.get(TRACE_SCOPE_KEY)
+        if request_trace is not None:  # --otlp-endpoint: this run's spans under the request's
+            record_generation(request_trace, arrival_monotonic=self.arrival, final=self.final, params=self.params,
+                              model=self.request_log.model, request_id=self.client_request_id,
+                              engine_request_id=self.engine_id, prompt_tokens=usage.prompt_tokens,
+                              completion_tokens=usage.completion_tokens,
+                              cached_tokens=int((usage.prompt_tokens_details or {}).get("cached_tokens", 0)),
+                              finish_reason=reason)
 
 
 def openai_finish_reason(reason: str | None) -> str | None:

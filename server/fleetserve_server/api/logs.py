@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from fleetserve_server.capture import SampleCapture
 from fleetserve_server.engine.interfaces import RequestOutputDelta
 from fleetserve_server.engine.sampling_params import SamplingParams
 
@@ -66,10 +67,16 @@ def configure_logging(fmt: str, level: int = logging.INFO) -> None:
 class RequestLogger:
     """Writes the structured record of each finished request to the ``fleetserve.request`` logger."""
 
-    def __init__(self, model: str, log_prompts: bool) -> None:
+    def __init__(self, model: str, log_prompts: bool, capture: SampleCapture | None = None) -> None:
         self.model = model
         self.log_prompts = log_prompts
+        self.capture = capture  # --capture-path: a sample of these records, with text, redacted
         self._log = logging.getLogger(REQUEST_LOGGER)
+
+    @property
+    def keeps_text(self) -> bool:
+        """Whether the routes must hand over the prompt (for the log, or for the capture)."""
+        return self.log_prompts or self.capture is not None
 
     def finished(
         self,
@@ -85,6 +92,7 @@ class RequestLogger:
         arrival: float,
         prompt: Any = None,
         completion: str | None = None,
+        token_logprobs: list[float] | None = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "event": "request_finished",
@@ -107,6 +115,8 @@ class RequestLogger:
             fields["prompt"] = prompt
             fields["completion"] = completion
         self._log.info("request finished", extra={"fields": fields})
+        if self.capture is not None and self.capture.sampled():
+            self.capture.record(fields, prompt=prompt, output=completion, token_logprobs=token_logprobs)
         return fields
 
 

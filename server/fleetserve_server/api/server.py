@@ -15,7 +15,9 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -25,8 +27,10 @@ import uvicorn
 
 from fleetserve_server.api.app import APIContext, app_context, attach, create_app, default_max_request_bytes
 from fleetserve_server.api.state import ModelInfo, Phase
+from fleetserve_server.capture import CaptureConfigError, open_capture
 from fleetserve_server.config import ConfigError, ServerConfig
 from fleetserve_server.engine.sampling_params import SamplingParams
+from fleetserve_server.tracing import TracingConfigError, setup_tracing
 
 log = logging.getLogger("fleetserve.server")
 
@@ -211,8 +215,17 @@ async def serve(config: ServerConfig) -> int:
     """Run the server until SIGTERM/SIGINT (exit 0 after draining) or a fatal error (exit 1)."""
     served_name = config.resolved_served_name()
     max_request_bytes = config.max_request_bytes or default_max_request_bytes(config.max_model_len)
+    try:  # settings that cannot work stop the start here, naming the flag, before the model loads
+        capture = open_capture(config.capture_path, fraction=config.capture_fraction,
+                               max_bytes=config.capture_max_bytes, max_files=config.capture_max_files,
+                               redact=config.capture_redact, default_redaction=config.capture_default_redaction)
+        tracing = setup_tracing(config.otlp_endpoint, os.environ, model=served_name)
+    except (CaptureConfigError, TracingConfigError) as exc:
+        log.error("invalid configuration: %s", exc)
+        print(f"fleetserve serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     app = create_app(None, served_name=served_name, api_key=config.api_key, log_prompts=config.log_prompts,
-                     max_request_bytes=max_request_bytes)
+                     max_request_bytes=max_request_bytes, capture=capture, tracing=tracing)
     ctx = app_context(app)
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
                                     access_log=False, timeout_graceful_shutdown=5, lifespan="on"))
@@ -267,6 +280,10 @@ async def serve(config: ServerConfig) -> int:
             await _maybe_await(engine.shutdown())
         except Exception:
             log.exception("engine shutdown failed")
+    if tracing is not None:
+        tracing.shutdown()  # export the spans still buffered
+    if capture is not None:
+        capture.close()
     log.info("stopped", extra={"fields": {"event": "stopped", "exit_code": exit_code}})
     return exit_code
 

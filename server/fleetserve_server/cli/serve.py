@@ -15,7 +15,9 @@ from typing import Any, Literal, get_args, get_origin
 from fleetserve_server.config import API_KEY_ENV, ConfigError, ServerConfig, build_config, field_names
 
 # Flags whose spelling differs from "--" + key with dashes.
-_BOOLEAN_FLAGS = {"prefix_caching", "log_prompts"}
+_BOOLEAN_FLAGS = {"prefix_caching", "log_prompts", "capture_default_redaction"}
+# Flags that may be repeated, each adding one item to a list.
+_LIST_FLAGS = {"capture_redact"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +30,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="YAML file of settings, e.g. the ConfigMap the operator writes (server.yaml)")
     for name, info in ServerConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = info.default
-        help_text = (info.description or "") + (f" (default: {default})" if default is not None else "")
+        default = info.get_default(call_default_factory=True)
+        help_text = (info.description or "") + (f" (default: {default})" if default not in (None, []) else "")
         if name == "api_key":
             help_text += f"; prefer ${API_KEY_ENV} so the key stays out of the process list"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name in _BOOLEAN_FLAGS:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if name in _LIST_FLAGS:
+            parser.add_argument(flag, action="append", **kwargs)
             continue
         choices = _literal_choices(info.annotation)
         if choices:
