@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .capture import Capture
 from .pod import (
     EnvFromSource,
     EnvVar,
@@ -291,6 +292,10 @@ class LLMDeploymentSpec(ApiModel):
         default_factory=lambda: ModelCache.model_validate({}),
         description="volume for downloaded/converted weights: emptyDir (default), a shared persistentVolumeClaim, "
                     "or hostPath",
+    )
+    capture: Capture = Field(
+        default_factory=lambda: Capture.model_validate({}),
+        description="opt-in capture of sampled requests (redacted JSON lines) for offline evaluation",
     )
     strategy: Strategy = Field(
         default_factory=lambda: Strategy.model_validate({}),

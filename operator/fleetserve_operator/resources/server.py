@@ -6,6 +6,7 @@ from typing import Any
 
 import yaml
 
+from ..api.capture import max_file_bytes
 from ..api.spec import LLMDeploymentSpec
 from ..reconcile.fit import MemoryFit
 from .hashing import content_hash
@@ -33,6 +34,8 @@ EXIT_MARGIN_SECONDS = 10
 STARTUP_PERIOD_SECONDS = 5
 STARTUP_BUDGET_SECONDS = 30 * 60
 NON_ROOT_UID = 65532
+# Where spec.capture's volume is mounted; each pod writes <pod name>.jsonl there.
+CAPTURE_DIR = "/var/lib/fleetserve/capture"
 
 
 def server_config(spec: LLMDeploymentSpec, fit: MemoryFit) -> dict[str, Any]:
@@ -68,7 +71,33 @@ def server_config(spec: LLMDeploymentSpec, fit: MemoryFit) -> dict[str, Any]:
     }
     if fit.status == "True" and fit.plan is not None:
         config["kv_cache_tokens"] = fit.plan.kv_capacity_tokens
+    config.update(capture_config(spec))
     return {k: v for k, v in config.items() if v is not None}
+
+
+def capture_config(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    """The --capture-* settings of spec.capture (the path, per pod, is a flag: see _container)."""
+    capture = spec.capture
+    if not capture.enabled:
+        return {}
+    config: dict[str, Any] = {
+        "capture_fraction": capture.fraction,
+        "capture_max_bytes": max_file_bytes(capture.max_file_size),
+        "capture_max_files": capture.max_files,
+        "capture_default_redaction": capture.default_redaction,
+    }
+    if capture.redact:
+        config["capture_redact"] = list(capture.redact)
+    return config
+
+
+def _capture_volume(spec: LLMDeploymentSpec) -> dict[str, Any]:
+    volume = spec.capture.volume
+    if volume.persistent_volume_claim is not None:
+        return {"name": "capture", "persistentVolumeClaim": {"claimName": volume.persistent_volume_claim.claim_name}}
+    if volume.host_path is not None:
+        return {"name": "capture", "hostPath": {"path": volume.host_path.path, "type": volume.host_path.type}}
+    return {"name": "capture", "emptyDir": volume.empty_dir.to_wire() if volume.empty_dir is not None else {}}
 
 
 def render_server_config(spec: LLMDeploymentSpec, fit: MemoryFit) -> str:
@@ -159,6 +188,10 @@ def _container(name: str, spec: LLMDeploymentSpec) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if spec.capture.enabled:
+        # One file per pod (replicas may share a claim); the kubelet expands $(POD_NAME) from the env above.
+        container["command"] += ["--capture-path", f"{CAPTURE_DIR}/$(POD_NAME).jsonl"]
+        container["volumeMounts"].append({"name": "capture", "mountPath": CAPTURE_DIR})
     if spec.env_from:
         container["envFrom"] = [source.to_wire() for source in spec.env_from]
     resources = _resources(spec)
@@ -216,6 +249,8 @@ def build_pod_template(name: str, spec: LLMDeploymentSpec, config_text: str) -> 
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if spec.capture.enabled:
+        pod_spec["volumes"].append(_capture_volume(spec))
     if scheduling.node_selector:
         pod_spec["nodeSelector"] = dict(scheduling.node_selector)
     if scheduling.tolerations:
