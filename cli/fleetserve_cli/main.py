@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("fleetserve_operator.cli.operator", "run the kopf operator for LLMDeployment resources"),
     "plan": ("fleetserve_server.cli.plan", "memory planner: do the model and its KV cache fit?"),
     "bench": ("fleetserve_server.cli.bench", "benchmarks: `bench offline` and `bench serve`"),
+    "tune": ("fleetserve_server.cli.tune", "search engine settings for a workload under a latency objective"),
     "crds": ("fleetserve_operator.cli.crds", "print the generated CRD YAML (the same bytes as crds/)"),
     "dev-cluster": ("fleetserve_devcluster.cli", "the local real Kubernetes control plane for tests and the demo"),
     "healthcheck": ("fleetserve_cli.healthcheck", "check that a Service's ready endpoints (or a URL) answer /healthz"),

@@ -1,0 +1,98 @@
+"""What `fleetserve tune` prints: the throughput-vs-latency table, the advice, the frontier plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetserve_server.tune.search import Advice, Objective, SettingResult, patch
+
+
+def table(results: Sequence[SettingResult], objective: Objective) -> str:
+    header = (f"{'setting':<40} {'KV tokens':>9} {'offered':>8} {'ok/total':>9} {'out tok/s':>9} "
+              f"{'TTFT p50/p99 s':>15} {'TPOT p50/p99 ms':>16}  verdict")
+    rows = [f"objective: {objective}", header, "-" * len(header)]
+    for r in results:
+        if not r.fits:
+            rows.append(f"{r.setting.label:<40} {'-':>9} skipped: the memory planner says it does not fit "
+                        f"({r.plan_message.split(';')[0]})")
+            continue
+        if r.error and not r.trials:
+            rows.append(f"{r.setting.label:<40} {r.kv_tokens:>9} error: {r.error.splitlines()[0][:120]}")
+            continue
+        for t in r.trials:
+            s = t.summary
+            ttft = "/".join("-" if s["ttft_s"][k] is None else f"{s['ttft_s'][k]:.2f}" for k in ("p50", "p99"))
+            tpot = "/".join("-" if s["tpot_s"][k] is None else f"{s['tpot_s'][k] * 1000:.0f}" for k in ("p50", "p99"))
+            rows.append(f"{r.setting.label:<40} {r.kv_tokens:>9} {t.rate:>8.2f} "
+                        f"{s['requests'] - s['failures']:>4}/{s['requests']:<4} {s['output_throughput']:>9.1f} "
+                        f"{ttft:>15} {tpot:>16}  {'MET' if t.meets else 'missed'}: {t.reason}")
+        rows.append(f"{'':<40} capacity under the objective: {r.capacity_text()}")
+    return "\n".join(rows)
+
+
+def advice_text(advice: Advice) -> str:
+    lines = []
+    if advice.best is not None:
+        lines.append(f"best: {advice.best.setting.label} — {advice.best.capacity_text()}; "
+                     f"{advice.replicas_best} replica(s) for the peak {advice.peak_rate:.2f} req/s")
+    d = advice.default
+    lines.append(f"default: {d.setting.label} — {d.capacity_text()}; "
+                 + (f"{advice.replicas_default} replica(s)" if advice.replicas_default else
+                    "never met the objective"))
+    lines += [f"- {n}" for n in advice.notes]
+    return "\n".join(lines)
+
+
+def patch_yaml(advice: Advice) -> str:
+    return ("# fleetserve tune: merge into the LLMDeployment, e.g.\n"
+            "#   kubectl patch llmd NAME --type merge --patch-file tune.yaml\n"
+            + yaml.safe_dump(patch(advice), sort_keys=False))
+
+
+def to_json(workload: dict[str, Any], objective: Objective, results: Sequence[SettingResult],
+            larger: Sequence[SettingResult], advice: Advice) -> str:
+    def one(r: SettingResult) -> dict[str, Any]:
+        return {"setting": r.setting.to_dict(), "fits": r.fits, "plan": r.plan_message, "kv_tokens": r.kv_tokens,
+                "device_memory": r.device_memory, "capacity_rps": r.capacity, "limit_found": r.limit_found,
+                "error": r.error,
+                "trials": [{"rate": t.rate, "meets": t.meets, "reason": t.reason, "summary": t.summary}
+                           for t in r.trials]}
+
+    return json.dumps({"workload": workload, "objective": {"ttft_p99_s": objective.ttft_p99_s,
+                                                           "tpot_p99_s": objective.tpot_p99_s},
+                       "results": [one(r) for r in results], "larger_device": [one(r) for r in larger],
+                       "advice": advice.to_dict()}, indent=2)
+
+
+def plot(results: Sequence[SettingResult], objective: Objective, advice: Advice, path: Path, title: str) -> None:
+    """Output throughput against TTFT p99 for every trial, one line per setting; the objective's
+    TTFT bound dashed; the recommended setting drawn thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        points = sorted((t.summary["output_throughput"], t.summary["ttft_s"]["p99"]) for t in r.trials
+                        if t.summary["ttft_s"]["p99"] is not None)
+        if not points:
+            continue
+        best = advice.best is not None and r.setting == advice.best.setting
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=3 if best else 1,
+                label=r.setting.label + (" (best)" if best else "") + (" (default)" if r is advice.default else ""))
+    ax.axhline(objective.ttft_p99_s, ls="--", color="grey", label=f"TTFT p99 objective {objective.ttft_p99_s:g} s")
+    ax.set_xlabel("output tokens/s")
+    ax.set_ylabel("TTFT p99 (s)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,241 @@
+"""`fleetserve tune`'s logic against hand-computed values: reading workloads, the capacity search,
+the recommendation and the patch (the trials against a real server are in tests/integration)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from fleetserve_cli.main import main
+from fleetserve_server.tune import search, workload
+from fleetserve_server.tune.search import Objective, Setting, SettingResult, Trial
+
+
+def record(ts: float, e2e: float, prompt: int, completion: int, **extra: object) -> str:
+    return json.dumps({"ts": ts, "level": "INFO", "event": "request_finished", "model": "m", "prompt_tokens": prompt,
+                       "completion_tokens": completion, "e2e_s": e2e, **extra})
+
+
+def test_request_log_gives_arrivals_and_lengths_and_skips_what_never_ran() -> None:
+    lines = [
+        "server starting",  # not JSON
+        "[pod/a/server] " + record(105.0, 2.0, 30, 10),  # kubectl logs --prefix: arrival 103
+        record(101.5, 1.5, 20, 5),  # arrival 100: the first
+        record(110.0, 0.5, 0, 0),  # rejected before it ran: no prompt tokens
+        record(111.0, 0.2, 12, 3, error="engine failed"),
+        record(112.0, 1.0, 40, 0),  # finished with no output: replayed with 1 token
+        record(113.0, 1.0, 50, 7, model="other"),
+        json.dumps({"ts": 1.0, "event": "server_started"}),
+        "{not json",
+    ]
+    w = workload.from_request_log(lines, model="m")
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in w.requests] == [
+        (0.0, 20, 5), (3.0, 30, 10), (11.0, 40, 1)]
+    assert w.rate == pytest.approx(2 / 11)
+    assert len(workload.from_request_log(lines).requests) == 4  # every model
+
+
+def test_a_log_without_request_records_is_a_clear_error() -> None:
+    with pytest.raises(workload.WorkloadError, match=r"no usable request_finished records for model 'x' \(1 request"):
+        workload.from_request_log([record(1.0, 0.5, 10, 2)], model="x")
+    with pytest.raises(workload.WorkloadError, match="cannot read request log /nonexistent/log"):
+        workload.read_request_log("/nonexistent/log")
+
+
+def test_distributions_parse_and_sample() -> None:
+    import random
+
+    rng = random.Random(1)
+    assert workload.parse_distribution("512").sample(rng) == 512
+    u = workload.parse_distribution("uniform:10-20")
+    assert all(10 <= u.sample(rng) <= 20 for _ in range(200))
+    ln = workload.parse_distribution("lognormal:300,0.5")
+    samples = sorted(ln.sample(rng) for _ in range(2001))
+    assert 270 <= samples[1000] <= 330  # the median
+    assert str(u) == "uniform:10-20" and str(ln) == "lognormal:300,0.5"
+    for bad in ("0", "uniform:20-10", "lognormal:0,1", "normal:3", "", "12x"):
+        with pytest.raises(workload.WorkloadError, match="is not a token distribution"):
+            workload.parse_distribution(bad, "--prompt-tokens")
+
+
+def test_synthetic_poisson_arrivals_rate_peak_and_scaling() -> None:
+    w = workload.synthetic(prompt=workload.parse_distribution("100"), output=workload.parse_distribution("10"),
+                           rate=2.0, requests=2000, seed=3)
+    assert len(w.requests) == 2000 and w.requests[0].arrival_s == 0.0
+    assert w.rate == pytest.approx(2.0, rel=0.06)
+    assert w == workload.synthetic(prompt=workload.parse_distribution("100"),
+                                   output=workload.parse_distribution("10"), rate=2.0, requests=2000, seed=3)
+    assert w.at_rate(8.0).rate == pytest.approx(8.0)
+    assert [r.prompt_tokens for r in w.at_rate(8.0).requests] == [r.prompt_tokens for r in w.requests]
+    burst = workload.synthetic(prompt=workload.parse_distribution("1"), output=workload.parse_distribution("1"),
+                               rate=math.inf, requests=5)
+    assert burst.rate == math.inf and burst.at_rate(2.0).requests[-1].arrival_s == 2.0
+    with pytest.raises(workload.WorkloadError, match="rate must be > 0"):
+        workload.synthetic(prompt=workload.parse_distribution("1"), output=workload.parse_distribution("1"),
+                           rate=0, requests=5)
+
+
+def test_peak_rate_is_the_busiest_window() -> None:
+    # 30 requests in the first 10 s, then one every 10 s for 200 s: the busiest 60 s hold 35.
+    arrivals = [i / 3 for i in range(30)] + [10.0 + 10 * i for i in range(1, 21)]
+    w = workload.Workload("w", tuple(workload.Request(t, 10, 10) for t in arrivals))
+    assert w.peak_rate(60.0) == pytest.approx(35 / 60)
+    assert w.peak_rate(1000.0) == pytest.approx(w.rate)  # longer than the workload: its mean rate
+
+
+def test_clipping_keeps_every_request_within_the_context() -> None:
+    w = workload.Workload("w", (workload.Request(0, 300, 50), workload.Request(1, 100, 200)))
+    assert [(r.prompt_tokens, r.output_tokens) for r in w.clipped(256).requests] == [(255, 1), (100, 156)]
+
+
+def summary(failures: int = 0, ttft: float | None = 0.5, tpot: float | None = 0.05, tput: float = 10.0) -> dict:
+    return {"requests": 10, "failures": failures, "ttft_s": {"p50": ttft, "p99": ttft},
+            "tpot_s": {"p50": tpot, "p99": tpot}, "output_throughput": tput}
+
+
+def test_objective_names_what_missed() -> None:
+    o = Objective(1.0, 0.1)
+    assert o.check(summary()) == (True, "meets the objective")
+    assert o.check(summary(failures=2)) == (False, "2 of 10 requests failed")
+    assert o.check(summary(ttft=1.5)) == (False, "TTFT p99 1.50 s > 1 s")
+    assert o.check(summary(tpot=0.25)) == (False, "TPOT p99 250 ms > 100 ms")
+    assert o.check(summary(ttft=None)) == (False, "no request produced a token")
+    assert str(o) == "TTFT p99 <= 1 s, TPOT p99 <= 100 ms"
+
+
+def measuring(capacity: float, setting: Setting | None = None):  # type: ignore[no-untyped-def]
+    setting = setting or Setting()
+    asked: list[float] = []
+
+    def measure(rate: float) -> Trial:
+        asked.append(rate)
+        return Trial(setting, rate, summary(tput=rate * 10), rate <= capacity, "")
+
+    return measure, asked
+
+
+def test_capacity_search_doubles_until_a_miss_then_bisects() -> None:
+    measure, asked = measuring(3.0)
+    trials = search.capacity_search(measure, 1.0, steps=4)
+    assert asked == [1.0, 2.0, 4.0, pytest.approx(math.sqrt(8))]
+    result = SettingResult(Setting(), True, "fits", trials=trials)
+    assert result.capacity == pytest.approx(math.sqrt(8)) and result.limit_found
+    assert result.first_missed_rate == 4.0
+
+
+def test_capacity_search_halves_from_a_miss_and_stops_at_its_budget() -> None:
+    measure, asked = measuring(0.3)
+    trials = search.capacity_search(measure, 2.0, steps=3)
+    assert asked == [2.0, 1.0, 0.5]  # never met: capacity 0
+    assert SettingResult(Setting(), True, "fits", trials=trials).capacity == 0.0
+    measure, asked = measuring(100.0)
+    result = SettingResult(Setting(), True, "fits", trials=search.capacity_search(measure, 1.0, steps=3))
+    assert asked == [1.0, 2.0, 4.0] and result.capacity == 4.0 and not result.limit_found
+    assert result.capacity_text() == ">= 4.00 req/s per replica"
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        search.capacity_search(measure, 1.0, steps=0)
+
+
+def test_replicas_for_the_peak() -> None:
+    assert search.replicas_needed(5.0, 2.0) == 3
+    assert search.replicas_needed(4.0, 2.0) == 2
+    assert search.replicas_needed(0.1, 2.0) == 1
+    assert search.replicas_needed(1.0, 0.0) is None
+
+
+def result(setting: Setting, met: list[float], missed: list[float], fits: bool = True, tput: float = 10.0,
+           memory: str = "4Gi") -> SettingResult:
+    trials = [Trial(setting, r, summary(tput=tput), True, "") for r in met]
+    trials += [Trial(setting, r, summary(tput=tput), False, "") for r in missed]
+    return SettingResult(setting, fits, "fits" if fits else "does not fit", 1000, memory, trials)
+
+
+def test_recommendation_picks_the_highest_capacity_and_compares_with_the_default() -> None:
+    default = result(Setting(), [1.0], [2.0])
+    small = result(Setting(max_num_seqs=8), [1.0, 2.0], [4.0])
+    nf4 = result(Setting(quantization="nf4"), [1.0, 2.0, 3.0], [4.0])
+    unfit = result(Setting(kv_cache_memory_fraction=0.2), [9.0], [], fits=False)
+    advice = search.recommend([default, small, nf4, unfit], default, peak_rate=5.0)
+    assert advice.best is nf4
+    assert (advice.replicas_best, advice.replicas_default) == (2, 5)
+    assert advice.notes[0] == ("nf4 seqs=32 batch=default kvfrac=0.9 carries 3.00 req/s per replica against the "
+                               "default's 1.00: 2 replica(s) instead of 5 for the peak 5.00 req/s")
+    assert "best with quantization none: 2.00 req/s per replica, 3 replica(s)" in advice.notes
+    # Equal capacity: the higher throughput wins.
+    a, b = result(Setting(max_num_seqs=8), [2.0], [4.0], tput=5), result(Setting(max_num_seqs=16), [2.0], [4.0], tput=9)
+    assert search.recommend([default, a, b], default, 1.0).best is b
+
+
+def test_recommendation_when_nothing_or_only_a_lower_bound_met() -> None:
+    default = result(Setting(), [], [1.0, 0.5])
+    advice = search.recommend([default], default, 1.0)
+    assert advice.best is None and advice.replicas_default is None
+    assert advice.notes == ["no setting met the objective at any rate tried: relax the objective, or try a bigger "
+                            "device or another quantization"]
+    with pytest.raises(ValueError, match="nothing to patch"):
+        search.patch(advice)
+    open_ended = result(Setting(max_num_seqs=8), [1.0, 2.0], [])
+    advice = search.recommend([default, open_ended], default, 1.0)
+    assert advice.best is open_ended and "its capacity is at least 2.00" in advice.notes[0]
+    assert "the default never met the objective" in advice.notes[1]
+
+
+def test_vertical_advice_only_from_a_measured_limit() -> None:
+    default = result(Setting(), [1.0], [2.0])
+    bigger = result(Setting(), [2.0, 4.0], [8.0], memory="8Gi")
+    advice = search.recommend([default], default, 3.5, [bigger])
+    assert advice.notes[-1] == ("vertical: on a device with 8Gi, none seqs=32 batch=default kvfrac=0.9 carries 4.00 "
+                                "req/s per replica: 1 replica(s) instead of 4")
+    same = result(Setting(), [1.0], [2.0], memory="8Gi")
+    assert "does not reduce the replicas" in search.recommend([default], default, 3.5, [same]).notes[-1]
+    unbounded = result(Setting(), [1.0, 2.0], [])
+    notes = search.recommend([unbounded], unbounded, 3.5, [bigger]).notes
+    assert "no proof of fewer replicas" in notes[-1]
+
+
+def test_patch_uses_the_llmdeployment_fields() -> None:
+    default = result(Setting(), [1.0], [2.0])
+    best = result(Setting(quantization="int8", max_num_seqs=8, max_batch_tokens=512, kv_cache_memory_fraction=0.5),
+                  [3.0], [4.0])
+    assert search.patch(search.recommend([default, best], default, 7.0)) == {"spec": {
+        "quantization": "int8", "engine": {"maxNumSeqs": 8, "kvCacheMemoryFraction": 0.5, "maxBatchTokens": 512},
+        "replicas": 3, "autoscaling": {"maxReplicas": 3}}}
+
+
+def test_grid_puts_the_default_first_once_and_rejects_bad_values() -> None:
+    g = search.grid(quantizations=["none", "nf4"], max_num_seqs=[8, 32], max_batch_tokens=[None],
+                    fractions=[0.9], default=Setting())
+    assert g[0] == Setting() and len(g) == 4 and len(set(g)) == 4
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction must be in"):
+        search.grid(quantizations=["none"], max_num_seqs=[8], max_batch_tokens=[None], fractions=[1.5],
+                    default=Setting())
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1"):
+        search.grid(quantizations=["none"], max_num_seqs=[0], max_batch_tokens=[None], fractions=[0.9],
+                    default=Setting())
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --from-log FILE, or all of --prompt-tokens, --output-tokens and --rate"),
+    (["--prompt-tokens", "x", "--output-tokens", "5", "--rate", "1"], "--prompt-tokens: 'x' is not a token"),
+    (["--from-log", "/nonexistent.log"], "cannot read request log /nonexistent.log"),
+    (["--from-log", "/dev/null", "--rate", "2"], "--from-log replays a recorded workload"),
+    (["--prompt-tokens", "5", "--output-tokens", "5", "--rate", "1", "--model", "nope/none"], "is not in the catalog"),
+    (["--prompt-tokens", "5", "--output-tokens", "5", "--rate", "1", "--larger-device-memory", "1Gi"],
+     "is not larger than --device-memory 4Gi"),
+])
+def test_cli_errors_name_the_problem_before_any_server_starts(argv: list[str], message: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["tune", "--ttft-p99", "2", "--tpot-p99", "0.1", "--device-memory", "4Gi", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_patch_yaml_is_a_merge_patch() -> None:
+    from fleetserve_server.tune import report
+
+    default = result(Setting(), [1.0], [2.0])
+    text = report.patch_yaml(search.recommend([default], default, 1.0))
+    assert yaml.safe_load(text) == {"spec": {"quantization": "none", "engine": {
+        "maxNumSeqs": 32, "kvCacheMemoryFraction": 0.9}, "replicas": 1, "autoscaling": {"maxReplicas": 1}}}
