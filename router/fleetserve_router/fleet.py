@@ -133,30 +133,40 @@ class Fleet:
         replica.cache_epoch = epoch
 
     def observe_response(self, key: str, headers: httpx.Headers, hashes: list[bytes],
-                         decision: Decision) -> None:
-        """Correct the index from a replica's response headers. A new cache epoch drops all its
-        credit. No cached tokens where the index predicted a hit means the replica evicted that
-        prefix, and (LRU) everything it was credited with no later than that prefix: dropped too.
-        Either way the replica now holds this prompt, so its credit is recorded again."""
+                         decision: Decision) -> int | None:
+        """Correct the index from a replica's response headers: a new cache epoch drops all its credit
+        (the replica now holds this prompt, so that credit is recorded again). Returns the header's
+        cached-token count, already applied by ``observe_cached``; None when the headers have none (a
+        stream that started before its first output: its final usage event says it)."""
         replica = self.replicas.get(key)
         before = replica.cache_epoch if replica is not None else None
         epoch = headers.get(EPOCH_HEADER)
         self.observe_epoch(key, epoch)
-        restarted = before is not None and epoch is not None and epoch != before
+        if before is not None and epoch is not None and epoch != before and hashes:
+            self.index.record(key, hashes)
+        if decision.matched_chunks > 0:
+            self.metrics.prefix_predicted.inc()
         raw = headers.get(CACHED_TOKENS_HEADER)
         cached = int(raw) if raw is not None and raw.isdigit() else None
         if cached is not None:
-            self.metrics.cached_tokens.inc(cached)
-        denied = decision.matched_chunks > 0 and cached == 0
-        if decision.matched_chunks > 0:
-            self.metrics.prefix_predicted.inc()
-            if cached is not None and cached > 0:
-                self.metrics.prefix_confirmed.inc()
-            elif denied:
-                self.metrics.prefix_false.inc()
-                if decision.credit_time is not None:
-                    self.index.forget_older(key, decision.credit_time)
-        if (restarted or denied) and hashes:
+            self.observe_cached(key, cached, hashes, decision)
+        return cached
+
+    def observe_cached(self, key: str, cached: int, hashes: list[bytes], decision: Decision) -> None:
+        """The replica's ground truth for one request: ``cached`` prompt tokens were in its prefix cache.
+        None where the index predicted a hit means the replica evicted that prefix, and (LRU)
+        everything it was credited with no later than that prefix: dropped, and this prompt's credit
+        recorded again (the replica holds it now)."""
+        self.metrics.cached_tokens.inc(cached)
+        if decision.matched_chunks == 0:
+            return
+        if cached > 0:
+            self.metrics.prefix_confirmed.inc()
+            return
+        self.metrics.prefix_false.inc()
+        if decision.credit_time is not None:
+            self.index.forget_older(key, decision.credit_time)
+        if hashes:
             self.index.record(key, hashes)
 
     # ---- polling ---------------------------------------------------------------------------------

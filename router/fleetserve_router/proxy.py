@@ -6,6 +6,10 @@ which closes the upstream connection: the server sees the disconnect and aborts 
 A replica that refuses the connection or answers 503 (draining/loading) before any byte reached
 the client is skipped and the request goes elsewhere (or is held), so a request that arrives
 during scale-down is not lost.
+
+Streams: a streamed answer's cached-token ground truth is read from its final usage event when the
+server's headers lack it (usage.py); the router asks for that event when the client did not and
+drops it from what it relays, so the client gets the server's own bytes (passed on event by event).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from fleetserve_router.hold import HoldFull, HoldQueue, Waiter
 from fleetserve_router.metrics import RouterMetrics
 from fleetserve_router.prompt import chunk_hashes, render_request
 from fleetserve_router.scoring import Decision
+from fleetserve_router.usage import UsageTap, ask_for_usage
 
 log = logging.getLogger("fleetserve.router")
 
@@ -129,6 +134,12 @@ class RouterApp:
                 parsed = None  # the server answers the 400
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
         hashes = chunk_hashes(render_request(path, parsed), self.config.chunk_chars) if method == "POST" else []
+        # A streamed answer's cached-token count comes in its usage event when the headers lack it:
+        # ask for that event if the client did not (it is dropped from what the client gets).
+        with_usage = ask_for_usage(path, parsed) if method == "POST" else None
+        strip_usage = with_usage is not None
+        if with_usage is not None:
+            body = with_usage
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.decode("latin-1").lower() not in _HOP_BY_HOP]
         url_path = path + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
@@ -187,13 +198,17 @@ class RouterApp:
             if held_since is not None:
                 self.metrics.hold_seconds.observe(time.monotonic() - held_since)
                 held_since = None
-            if await self._forward(decision, url_path, method, headers, body, hashes, send, started):
+            tap = UsageTap(strip=strip_usage) if stream else None
+            if await self._forward(decision, url_path, method, headers, body, hashes, send, started, tap):
                 return
             tried.add(decision.replica.key)
 
     async def _forward(self, decision: Decision, url_path: str, method: str, headers: list[tuple[str, str]],
-                       body: bytes, hashes: list[bytes], send: Send, started: bool) -> bool:
-        """Send to one replica and relay its answer; False if it failed before any response (retry)."""
+                       body: bytes, hashes: list[bytes], send: Send, started: bool,
+                       tap: UsageTap | None = None) -> bool:
+        """Send to one replica and relay its answer; False if it failed before any response (retry).
+        ``tap`` (streamed requests) reads the cached-token count from the stream's usage event when
+        the response headers lack it, and drops that event if the router asked for it."""
         key = decision.replica.key
         replica = decision.replica
         replica.inflight += 1
@@ -213,34 +228,35 @@ class RouterApp:
                     self.fleet.mark_down(key)
                     return False
                 self.metrics.requests.labels(route=decision.route).inc()
+                cached: int | None = None
                 if resp.status_code == 200:
-                    self.fleet.observe_response(key, resp.headers, hashes, decision)
+                    cached = self.fleet.observe_response(key, resp.headers, hashes, decision)
+                if resp.headers.get("content-encoding", "identity").lower() != "identity":
+                    tap = None  # not plain bytes to read (no fleetserve server compresses its streams)
                 out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in _HOP_BY_HOP]
                 out_headers += [("x-fleetserve-route", decision.route), ("x-fleetserve-replica", key)]
                 if started:
-                    await self._relay_into_stream(resp, send)
+                    await self._relay_into_stream(resp, send, tap)
                 elif resp.headers.get("content-type", "").startswith("text/event-stream"):
                     await _start(send, resp.status_code, out_headers)
-                    async for chunk in resp.aiter_raw():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await _relay_events(resp, send, tap)
                 else:
                     data = await resp.aread()
                     await _start(send, resp.status_code, [*out_headers, ("content-length", str(len(data)))])
                     await send({"type": "http.response.body", "body": data, "more_body": False})
+                if resp.status_code == 200 and cached is None and tap is not None and tap.cached_tokens is not None:
+                    self.fleet.observe_cached(key, tap.cached_tokens, hashes, decision)
                 return True
             finally:
                 await resp.aclose()
         finally:
             replica.inflight -= 1
 
-    async def _relay_into_stream(self, resp: httpx.Response, send: Send) -> None:
+    async def _relay_into_stream(self, resp: httpx.Response, send: Send, tap: UsageTap | None) -> None:
         """The client already has a 200 event stream (it was held): pass the replica's events, or turn
         its error answer into an error event, as the server itself does after a stream started."""
         if resp.status_code == 200:
-            async for chunk in resp.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _relay_events(resp, send, tap)
             return
         data = await resp.aread()
         await send({"type": "http.response.body", "body": b"data: " + data.replace(b"\n", b"") + b"\n\n"
@@ -263,6 +279,16 @@ class RouterApp:
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
+
+
+async def _relay_events(resp: httpx.Response, send: Send, tap: UsageTap | None) -> None:
+    """Pass an event stream on chunk by chunk (through ``tap`` when there is one)."""
+    async for chunk in resp.aiter_raw():
+        data = tap.feed(chunk) if tap is not None else chunk
+        if data:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+    rest = tap.close() if tap is not None else b""
+    await send({"type": "http.response.body", "body": rest, "more_body": False})
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
