@@ -203,6 +203,24 @@ def pod_prefix_counters(ips: list[str]) -> tuple[float, float]:
     return hits, queries
 
 
+ROUTER_COUNTERS = {"fleetserve_router_prefix_predicted_hits_total": "predicted",
+                   "fleetserve_router_prefix_confirmed_hits_total": "confirmed",
+                   "fleetserve_router_prefix_false_credit_total": "false_credit",
+                   "fleetserve_router_cached_tokens_total": "cached_tokens"}
+
+
+def router_counters(base_url: str) -> dict[str, float]:
+    """The router's prefix-prediction counters (predicted / confirmed by the servers / false credit)."""
+    import httpx
+
+    found = dict.fromkeys(ROUTER_COUNTERS.values(), 0.0)
+    for line in httpx.get(base_url + "/metrics", timeout=10, trust_env=False).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ROUTER_COUNTERS:
+            found[ROUTER_COUNTERS[name]] += float(value)
+    return found
+
+
 def measure(url: str, convs: list[Conversation], rate: float, concurrency: int, seed: int) -> dict[str, Any]:
     results, duration = asyncio.run(run_workload(base_url=url, model=SERVED, conversations=convs,
                                                  request_rate=rate, concurrency=concurrency, seed=seed,
@@ -251,6 +269,8 @@ def measure_inference_perf(args: argparse.Namespace, arm: str, base_url: str, se
     config = inference_perf_config(args, base_url, seed, out, sessions=sessions, rate=rate)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     before = pod_prefix_counters(pod_ips)
+    routed = arm in ("router", "least_load")
+    router_before = router_counters(base_url) if routed else {}
     started = time.monotonic()
     proc = subprocess.run([args.inference_perf, "--config_file", str(out / "config.yaml")], capture_output=True,
                           text=True, timeout=3600)
@@ -259,6 +279,7 @@ def measure_inference_perf(args: argparse.Namespace, arm: str, base_url: str, se
     if proc.returncode != 0:
         raise RuntimeError(f"inference-perf failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
     after = pod_prefix_counters(pod_ips)
+    router_after = router_counters(base_url) if routed else {}
     report = json.loads((out / "summary_lifecycle_metrics.json").read_text())
     ok = report["successes"]
     lat = ok["latency"]
@@ -275,6 +296,7 @@ def measure_inference_perf(args: argparse.Namespace, arm: str, base_url: str, se
         "prefix_hit_rate": round((after[0] - before[0]) / queried, 4) if queried else None,
         "schedule_delay_p90_s": round(report["load_summary"]["schedule_delay"]["p90"], 4),
         "report": str(out / "summary_lifecycle_metrics.json"),
+        **({"router_prefix": {k: router_after[k] - router_before[k] for k in router_after}} if routed else {}),
     }
 
 

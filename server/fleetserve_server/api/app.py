@@ -178,7 +178,9 @@ class CacheHeadersMiddleware:
     starts empty: a restart or a new engine); generation responses also carry
     ``x-fleetserve-cached-tokens`` (prompt tokens found in the prefix cache) when it is known as the
     headers go out (always for non-streamed answers; for streams once the first output came within
-    the first-output grace). The router corrects its prefix index from both."""
+    the first-output grace). The router corrects its prefix index from both; for a stream that
+    started without the count it reads ``usage.prompt_tokens_details.cached_tokens`` from the final
+    usage event instead (asking for it with ``stream_options.include_usage``)."""
 
     def __init__(self, app: ASGIApp, ctx: APIContext) -> None:
         self.app = app
