@@ -76,4 +76,5 @@ def test_ask_for_usage_only_when_the_client_did_not() -> None:
     assert ask_for_usage("/v1/chat/completions", {**base, "stream_options": {"include_usage": "yes"}}) is None
     assert ask_for_usage("/v1/chat/completions", {**base, "stream_options": "x"}) is None
     assert ask_for_usage("/v1/chat/completions", {**base, "temperature": float("nan")}) is None
+    assert ask_for_usage("/v1/chat/completions", {**base, "messages": [{"role": "user", "content": "\ud800"}]}) is None
     assert ask_for_usage("/v1/chat/completions", [base]) is None
