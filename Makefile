@@ -25,7 +25,9 @@ kernels: $(VENV)/.installed
 	$(BIN)/python -m fleetserve_server.runner.paged_attention --build
 
 # kube-apiserver & co. (built from the Go module proxy), etcd, kubectl, helm,
-# promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version.
+# promtool and prometheus, all cached under ~/.cache/fleetserve keyed by version; for
+# `dev-cluster up --real-nodes`, kubelet and kube-proxy (same build) and Debian's containerd,
+# runc, CNI plugins and iptables (apt-get download + dpkg -x: no daemon, no service installed).
 tools: $(VENV)/.installed
 	hack/install-tools.sh
 

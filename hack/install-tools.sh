@@ -7,6 +7,9 @@
 #   etcd                  built from the Go module proxy (go.etcd.io/etcd/server/v3, wrapper module)
 #   kube-*, kubectl       built from the Go module proxy by hack/k8s/build.sh
 #   prometheus-operator-crds  the Prometheus Operator's CRDs at a pinned version (hack/prometheus-operator-crds.sh)
+#   kubelet, kube-proxy   the real nodes of `dev-cluster up --real-nodes`, same wrapper module (hack/k8s/build.sh)
+#   node-runtime          Debian's containerd, runc, CNI plugins and iptables (apt-get download + dpkg -x: no
+#                         daemon, no service installed) and the static pause/probe binaries of hack/realnode/
 #   monitoring            the Prometheus Operator and Prometheus with Kubernetes discovery that
 #                         `dev-cluster up --monitoring` runs (and tests/e2e/test_monitoring_fleet.py), built
 #                         from the Go module proxy by hack/prometheus-operator/build.sh and hack/prometheus/build.sh
@@ -143,6 +146,76 @@ install_k8s() {
   exec 9>"$CACHE/k8s/.build.lock"
   flock 9
   K8S_VERSION="$K8S_VERSION" FLEETSERVE_CACHE_DIR="$CACHE" hack/k8s/build.sh
+  K8S_VERSION="$K8S_VERSION" FLEETSERVE_CACHE_DIR="$CACHE" hack/k8s/build.sh kubelet kube-proxy
+}
+
+# ---------------------------------------------------------------- real nodes' runtime
+# The pause (sandbox) and probe (test workload) binaries: static, one file per image; rebuilt when
+# hack/realnode/*.go change (keyed by their sha256 in images/.source).
+build_node_images() {
+  local out="$1" sum
+  sum="$(cat hack/realnode/pause.go hack/realnode/probe.go | sha256sum | cut -d' ' -f1)"
+  if [[ "$(cat "$out/images/.source" 2>/dev/null)" == "$sum" ]]; then return; fi
+  need_go "the real nodes' pause image"
+  local src="$scratch/realnode" b; mkdir -p "$src/pause" "$src/probe" "$out/images"
+  printf 'module fleetserve.local/realnode\n\ngo 1.24\n' > "$src/go.mod"
+  cp hack/realnode/pause.go "$src/pause/main.go"; cp hack/realnode/probe.go "$src/probe/main.go"
+  for b in pause probe; do
+    (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/images/$b.tmp" "./$b")
+    mv "$out/images/$b.tmp" "$out/images/$b"
+  done
+  echo "$sum" > "$out/images/.source"
+}
+
+install_node_runtime() {
+  local out="$CACHE/node-runtime/$NODE_RUNTIME"
+  if [[ -f "$out/.complete" ]]; then
+    build_node_images "$out"
+    log "node runtime ($NODE_RUNTIME): cached in $out"; return
+  fi
+  need_go "the real nodes' pause image"
+  log "node runtime ($NODE_RUNTIME): fetching Debian's containerd, runc, CNI plugins, iptables..."
+  if ! apt-cache show containerd >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+  fi
+  local d="$scratch/node-runtime"; mkdir -p "$d/debs"
+  local sandbox=()
+  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
+  # iptables' libraries too: a minimal Debian has none of them, and dpkg -x installs nothing system-wide.
+  (cd "$d/debs" && apt-get download -qq "${sandbox[@]}" containerd runc containernetworking-plugins iptables \
+    libip4tc2 libip6tc2 libxtables12 libnetfilter-conntrack3 libnfnetlink0 libnftnl11 libmnl0 libseccomp2)
+  local pkg want
+  for pkg in containerd:$CONTAINERD_VERSION runc:$RUNC_VERSION containernetworking-plugins:$CNI_PLUGINS_VERSION \
+             iptables:$IPTABLES_VERSION; do
+    want="${pkg#*:}"; pkg="${pkg%%:*}"
+    local ver; ver="$(dpkg-deb -f "$d/debs/${pkg}"_*.deb Version)"
+    if [[ "$ver" != "$want"[~+-]* ]]; then
+      echo "install-tools: Debian's $pkg is $ver, but tools.py pins $want; update the pin in" \
+           "devcluster/fleetserve_devcluster/tools.py" >&2
+      exit 1
+    fi
+  done
+  rm -rf "$out"; mkdir -p "$out/bin" "$out/images"
+  local deb
+  for deb in "$d"/debs/*.deb; do dpkg -x "$deb" "$out/root"; done
+  local lib="$out/root/usr/lib/x86_64-linux-gnu"
+  # kube-proxy and the CNI plugins call iptables by name: wrappers that find the extracted libraries.
+  local t
+  for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+    printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=%s XTABLES_LIBDIR=%s %s %s "$@"\n' \
+      "$lib" "$lib/xtables" "$out/root/usr/sbin/xtables-nft-multi" "$t" > "$out/bin/$t"
+    chmod 0755 "$out/bin/$t"
+  done
+  printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=%s %s "$@"\n' "$lib" "$out/root/usr/bin/runc" > "$out/bin/runc"
+  chmod 0755 "$out/bin/runc"
+  local b
+  for b in containerd containerd-shim-runc-v2 ctr; do ln -s "../root/usr/bin/$b" "$out/bin/$b"; done
+  build_node_images "$out"
+  "$out/bin/containerd" --version
+  "$out/bin/runc" --version | head -1
+  "$out/bin/iptables" --version
+  touch "$out/.complete"
+  log "node runtime installed into $out"
 }
 
 # ---------------------------------------------------------------- Prometheus Operator CRDs
@@ -170,7 +243,7 @@ install_monitoring() {
 
 # `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
 # (monitoring is not in the default set: `make monitoring-tools`, which the test targets run, builds it.)
-want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s)
+want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s node-runtime)
 for t in "${want[@]}"; do
   case "$t" in
     prometheus|promtool) install_prometheus ;;
@@ -178,8 +251,9 @@ for t in "${want[@]}"; do
     etcd) install_etcd ;;
     k8s|kubernetes|kubectl|kube-*) install_k8s ;;
     prometheus-operator-crds) install_prometheus_operator_crds ;;
+    node-runtime|containerd|runc) install_node_runtime ;;
     monitoring|prometheus-operator) install_monitoring ;;
-    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s monitoring)" >&2; exit 2 ;;
+    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s node-runtime monitoring)" >&2; exit 2 ;;
   esac
 done
 log "tools on PATH via: $(tools_py bin-dir)"

@@ -55,6 +55,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--monitoring", action="store_true",
                     help="run the Prometheus Operator and a Prometheus with Kubernetes discovery (both built from "
                          "the Go module proxy on first use, minutes); see fleetserve_devcluster/monitoring.py")
+    up.add_argument("--real-nodes", type=_non_negative, default=0,
+                    help="also run N (at most 4) real nodes: a kubelet with its own containerd each and one "
+                         "kube-proxy, tools from `make install`; the Service range moves to 198.19.255.0/24 "
+                         "(see fleetserve_devcluster/realnodes.py)")
     _state_dir_arg(up)
     up.set_defaults(handler=run_up)
 
@@ -123,7 +127,8 @@ def run_up(args: argparse.Namespace) -> int:
                                proxy_retry_next_backend=args.proxy_retry_next_backend,
                                karpenter=args.karpenter, max_gpu_nodes=args.max_gpu_nodes,
                                node_provision_seconds=float(args.node_provision_seconds),
-                               node_provision_delay_s=0.0 if args.karpenter else None)
+                               node_provision_delay_s=0.0 if args.karpenter else None,
+                               real_nodes=args.real_nodes)
         if args.karpenter:
             from . import karpenter, tools
 
@@ -170,6 +175,13 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"server     {cluster.server_url}")
     print(f"kubeconfig {cluster.kubeconfig}")
     print(f"nodes      {cluster.config.nodes} x {cluster.config.gpus_per_node} nvidia.com/gpu")
+    if cluster.config.real_nodes:
+        from . import realnodes
+
+        for i in range(cluster.config.real_nodes):
+            print(f"real node  {realnodes.node_name(i)} {realnodes.node_ip(i)} on {realnodes.bridge(i)}, pods "
+                  f"{realnodes.pod_cidr(i)}, containerd {realnodes.socket_path(cluster.state_dir, i)}")
+        print(f"services   {realnodes.SERVICE_CIDR} (kube-proxy, iptables)")
     print(f"{'COMPONENT':<24} {'PID':<8} {'STATE':<8} HEALTH")
     for r in rows:
         health = "-" if r.healthy is None else ("ok" if r.healthy else "failing")

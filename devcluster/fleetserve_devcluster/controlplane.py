@@ -73,6 +73,8 @@ class ClusterConfig:
     # The node agent's own provisioning delay for adopted nodes (adopt.py; None: its default). With
     # Karpenter it is 0: the KWOKNodeClass's nodeRegistrationDelay already stands in for the boot.
     node_provision_delay_s: float | None = None
+    # `up --real-nodes N`: N kubelets with containerd and a kube-proxy beside the agent's nodes (realnodes.py).
+    real_nodes: int = 0
 
     def __post_init__(self) -> None:
         if self.nodes < 0:
@@ -93,6 +95,8 @@ class ClusterConfig:
                 "controller-manager": b + 257, "scheduler": b + 259,
                 "karpenter-metrics": b + 180, "karpenter-health": b + 181,
             })
+        if not 0 <= self.real_nodes <= 4:
+            raise DevClusterError(f"--real-nodes must be in 0..4, got {self.real_nodes}")
         if self.max_gpu_nodes < 0 or self.node_provision_seconds < 0:
             raise DevClusterError("--max-gpu-nodes and --node-provision-seconds must be >= 0")
 
@@ -269,7 +273,7 @@ def apiserver_argv(c: Cluster) -> list[str]:
         "--authorization-mode=Node,RBAC",
         f"--service-account-issuer={pki.SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
-        f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+        f"--service-cluster-ip-range={_service_cidr(c)}",
         "--allow-privileged=true",
         # Aggregation layer (e.g. a metrics adapter) via the front-proxy identity.
         f"--requestheader-client-ca-file={p.crt('front-proxy-ca')}",
@@ -287,10 +291,18 @@ def apiserver_argv(c: Cluster) -> list[str]:
         # 127.0.0.1 as its endpoint; processes in "pods" reach the API server through
         # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>).
         "--endpoint-reconciler-type=none",
+        # Real nodes (realnodes.py) report their name as a Hostname address too: reach them by IP, no DNS.
+        *(["--kubelet-preferred-address-types=InternalIP"] if c.config.real_nodes else []),
         f"--audit-policy-file={audit / 'policy.json'}", f"--audit-log-path={audit_log_path(c.state_dir)}",
         "--audit-log-format=json", "--audit-log-maxsize=100", "--audit-log-maxbackup=1",
         "--profiling=false", "--v=1",
     ]
+
+
+def _service_cidr(c: Cluster) -> str:
+    from .realnodes import service_cidr  # 10.0.0.0/24 unless the cluster has real nodes
+
+    return service_cidr(c.config)
 
 
 def _component_common(c: Cluster, identity: str, port_name: str) -> list[str]:
@@ -311,7 +323,7 @@ def controller_manager_argv(c: Cluster) -> list[str]:
         f"--service-account-private-key-file={p.sa_key}", f"--root-ca-file={p.ca_crt}",
         "--use-service-account-credentials=true",
         f"--cluster-signing-cert-file={p.ca_crt}", f"--cluster-signing-key-file={p.ca_key}",
-        f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+        f"--service-cluster-ip-range={_service_cidr(c)}",
         # Every default controller (GC, namespace, deployment, replicaset, endpointslice, ...).
         "--controllers=*",
     ]
@@ -530,6 +542,9 @@ def _down(state_dir: Path, log: Callable[[str], None]) -> None:
             log(f"stopped {t.name} (pid {t.pid}) {how}")
     # A node agent that had to be killed could not remove its pod-network addresses from `lo`.
     _agent().remove_left_addresses(state_dir)
+    from .realnodes import cleanup as real_nodes_cleanup  # containers, mounts, bridges, iptables chains
+
+    real_nodes_cleanup(state_dir, log)
     shutil.rmtree(state_dir)
     log(f"removed {state_dir}")
 
@@ -572,3 +587,6 @@ def is_up(state_dir: Path) -> bool:
 def main_error(exc: Exception) -> int:
     print(f"fleetserve dev-cluster: error: {exc}", file=sys.stderr)
     return 1
+
+
+from . import realnodes  # noqa: E402,F401  (registers the real nodes' components; enabled by --real-nodes)

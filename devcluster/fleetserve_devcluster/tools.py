@@ -9,6 +9,9 @@ exactly one place:
     <cache>/etcd/<ETCD_VERSION>/bin/etcd
     <cache>/helm/<HELM_VERSION>/bin/helm
     <cache>/prometheus/<PROMETHEUS_VERSION>/bin/{prometheus,promtool}
+    <cache>/k8s/<K8S_VERSION>/bin/{kubelet,kube-proxy}       (the real nodes of `up --real-nodes`)
+    <cache>/node-runtime/<NODE_RUNTIME>/{root,bin,images}    (Debian's containerd, runc, CNI plugins,
+                                                              iptables; the pause and probe images)
     <cache>/bin/<tool> -> one of the above      (tools_bin_dir(): put it first on PATH)
 
 Invariant: `tool_path()` only ever returns a path to an existing executable
@@ -27,6 +30,14 @@ ETCD_VERSION = "v3.6.8"
 HELM_VERSION = "v3.19.0"
 # Debian bookworm's `prometheus` package (2.42.0+ds-5+deb12u1), keyed by its upstream version.
 PROMETHEUS_VERSION = "2.42.0"
+# The real nodes' runtime (`dev-cluster up --real-nodes`): Debian bookworm's packages, keyed by their
+# upstream versions (hack/install-tools.sh node-runtime checks what apt-get download fetched).
+CONTAINERD_VERSION = "1.6.20"
+RUNC_VERSION = "1.1.5"
+CNI_PLUGINS_VERSION = "1.1.1"
+IPTABLES_VERSION = "1.8.9"
+NODE_RUNTIME = (f"containerd-{CONTAINERD_VERSION}_runc-{RUNC_VERSION}_cni-{CNI_PLUGINS_VERSION}"
+                f"_iptables-{IPTABLES_VERSION}")
 
 # tool name -> (cache subdirectory, version)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -133,6 +144,11 @@ def _main(argv: list[str]) -> int:
         print(f"ETCD_VERSION={ETCD_VERSION}")
         print(f"HELM_VERSION={HELM_VERSION}")
         print(f"PROMETHEUS_VERSION={PROMETHEUS_VERSION}")
+        print(f"CONTAINERD_VERSION={CONTAINERD_VERSION}")
+        print(f"RUNC_VERSION={RUNC_VERSION}")
+        print(f"CNI_PLUGINS_VERSION={CNI_PLUGINS_VERSION}")
+        print(f"IPTABLES_VERSION={IPTABLES_VERSION}")
+        print(f"NODE_RUNTIME={NODE_RUNTIME}")
         print(f"FLEETSERVE_CACHE={cache_dir()}")
         return 0
     if cmd == "bin-dir":

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build kube-apiserver, kube-controller-manager, kube-scheduler and kubectl of
 # one Kubernetes release from the Go module proxy, into the user cache dir.
+# `build.sh kubelet kube-proxy` builds just those (the real nodes of
+# `dev-cluster up --real-nodes`); only missing binaries are built.
 #
 # `go install k8s.io/kubernetes/cmd/...@vX` refuses because upstream's go.mod
 # replaces every staging module with ./staging/...; a wrapper module that
@@ -12,9 +14,10 @@ K8S_VERSION="${K8S_VERSION:-v1.36.3}"
 CACHE="${FLEETSERVE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fleetserve}"
 OUT="$CACHE/k8s/$K8S_VERSION/bin"
 BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-have_all=1
-for b in "${BINS[@]}"; do [[ -x "$OUT/$b" ]] || have_all=0; done
-if [[ $have_all == 1 ]]; then echo "kubernetes $K8S_VERSION: cached in $OUT"; exit 0; fi
+[[ $# -gt 0 ]] && BINS=("$@")
+missing=()
+for b in "${BINS[@]}"; do [[ -x "$OUT/$b" ]] || missing+=("$b"); done
+if [[ ${#missing[@]} == 0 ]]; then echo "kubernetes $K8S_VERSION (${BINS[*]}): cached in $OUT"; exit 0; fi
 
 minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"; patch="${K8S_VERSION##*.}"
 staging_version="v0.$minor.$patch"
@@ -46,6 +49,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
 echo "resolving modules for kubernetes $K8S_VERSION (staging $staging_version)..."
@@ -54,9 +59,9 @@ GOFLAGS=-mod=mod go get "k8s.io/kubernetes@$K8S_VERSION"
 pkg=k8s.io/component-base/version
 ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
-for b in "${BINS[@]}"; do
+for b in "${missing[@]}"; do
   echo "building $b..."
   CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" -o "$OUT/$b.tmp" "k8s.io/kubernetes/cmd/$b"
   mv "$OUT/$b.tmp" "$OUT/$b"
 done
-echo "kubernetes $K8S_VERSION built into $OUT"
+echo "kubernetes $K8S_VERSION (${missing[*]}) built into $OUT"
