@@ -63,9 +63,7 @@ from .status.conditions import set_condition
 registry = kopf.OperatorRegistry()
 
 RETRY_DELAY_SECONDS = 5
-# The safety-net full reconcile of each LLMDeployment (see fleets.py). Slow on purpose: every change the
-# operator must react to arrives by a watch, and each resync costs ~6 reads per LLMDeployment.
-RESYNC_INTERVAL_SECONDS = 600.0
+RESYNC_INTERVAL_SECONDS = 60.0
 CHILD_LABELS = {LABEL_MANAGED_BY: MANAGED_BY}
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 CHILD_WATCHES = (("apps", "v1", "deployments"), ("", "v1", "pods"), ("", "v1", "services"), ("", "v1", "configmaps"))
