@@ -119,3 +119,25 @@ def test_serve_flags_fill_the_capture_settings() -> None:
                                                                                      ["a+", "b+"])
     assert config.capture_default_redaction is False and config.otlp_endpoint == "http://c:4318"
     assert build_config({}, environ={}).capture_path is None  # off by default
+
+
+def test_a_capture_that_cannot_write_never_fails_the_answer(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+    from api_fakes import MODEL, FakeEngine, FakeTokenizer
+    from fleetserve_server.api.app import create_app
+
+    capture = open_capture(str(tmp_path / "s.jsonl"), fraction=1, max_bytes=4096, max_files=1)
+    assert capture is not None
+    capture.writer._file.close()  # writing now raises ValueError (not OSError): a broken writer
+    app = create_app(FakeEngine(), served_name=MODEL.served_name, tokenizer=FakeTokenizer(), model=MODEL,
+                     capture=capture)
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json={
+                "model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+    r = asyncio.run(ask())
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]

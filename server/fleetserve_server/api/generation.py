@@ -354,12 +354,18 @@ class GenerationRun:
         )
         request_trace = self.http_request.scope.get(TRACE_SCOPE_KEY)
         if request_trace is not None:  # --otlp-endpoint: this run's spans under the request's
+            self._trace(request_trace, usage, reason)
+
+    def _trace(self, request_trace: Any, usage: UsageInfo, reason: str) -> None:
+        try:  # spans are diagnostics: a failure to write them must not fail the request
             record_generation(request_trace, arrival_monotonic=self.arrival, final=self.final, params=self.params,
                               model=self.request_log.model, request_id=self.client_request_id,
                               engine_request_id=self.engine_id, prompt_tokens=usage.prompt_tokens,
                               completion_tokens=usage.completion_tokens,
                               cached_tokens=int((usage.prompt_tokens_details or {}).get("cached_tokens", 0)),
                               finish_reason=reason)
+        except Exception:
+            log.exception("tracing request %s failed", self.engine_id)
 
 
 def openai_finish_reason(reason: str | None) -> str | None:

@@ -116,7 +116,10 @@ class RequestLogger:
             fields["completion"] = completion
         self._log.info("request finished", extra={"fields": fields})
         if self.capture is not None and self.capture.sampled():
-            self.capture.record(fields, prompt=prompt, output=completion, token_logprobs=token_logprobs)
+            try:  # the answer was served: a sample that cannot be written must not turn it into an error
+                self.capture.record(fields, prompt=prompt, output=completion, token_logprobs=token_logprobs)
+            except Exception:
+                self._log.exception("capturing request %s failed", request_id)
         return fields
 
 
