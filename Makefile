@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install kernels tools monitoring-tools lint unit integration e2e test fuzz demo clean
+.PHONY: install kernels tools monitoring-tools images lint unit integration e2e test fuzz demo clean
 
 install: $(VENV)/.installed tools kernels
 
@@ -35,6 +35,13 @@ tools: $(VENV)/.installed
 # cached): the monitoring tests need them, `make demo` does not, so only the test targets build them.
 monitoring-tools: $(VENV)/.installed
 	hack/install-tools.sh monitoring
+
+# images/operator and images/server, built with Debian's buildah on a Debian base made by mmdebstrap
+# (no Docker, no registry), cached by content under ~/.cache/fleetserve/images; with
+# FLEETSERVE_DEV_CLUSTER_STATE set, imported into that dev cluster's real nodes (hack/images/build.sh).
+images: install
+	hack/install-tools.sh image-tools
+	hack/images/build.sh
 
 lint: install
 	$(BIN)/ruff check cli operator server router devcluster tests benchmarks

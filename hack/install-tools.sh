@@ -10,6 +10,7 @@
 #   kubelet, kube-proxy   the real nodes of `dev-cluster up --real-nodes`, same wrapper module (hack/k8s/build.sh)
 #   node-runtime          Debian's containerd, runc, CNI plugins and iptables (apt-get download + dpkg -x: no
 #                         daemon, no service installed) and the static pause/probe binaries of hack/realnode/
+#   image-tools           Debian's buildah and mmdebstrap, the same way (`make images`; not in the default set)
 #   monitoring            the Prometheus Operator and Prometheus with Kubernetes discovery that
 #                         `dev-cluster up --monitoring` runs (and tests/e2e/test_monitoring_fleet.py), built
 #                         from the Go module proxy by hack/prometheus-operator/build.sh and hack/prometheus/build.sh
@@ -241,6 +242,43 @@ install_monitoring() {
   log "monitoring: built"
 }
 
+# ---------------------------------------------------------------- image tools (make images)
+install_image_tools() {
+  local out="$CACHE/image-tools/$IMAGE_TOOLS"
+  if [[ -f "$out/.complete" ]]; then log "image tools ($IMAGE_TOOLS): cached in $out"; return; fi
+  log "image tools ($IMAGE_TOOLS): fetching Debian's buildah and mmdebstrap..."
+  if ! apt-cache show buildah >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+  fi
+  local d="$scratch/image-tools"; mkdir -p "$d/debs"
+  local sandbox=()
+  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
+  (cd "$d/debs" && apt-get download -qq "${sandbox[@]}" buildah golang-github-containers-common \
+    libdevmapper1.02.1 libgpgme11 libassuan0 libgpg-error0 mmdebstrap)
+  local pkg want ver
+  for pkg in buildah:$BUILDAH_VERSION mmdebstrap:$MMDEBSTRAP_VERSION; do
+    want="${pkg#*:}"; pkg="${pkg%%:*}"
+    ver="$(dpkg-deb -f "$d/debs/${pkg}"_*.deb Version)"
+    if [[ "$ver" != "$want"[~+-]* ]]; then
+      echo "install-tools: Debian's $pkg is $ver, but tools.py pins $want; update the pin" >&2; exit 1
+    fi
+  done
+  rm -rf "$out"; mkdir -p "$out/bin"
+  local deb
+  for deb in "$d"/debs/*.deb; do dpkg -x "$deb" "$out/root"; done
+  local lib="$out/root/usr/lib/x86_64-linux-gnu:$out/root/lib/x86_64-linux-gnu"
+  printf 'unqualified-search-registries = []\nshort-name-mode = "disabled"\n' > "$out/registries.conf"
+  printf '#!/bin/sh\nexec env LD_LIBRARY_PATH=%s CONTAINERS_CONF=%s CONTAINERS_REGISTRIES_CONF=%s %s "$@"\n' \
+    "$lib" "$out/root/usr/share/containers/containers.conf" "$out/registries.conf" "$out/root/usr/bin/buildah" \
+    > "$out/bin/buildah"
+  printf '#!/bin/sh\nexec perl %s "$@"\n' "$out/root/usr/bin/mmdebstrap" > "$out/bin/mmdebstrap"
+  chmod 0755 "$out/bin/buildah" "$out/bin/mmdebstrap"
+  "$out/bin/buildah" --version
+  "$out/bin/mmdebstrap" --version
+  touch "$out/.complete"
+  log "image tools installed into $out"
+}
+
 # `hack/install-tools.sh helm promtool` provisions just those; no argument = everything.
 # (monitoring is not in the default set: `make monitoring-tools`, which the test targets run, builds it.)
 want=("$@"); [[ ${#want[@]} == 0 ]] && want=(prometheus helm prometheus-operator-crds etcd k8s node-runtime)
@@ -252,8 +290,9 @@ for t in "${want[@]}"; do
     k8s|kubernetes|kubectl|kube-*) install_k8s ;;
     prometheus-operator-crds) install_prometheus_operator_crds ;;
     node-runtime|containerd|runc) install_node_runtime ;;
+    image-tools|buildah|mmdebstrap) install_image_tools ;;
     monitoring|prometheus-operator) install_monitoring ;;
-    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s node-runtime monitoring)" >&2; exit 2 ;;
+    *) echo "install-tools: unknown tool $t (known: prometheus helm prometheus-operator-crds etcd k8s node-runtime image-tools monitoring)" >&2; exit 2 ;;
   esac
 done
 log "tools on PATH via: $(tools_py bin-dir)"

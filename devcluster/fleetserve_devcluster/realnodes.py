@@ -246,6 +246,22 @@ def import_image(state_dir: Path, i: int, archive: bytes, name: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def import_archive(state_dir: Path, archive: Path) -> list[str]:
+    """Import an OCI archive (e.g. `make images`' out/<name>.tar) into every real node of the cluster.
+    Returns the image names it holds (the archive's io.containerd.image.name / ref.name annotations)."""
+    config = controlplane.ClusterConfig.load(state_dir)
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        index = json.loads(member.read()) if member else {}
+    names = [m.get("annotations", {}).get("org.opencontainers.image.ref.name", "") for m in index.get("manifests", [])]
+    for i in range(config.real_nodes):
+        done = _ctr(state_dir, i, "images", "import", "--snapshotter", "overlayfs", str(archive.resolve()),
+                    timeout=600)
+        if done.returncode != 0:
+            raise controlplane.DevClusterError(f"importing {archive} into {node_name(i)}: {done.stderr.strip()}")
+    return names
+
+
 def has_image(state_dir: Path, i: int, name: str) -> bool:
     done = _ctr(state_dir, i, "images", "ls", "-q", f"name=={name}")
     return done.returncode == 0 and name in done.stdout.split()
@@ -692,6 +708,11 @@ def main(argv: list[str]) -> int:
             start_kubelet(state, int(argv[2]))
         elif kind == "kube-proxy":
             start_kube_proxy(state)
+        elif kind == "import":
+            for archive in argv[2:]:
+                print(f"imported {', '.join(import_archive(state, Path(archive)))} from {archive} into "
+                      f"{controlplane.ClusterConfig.load(state).real_nodes} real node(s)")
+            return 0
         elif kind == "traces":
             for item in sorted(host_traces(state)):
                 print(item)

@@ -36,6 +36,10 @@ CONTAINERD_VERSION = "1.6.20"
 RUNC_VERSION = "1.1.5"
 CNI_PLUGINS_VERSION = "1.1.1"
 IPTABLES_VERSION = "1.8.9"
+# `make images` (hack/images/build.sh): Debian's buildah and mmdebstrap, unpacked the same way.
+BUILDAH_VERSION = "1.28.2"
+MMDEBSTRAP_VERSION = "1.3.5"
+IMAGE_TOOLS = f"buildah-{BUILDAH_VERSION}_mmdebstrap-{MMDEBSTRAP_VERSION}"
 NODE_RUNTIME = (f"containerd-{CONTAINERD_VERSION}_runc-{RUNC_VERSION}_cni-{CNI_PLUGINS_VERSION}"
                 f"_iptables-{IPTABLES_VERSION}")
 
@@ -149,6 +153,9 @@ def _main(argv: list[str]) -> int:
         print(f"CNI_PLUGINS_VERSION={CNI_PLUGINS_VERSION}")
         print(f"IPTABLES_VERSION={IPTABLES_VERSION}")
         print(f"NODE_RUNTIME={NODE_RUNTIME}")
+        print(f"BUILDAH_VERSION={BUILDAH_VERSION}")
+        print(f"MMDEBSTRAP_VERSION={MMDEBSTRAP_VERSION}")
+        print(f"IMAGE_TOOLS={IMAGE_TOOLS}")
         print(f"FLEETSERVE_CACHE={cache_dir()}")
         return 0
     if cmd == "bin-dir":
