@@ -5,6 +5,7 @@ planner's verdict skips a setting that cannot fit before any server starts. Abou
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ def tune(model: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-m", "fleetserve_cli.main", "tune", "--model", str(model),
                            "--device", "cpu", "--threads", "1", "--max-model-len", "256", "--ttft-p99", "5",
                            "--tpot-p99", "1", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_tune_replays_a_recorded_log_against_real_servers(server_factory, tiny_model: Path,  # noqa: F811
@@ -39,7 +40,7 @@ def test_tune_replays_a_recorded_log_against_real_servers(server_factory, tiny_m
     assert len(recorded) == len(PROMPTS), log[-2000:]
 
     out = tune(tiny_model, "--from-log", str(proc.log_path), "--log-model", MODEL, "--device-memory", "1100Mi",
-               "--max-num-seqs", "4", "--kv-cache-memory-fraction", "0.9,0.0001", "--rate-steps", "2",
+               "--max-num-seqs", "4", "--kv-cache-memory-fraction", "0.9,0.0001", "--rate-steps", "3",
                "--trial-requests", "5", "--output", "json", "--log-dir", str(tmp_path / "logs"),
                "--plot", str(tmp_path / "frontier.png"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -54,12 +55,15 @@ def test_tune_replays_a_recorded_log_against_real_servers(server_factory, tiny_m
     want_output = sum(r["completion_tokens"] for r in recorded)
     for key in ((32, 0.9), (4, 0.9)):
         r = by_label[key]
-        assert r["fits"] and r["error"] is None and 1 <= len(r["trials"]) <= 2, r
+        assert r["fits"] and r["error"] is None and 1 <= len(r["trials"]) <= 3, r
         for trial in r["trials"]:
             s = trial["summary"]
             assert s["failures"] == 0 and s["requests"] == len(PROMPTS), s
             # The replay sent the recorded lengths exactly: the same prompt and output tokens.
             assert (s["total_prompt_tokens"], s["total_output_tokens"]) == (want_prompt, want_output), s
+            # Every trial (the later ones run on the same server) sends prompts the server has not seen:
+            # a repeated replay would be served from the prefix cache and look faster than it is.
+            assert s["cached_prompt_tokens"] == 0, s
         assert r["capacity_rps"] > 0  # a 5 s TTFT bound on a tiny model: met
     assert report["advice"]["best"] is not None and report["advice"]["replicas_best"] >= 1
     assert (tmp_path / "frontier.png").stat().st_size > 10_000

@@ -64,21 +64,23 @@ def plan(target: Target, setting: Setting) -> tuple[bool, str, int]:
     return p.fits, p.message, p.kv_capacity_tokens
 
 
-def _prompt_ids(index: int, n: int, vocab: int) -> list[int]:
-    """Distinct token ids per request (no shared prefix: the replay never flatters the prefix cache)."""
-    rng = random.Random(index)
+def _prompt_ids(salt: int, index: int, n: int, vocab: int) -> list[int]:
+    """Distinct token ids per request and per trial (``salt``): no prompt shares a prefix with any other
+    the server has seen, so neither a request nor a later trial on the same server is flattered by the
+    prefix cache."""
+    rng = random.Random(f"{salt}:{index}")
     lo, hi = min(1000, vocab // 4), vocab - 1
     return [rng.randint(lo, hi) for _ in range(n)]
 
 
-async def _one(client: Any, model: str, index: int, req: Request, vocab: int, timeout: float
+async def _one(client: Any, model: str, salt: int, index: int, req: Request, vocab: int, timeout: float
                ) -> loadgen.RequestResult:
     start = time.perf_counter()
     result = loadgen.RequestResult(conversation=index, turn=0, ok=False, start=start)
     chunks = 0
     try:
         stream = await client.completions.create(
-            model=model, prompt=_prompt_ids(index, req.prompt_tokens, vocab), max_tokens=req.output_tokens,
+            model=model, prompt=_prompt_ids(salt, index, req.prompt_tokens, vocab), max_tokens=req.output_tokens,
             temperature=0.0, stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True}, timeout=timeout)
         async for chunk in stream:
@@ -89,6 +91,8 @@ async def _one(client: Any, model: str, index: int, req: Request, vocab: int, ti
             if getattr(chunk, "usage", None):
                 result.prompt_tokens = chunk.usage.prompt_tokens
                 result.output_tokens = chunk.usage.completion_tokens
+                details = getattr(chunk.usage, "prompt_tokens_details", None)
+                result.cached_tokens = int(getattr(details, "cached_tokens", 0) or 0) if details else 0
         result.e2e = time.perf_counter() - start
         result.output_tokens = result.output_tokens or chunks
         result.ok = True
@@ -98,7 +102,7 @@ async def _one(client: Any, model: str, index: int, req: Request, vocab: int, ti
     return result
 
 
-async def replay(base_url: str, model: str, workload: Workload, *, vocab: int, timeout: float = 300.0
+async def replay(base_url: str, model: str, workload: Workload, *, vocab: int, salt: int, timeout: float = 300.0
                  ) -> tuple[list[loadgen.RequestResult], float]:
     """Send each request at its arrival time (open loop: a slow server does not slow the arrivals)."""
     from openai import AsyncOpenAI
@@ -108,7 +112,7 @@ async def replay(base_url: str, model: str, workload: Workload, *, vocab: int, t
 
     async def at(index: int, req: Request) -> loadgen.RequestResult:
         await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - started)))
-        return await _one(client, model, index, req, vocab, timeout)
+        return await _one(client, model, salt, index, req, vocab, timeout)
 
     results = await asyncio.gather(*(at(i, r) for i, r in enumerate(workload.requests)))
     duration = time.perf_counter() - started
@@ -153,13 +157,16 @@ def run_setting(target: Target, setting: Setting, workload: Workload, objective:
         shapes = sorted(workload.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
         median = shapes[len(shapes) // 2]
         warm = Workload("warm-up", (Request(0.0, median.prompt_tokens, median.output_tokens),) * 2)
-        asyncio.run(replay(server.base_url, model_id, warm, vocab=arch.vocab_size))
+        asyncio.run(replay(server.base_url, model_id, warm, vocab=arch.vocab_size, salt=0))
         trial_load = workload.head(trial_requests)
+        salts = iter(range(1, 1 << 30))
 
         def measure(rate: float) -> Trial:
             results, duration = asyncio.run(replay(server.base_url, model_id, trial_load.at_rate(rate),
-                                                   vocab=arch.vocab_size))
+                                                   vocab=arch.vocab_size, salt=next(salts)))
             summary = loadgen.summarize(setting.label, results, duration).to_dict()
+            # What the prefix cache served: 0 unless the server's cache outlived distinct prompts.
+            summary["cached_prompt_tokens"] = sum(r.cached_tokens for r in results)
             meets, reason = objective.check(summary)
             trial = Trial(setting, rate, summary, meets, reason)
             on_trial(trial)
