@@ -2,9 +2,9 @@
 
 Settings: off (the default), ``--otlp-endpoint`` to a real OpenTelemetry Collector (hack/otelcol), and
 ``--capture-path`` with ``--capture-fraction 1`` (every request redacted and written). Each round starts
-the three servers one after another in a shuffled order and sends the same sequential short requests
-(the HTTP path dominates: 1-token answers from a tiny random model); the figure is the median client
-latency per setting over all rounds, and its ratio to "off".
+the three servers at once and sends the same short requests to each, interleaved in a random order per
+request (the HTTP path dominates: 1-token answers from a tiny random model); the figure is each
+setting's median client latency per round over off's, and the median of those ratios.
 
     nice -n 19 .venv/bin/python benchmarks/tracing_overhead.py --rounds 3 --requests 200
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
-from fleetserve_server.bench.launch import fleetserve_argv, free_port, start_server
+from fleetserve_server.bench.launch import ServerProcess, fleetserve_argv, free_port, start_server
 from fleetserve_server.testing import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,26 +50,37 @@ def start_collector(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the collector did not start")
 
 
-def run_setting(model: Path, workdir: Path, flags: list[str], requests: int) -> list[float]:
+def start_setting(model: Path, workdir: Path, flags: list[str]) -> ServerProcess:
     port = free_port()
     argv = fleetserve_argv(str(model), port, ["--device", "cpu", "--max-model-len", "512", "--log-format", "json",
                                               *flags])
-    proc = start_server(f"bench-{port}", argv, port=port, ready_path="/ready", log_dir=workdir, timeout=300,
+    return start_server(f"bench-{port}", argv, port=port, ready_path="/ready", log_dir=workdir, timeout=300,
                         env={"OMP_NUM_THREADS": "1", "FLEETSERVE_API_KEY": ""})
-    latencies = []
+
+
+def run_round(model: Path, workdir: Path, settings: dict[str, list[str]], requests: int) -> dict[str, list[float]]:
+    """The three servers up at once; request i goes to each of them in a fresh random order, so a change
+    in the machine's load (other processes) hits every setting alike."""
+    procs = {name: start_setting(model, workdir, flags) for name, flags in settings.items()}
+    latencies: dict[str, list[float]] = {name: [] for name in settings}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Contact me at a@b.io"}],
+            "max_tokens": 1, "temperature": 0}
     try:
-        with httpx.Client(base_url=proc.base_url, timeout=60) as client:
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Contact me at a@b.io"}],
-                    "max_tokens": 1, "temperature": 0}
+        clients = {name: httpx.Client(base_url=proc.base_url, timeout=60) for name, proc in procs.items()}
+        for client in clients.values():
             for _ in range(20):  # warm-up
                 client.post("/v1/chat/completions", json=body)
-            for _ in range(requests):
+        order = list(settings)
+        for _ in range(requests):
+            random.shuffle(order)
+            for name in order:
                 t0 = time.perf_counter()
-                r = client.post("/v1/chat/completions", json=body)
-                latencies.append(time.perf_counter() - t0)
+                r = clients[name].post("/v1/chat/completions", json=body)
+                latencies[name].append(time.perf_counter() - t0)
                 assert r.status_code == 200, r.text
     finally:
-        proc.stop()
+        for proc in procs.values():
+            proc.stop()
     return latencies
 
 
@@ -85,22 +96,24 @@ def main() -> None:
         settings = {"off": [], "tracing": ["--otlp-endpoint", endpoint],
                     "capture": ["--capture-path", str(work / "samples.jsonl"), "--capture-fraction", "1"]}
         results: dict[str, list[float]] = {name: [] for name in settings}
+        ratios: dict[str, list[float]] = {name: [] for name in settings}
         try:
             for round_ in range(args.rounds):
-                order = list(settings)
-                random.shuffle(order)
-                for name in order:
-                    lat = run_setting(model, work, settings[name], args.requests)
-                    results[name].extend(lat)
-                    print(f"round {round_ + 1} {name}: median {statistics.median(lat) * 1e3:.2f} ms", flush=True)
+                lat = run_round(model, work, settings, args.requests)
+                base = statistics.median(lat["off"])
+                for name, values in lat.items():
+                    results[name].extend(values)
+                    ratios[name].append(statistics.median(values) / base)
+                print(f"round {round_ + 1}: " + ", ".join(f"{n} {statistics.median(v) * 1e3:.2f} ms"
+                                                          for n, v in lat.items()), flush=True)
         finally:
             collector.terminate()
             collector.wait(timeout=30)
-        base = statistics.median(results["off"])
         for name, lat in results.items():
-            med = statistics.median(lat)
-            print(f"{name}: median {med * 1e3:.2f} ms, p90 {statistics.quantiles(lat, n=10)[-1] * 1e3:.2f} ms, "
-                  f"x{med / base:.3f} of off ({len(lat)} requests)")
+            print(f"{name}: median {statistics.median(lat) * 1e3:.2f} ms, "
+                  f"p90 {statistics.quantiles(lat, n=10)[-1] * 1e3:.2f} ms ({len(lat)} requests); "
+                  f"median of the rounds' ratios to off x{statistics.median(ratios[name]):.3f} "
+                  f"(rounds {', '.join(f'{r:.3f}' for r in ratios[name])})")
 
 
 if __name__ == "__main__":
