@@ -106,7 +106,9 @@ def test_late_stream_confirms_prefix_hit(server_factory: Callable[..., ServerPro
                 assert resp.status_code == 200
                 # Queued behind the long generation: the headers went out before the first output existed.
                 assert "x-fleetserve-cached-tokens" not in resp.headers
-                assert resp.headers["x-fleetserve-route"] == "prefix"
+                # credited with the prefix ("fail_open" keeps the credit when the busy server's load
+                # figures went stale on a loaded machine)
+                assert resp.headers["x-fleetserve-route"] in ("prefix", "fail_open")
                 blocker.close()  # the long generation is aborted: the queued request runs now
                 text = resp.read().decode()
             finally:
@@ -115,6 +117,7 @@ def test_late_stream_confirms_prefix_hit(server_factory: Callable[..., ServerPro
         # The hit was confirmed from the stream's final usage event (there was no header to read it from).
         wait_for(lambda: router_metric(router.base_url, "fleetserve_router_prefix_confirmed_hits_total") >= 1,
                  10, "the router to confirm the streamed prefix hit")
+        assert router_metric(router.base_url, "fleetserve_router_prefix_predicted_hits_total") == 1
         assert router_metric(router.base_url, "fleetserve_router_cached_tokens_total") > 0
         assert router_metric(router.base_url, "fleetserve_router_prefix_false_credit_total") == 0
         usage = usage_events(text)
