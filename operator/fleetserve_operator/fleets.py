@@ -11,9 +11,12 @@ LLMDeployment, started and stopped by the LLMDeployment watch (kopf's
 
 * runs the autoscaler tick every ``autoscaling.scrapeIntervalSeconds``
   (idle while autoscaling is off: it reads the cached body, no API call), and
-* runs a full reconcile every ``resync_s`` seconds — the level-triggered
-  safety net that repairs what no watch reports (a PodDisruptionBudget edited
-  by hand) and whatever event was missed.
+* runs a full reconcile every ``resync_s`` seconds (10 minutes by default,
+  each period drawn from 0.9–1.1 x so a whole cluster's fleets, all tracked at
+  start-up, do not resync in one burst) — the level-triggered safety net that
+  repairs what no watch reports (a PodDisruptionBudget edited by hand) and
+  whatever event was missed. Everything else is event-driven: an
+  LLMDeployment with autoscaling off costs no API request between resyncs.
 
 A task that fails logs and retries; it never takes the others down.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from .kube import Kube, KubeError
 log = logging.getLogger(__name__)
 
 Reconcile = Callable[[str, str, str, bool], None]  # namespace, name, trigger, coalesce
+RESYNC_JITTER = 0.1  # each resync period is resync_s x uniform(1 - this, 1 + this)
 
 
 @dataclass
@@ -89,16 +94,19 @@ class Fleets:
 
     async def _run(self, key: tuple[str, str], fleet: _Fleet) -> None:
         namespace, name = key
-        next_resync = time.monotonic() + self.resync_s
+        next_resync = time.monotonic() + self._resync_period()
         try:
             while True:
                 if time.monotonic() >= next_resync:
                     await asyncio.to_thread(self._resync, namespace, name)
-                    next_resync = time.monotonic() + self.resync_s
+                    next_resync = time.monotonic() + self._resync_period()
                 delay = await self._tick(namespace, name, fleet)
                 await asyncio.sleep(max(0.05, min(delay, next_resync - time.monotonic())))
         finally:
             forget_metrics(namespace, name)
+
+    def _resync_period(self) -> float:
+        return self.resync_s * random.uniform(1 - RESYNC_JITTER, 1 + RESYNC_JITTER)
 
     async def _tick(self, namespace: str, name: str, fleet: _Fleet) -> float:
         try:

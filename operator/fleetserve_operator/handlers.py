@@ -28,7 +28,7 @@ Kubernetes API verbs the operator uses (the Helm chart's ClusterRole):
   ``roles``, ``rolebindings``: get, create, patch, delete — and ``discovery.k8s.io``
   ``endpointslices``: list, watch, never called, only held so that the API server lets the
   operator grant them to the router's Role (RBAC escalation prevention)
-* ``policy`` ``poddisruptionbudgets``: get, create, patch, delete
+* ``policy`` ``poddisruptionbudgets``: get, list, watch, create, patch, delete
 * core ``pods``: get, list, watch (status and Degraded; the autoscaler scrapes pod IPs), patch
   (only the ``controller.kubernetes.io/pod-deletion-cost`` annotation, before a scale-down)
 * core ``nodes``: list (cluster-wide; node ages order a scale-down so the newest node empties first)
@@ -63,10 +63,13 @@ from .status.conditions import set_condition
 registry = kopf.OperatorRegistry()
 
 RETRY_DELAY_SECONDS = 5
-RESYNC_INTERVAL_SECONDS = 60.0
+# The safety-net full reconcile of each LLMDeployment (see fleets.py). Slow on purpose: every change the
+# operator must react to arrives by a watch, and each resync costs ~6 reads per LLMDeployment.
+RESYNC_INTERVAL_SECONDS = 600.0
 CHILD_LABELS = {LABEL_MANAGED_BY: MANAGED_BY}
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-CHILD_WATCHES = (("apps", "v1", "deployments"), ("", "v1", "pods"), ("", "v1", "services"), ("", "v1", "configmaps"))
+CHILD_WATCHES = (("apps", "v1", "deployments"), ("", "v1", "pods"), ("", "v1", "services"), ("", "v1", "configmaps"),
+                 ("policy", "v1", "poddisruptionbudgets"))
 
 
 @dataclass
@@ -253,9 +256,10 @@ def pod_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -
 
 @kopf.on.event("", "v1", "services", registry=registry, id="child-service", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "configmaps", registry=registry, id="child-configmap", labels=CHILD_LABELS)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", registry=registry, id="child-pdb", labels=CHILD_LABELS)
 def child_changed(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
     """Someone edited or deleted a child: put it back (a no-op read when it is our own write).
-    PodDisruptionBudgets are not watched (no list/watch grant): the resync repairs them."""
+    PodDisruptionBudgets are watched too: the resync, the only other repair, runs every 10 minutes."""
     if type is not None:  # not the initial listing: the resume handler covers that
         _child_event(body, namespace, "child-changed" if type != "DELETED" else "child-deleted", logger)
 

@@ -245,7 +245,7 @@ def test_rbac_is_least_privilege() -> None:
             ("rbac.authorization.k8s.io", "roles"): {"get", "create", "patch", "delete"},
             ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "patch", "delete"},
             ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
-            ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+            ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
             ("", "pods"): {"list", "watch", "patch"},
             ("", "nodes"): {"list"},
             ("", "events"): {"create"},
