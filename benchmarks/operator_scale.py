@@ -234,6 +234,7 @@ def run_arm(cluster: Cluster, kube: Any, args: argparse.Namespace, tree: str, di
             time.sleep(0.5)
         resume_s = time.perf_counter() - started
         time.sleep(args.settle)
+        quiet(cluster)
         before, cpu0 = cluster.request_totals(), proc_stat(op.pid)[0]
         offset = audit_counts(cluster, 0)[1]
         time.sleep(window)
@@ -253,6 +254,19 @@ def run_arm(cluster: Cluster, kube: Any, args: argparse.Namespace, tree: str, di
             op.kill()
             op.wait()
         log.close()
+
+
+def quiet(cluster: Cluster, period: float = 10.0, timeout: float = 600.0) -> None:
+    """Wait until the Deployments are at rest: no status write for ``period`` s. After a version switch
+    the new operator renders the children differently and re-applies all of them; the Deployment
+    controller's roll-outs (status writes, each a watch event that wakes a reconcile) then go on
+    for minutes on two cores — an upgrade's cost, not the steady state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cluster.request_totals()
+        time.sleep(period)
+        if (cluster.request_totals() - before)["PUT deployments/status"] == 0:
+            return
 
 
 def pct(values: list[float], q: float) -> float:
