@@ -26,7 +26,7 @@ import pytest
 from fleetserve_devcluster.testing import DevClusterHandle
 from operator_harness import cheap, free_port, install_crds, wait_until
 
-COUNT = 24  # LLMDeployments in the first wave; more waves follow (see churn)
+COUNT = 38  # LLMDeployments in the first wave; 12 more follow (50 in all, see churn)
 KILLS = 10
 KILL_AFTER_SECONDS = 5.0
 CONVERGE_SECONDS = 120
