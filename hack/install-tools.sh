@@ -233,6 +233,9 @@ install_monitoring() {
   local py=python3
   [[ -x "$repo/.venv/bin/python" ]] && py="$repo/.venv/bin/python"
   local mon=(env PYTHONPATH="$repo/devcluster${PYTHONPATH:+:$PYTHONPATH}" "$py" -c)
+  # The OpenTelemetry Collector the tracing tests export to (a few minutes cold, then cached).
+  need_go "the OpenTelemetry Collector (tests/integration/test_serve_tracing.py)"
+  "$repo/hack/otelcol/build.sh" | sed 's/^/install-tools: /'
   if "${mon[@]}" 'import sys; from fleetserve_devcluster import monitoring; sys.exit(0 if monitoring.installed() else 1)'; then
     log "monitoring (Prometheus Operator, Prometheus): cached"; return
   fi
