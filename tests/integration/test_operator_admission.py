@@ -40,6 +40,8 @@ def with_spec(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("engine.maxModelLen", 0, "spec.engine.maxModelLen in body should be greater than or equal to 1"),
         ("engine", {"maxNumSeqs": 64, "maxBatchTokens": 16}, "engine.maxBatchTokens must be >= engine.maxNumSeqs"),
         ("autoscaling", {"targetKVCacheUsage": 0}, "autoscaling.targetKVCacheUsage must be in (0, 1]"),
+        ("capture", {"enabled": True, "volume": {"emptyDir": {}, "persistentVolumeClaim": {"claimName": "samples"}}},
+         "capture.volume: set at most one of emptyDir, persistentVolumeClaim or hostPath"),
     ],
 )
 def test_invalid_specs_are_rejected_with_the_rules_message(
