@@ -228,10 +228,10 @@ def test_operator_service_account_uses_exactly_what_the_chart_grants(
     events = audit_events(dev_cluster, user)
     used, denied = uses_of(events)
     # Issue 19: the API server sends the operator only fleetserve's children (server-side label
-    # selectors): no list or watch of every Pod, Service, ConfigMap or Deployment of a namespace.
+    # selectors): no list or watch of every Pod, Service, ConfigMap, Deployment or PDB of a namespace.
     unselected = sorted({e["requestURI"] for e in events if e.get("verb") in ("list", "watch")
                          and (e.get("objectRef") or {}).get("resource") in ("pods", "services", "configmaps",
-                                                                          "deployments")
+                                                                          "deployments", "poddisruptionbudgets")
                          and "labelSelector=" not in e["requestURI"]})
     assert not unselected, f"lists/watches without a label selector: {unselected}"
     granted = grants_of(dev_cluster, namespace, release, account)
