@@ -166,6 +166,10 @@ def test_recommendation_picks_the_highest_capacity_and_compares_with_the_default
     # Equal capacity: the higher throughput wins.
     a, b = result(Setting(max_num_seqs=8), [2.0], [4.0], tput=5), result(Setting(max_num_seqs=16), [2.0], [4.0], tput=9)
     assert search.recommend([default, a, b], default, 1.0).best is b
+    # A tie with the default is no reason to change anything.
+    tie = result(Setting(max_num_seqs=4), [1.0], [2.0], tput=50)
+    advice = search.recommend([default, tie], default, 1.0)
+    assert advice.best is default and advice.notes == ["the default setting is the best of those tried"]
 
 
 def test_recommendation_when_nothing_or_only_a_lower_bound_met() -> None:

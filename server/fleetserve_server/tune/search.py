@@ -178,12 +178,14 @@ def _throughput(r: SettingResult) -> float:
 
 def recommend(results: Sequence[SettingResult], default: SettingResult, peak_rate: float,
               larger: Sequence[SettingResult] = ()) -> Advice:
-    """The best setting is the one with the highest capacity under the objective (ties: the higher
-    output throughput at that rate, then the smaller memory fraction). ``larger`` are settings
+    """The best setting is the one with the highest capacity under the objective (ties: the default,
+    then the higher output throughput at that rate, then the smaller memory fraction). ``larger`` are settings
     measured on a bigger device: advice when one needs fewer replicas."""
     candidates = [r for r in results if r.fits and r.capacity > 0]
     best = max(candidates, key=lambda r: (r.capacity, _throughput(r), -r.setting.kv_cache_memory_fraction),
                default=None)
+    if best is not None and default in candidates and default.capacity >= best.capacity:
+        best = default  # no change without a measured gain in capacity
     notes: list[str] = []
     rb = replicas_needed(peak_rate, best.capacity) if best else None
     rd = replicas_needed(peak_rate, default.capacity)
