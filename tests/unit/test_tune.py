@@ -125,6 +125,22 @@ def test_capacity_search_doubles_until_a_miss_then_bisects() -> None:
     assert result.first_missed_rate == 4.0
 
 
+def test_capacity_search_keeps_bisecting_while_steps_remain() -> None:
+    # Two settings 10 % apart (2.9 vs 3.2 req/s) must get different capacities when the budget allows:
+    # one bisection between 2 and 4 (2.83) cannot tell them apart, a search that keeps bisecting the
+    # bracket [last met, first missed] can.
+    capacities = []
+    for true_capacity in (2.9, 3.2):
+        measure, asked = measuring(true_capacity)
+        trials = search.capacity_search(measure, 1.0, steps=7)
+        assert len(asked) == 7 and asked[:3] == [1.0, 2.0, 4.0]
+        result = SettingResult(Setting(), True, "fits", trials=trials)
+        assert result.limit_found and result.capacity <= true_capacity < result.first_missed_rate
+        assert result.first_missed_rate / result.capacity < 2 ** (1 / 16) + 1e-9  # 4 bisections of [2, 4]
+        capacities.append(result.capacity)
+    assert capacities[0] < capacities[1]
+
+
 def test_capacity_search_halves_from_a_miss_and_stops_at_its_budget() -> None:
     measure, asked = measuring(0.3)
     trials = search.capacity_search(measure, 2.0, steps=3)

@@ -122,9 +122,10 @@ class SettingResult:
 def capacity_search(measure: Callable[[float], Trial], start_rate: float, steps: int,
                     factor: float = 2.0) -> list[Trial]:
     """Offer ``start_rate``; while trials meet the objective multiply the rate by ``factor``, while
-    they miss it divide; stop at the first change of verdict or after ``steps`` trials. With a
-    change of verdict, one more trial bisects (geometrically) between the last rate met and the
-    first missed, if steps remain. Returns the trials in order."""
+    they miss it divide; stop at the first change of verdict or after ``steps`` trials. After a
+    change of verdict the remaining trials bisect (geometrically) the bracket between the highest
+    rate met and the lowest missed, so each step halves its width in log terms: settings a few per
+    cent apart get different capacities when the budget allows. Returns the trials in order."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not (start_rate > 0 and math.isfinite(start_rate)):
@@ -138,12 +139,12 @@ def capacity_search(measure: Callable[[float], Trial], start_rate: float, steps:
         trials.append(trial)
         if trial.meets != trials[-2].meets:
             break
-    met = [t.rate for t in trials if t.meets]
-    missed = [t.rate for t in trials if not t.meets]
-    if met and missed and len(trials) < steps:
-        lo, hi = max(met), min(missed)
-        if lo < hi:
-            trials.append(measure(math.sqrt(lo * hi)))
+    while len(trials) < steps:
+        met = [t.rate for t in trials if t.meets]
+        missed = [t.rate for t in trials if not t.meets]
+        if not (met and missed) or max(met) >= min(missed):
+            break  # no bracket, or a noisy verdict (a higher rate met than one missed): nothing to bisect
+        trials.append(measure(math.sqrt(max(met) * min(missed))))
     return trials
 
 
