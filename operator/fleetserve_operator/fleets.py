@@ -10,12 +10,15 @@ LLMDeployment, started and stopped by the LLMDeployment watch (kopf's
 ``on.event``: the initial listing, every change and the deletion), that
 
 * runs the autoscaler tick every ``autoscaling.scrapeIntervalSeconds``
-  (idle while autoscaling is off: it reads the cached body, no API call), and
+  (idle while autoscaling is off: it reads the cached body, no API call; with it
+  on, it reads the watched LLMDeployment, Deployment and pods, and sends
+  requests only to write), and
 * runs a full reconcile every ``resync_s`` seconds (10 minutes by default,
   each period drawn from 0.9–1.1 x so a whole cluster's fleets, all tracked at
   start-up, do not resync in one burst) — the level-triggered safety net that
   repairs what no watch reports (a PodDisruptionBudget edited by hand) and
-  whatever event was missed. Everything else is event-driven: an
+  whatever event was missed (it reads every child from the API server, not
+  from the watch cache). Everything else is event-driven: an
   LLMDeployment with autoscaling off costs no API request between resyncs.
 
 A task that fails logs and retries; it never takes the others down.

@@ -56,6 +56,7 @@ from .api.spec import GROUP, PLURAL, VERSION
 from .fleets import Fleets
 from .kube import Kube, KubeError, load_configuration
 from .reconcile import locks
+from .reconcile.cache import CHILDREN
 from .reconcile.execute import reconcile
 from .resources.labels import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
 from .status.conditions import set_condition
@@ -117,7 +118,8 @@ def run_reconcile(namespace: str, name: str, trigger: str, coalesce: bool = Fals
     """
     started = time.perf_counter()
     try:
-        result = reconcile(kube(), namespace, name, coalesce=coalesce)
+        # The resync reads every child from the API server: the safety net for what the watches missed.
+        result = reconcile(kube(), namespace, name, coalesce=coalesce, fresh=trigger == "resync")
     except KubeError as exc:
         metrics.ERRORS.labels(namespace, name, "api_retriable" if exc.retriable else "api_rejected").inc()
         if exc.retriable:
@@ -158,6 +160,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.metrics_runner = await metrics.start_http_server(OPTIONS.metrics_port, OPTIONS.metrics_host)
     # A fresh start knows no LLMDeployment yet: the watch's initial listing fills the table again.
     _managed.clear()
+    CHILDREN.clear()  # and no child: the index handlers fill it before any resource handler runs
     metrics.MANAGED.set(0)
     memo.fleets = Fleets(kube, lambda ns, name, trigger, coalesce: run_reconcile(ns, name, trigger, coalesce),
                          OPTIONS.resync_seconds)
@@ -188,6 +191,7 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 @kopf.on.cleanup(registry=registry, id="stop-metrics")
 async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    CHILDREN.clear()  # no watch feeds it any more
     fleets = getattr(memo, "fleets", None)
     if fleets is not None:
         await fleets.close()
@@ -201,6 +205,7 @@ async def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, id="reconcile-spec", field="spec")
 def reconcile_llmdeployment(name: str, namespace: str | None, reason: str, **_: Any) -> None:
     """The spec is new, changed, or the operator restarted: converge."""
+    _cache_synced()
     run_reconcile(_ns(namespace), name, str(getattr(reason, "value", reason)))  # create, update, resume
 
 
@@ -212,6 +217,7 @@ async def track(type: str, name: str, namespace: str | None, body: kopf.Body, me
     the cluster (a deleted LLMDeployment's series go with it)."""
     key = (_ns(namespace), name)
     fleets: Fleets | None = getattr(memo, "fleets", None)
+    _cache_synced()  # before the fleet's autoscaler reads from it
     if type == "DELETED":
         _managed.discard(key)
         locks.forget(*key)
@@ -231,7 +237,28 @@ def _ns(namespace: str | None) -> str:
     return namespace
 
 
-def _child_event(body: kopf.Body, namespace: str | None, trigger: str, logger: Any) -> None:
+def _cache_synced() -> None:
+    """Called by resource handlers only: kopf runs none of them before every index handler below
+    has seen its kind's initial listing (kopf's ``operator_indexed``), so the cache is complete."""
+    CHILDREN.synced = True
+
+
+@kopf.index("apps", "v1", "deployments", registry=registry, id="cache-deployments", labels=CHILD_LABELS)
+@kopf.index("", "v1", "pods", registry=registry, id="cache-pods", labels=CHILD_LABELS)
+@kopf.index("", "v1", "services", registry=registry, id="cache-services", labels=CHILD_LABELS)
+@kopf.index("", "v1", "configmaps", registry=registry, id="cache-configmaps", labels=CHILD_LABELS)
+@kopf.index("policy", "v1", "poddisruptionbudgets", registry=registry, id="cache-pdbs", labels=CHILD_LABELS)
+async def cache_child(body: kopf.Body, **_: Any) -> None:
+    """Every listed, added or changed child goes into the cache the reconcile and the autoscaler
+    read (reconcile/cache.py); the DELETED ones leave it in :func:`_child_event`. Nothing goes into
+    kopf's own index (None)."""
+    CHILDREN.put(body)
+
+
+def _child_event(body: kopf.Body, namespace: str | None, trigger: str, logger: Any, deleted: bool = False) -> None:
+    _cache_synced()
+    if deleted:
+        CHILDREN.forget(body)
     owner = (body.get("metadata", {}).get("labels") or {}).get(LABEL_INSTANCE)
     if not owner:
         return
@@ -243,15 +270,15 @@ def _child_event(body: kopf.Body, namespace: str | None, trigger: str, logger: A
 
 
 @kopf.on.event("apps", "v1", "deployments", registry=registry, id="child-deployment", labels=CHILD_LABELS)
-def deployment_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:
+def deployment_changed(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
     """Roll-out progress and readiness come from the Deployment's status."""
-    _child_event(body, namespace, "deployment", logger)
+    _child_event(body, namespace, "deployment", logger, deleted=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "pods", registry=registry, id="child-pod", labels=CHILD_LABELS)
-def pod_changed(body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:
+def pod_changed(type: str, body: kopf.Body, namespace: str | None, logger: Any, **_: Any) -> None:  # noqa: A002
     """Crash loops and unschedulable pods become the Degraded condition."""
-    _child_event(body, namespace, "pod", logger)
+    _child_event(body, namespace, "pod", logger, deleted=type == "DELETED")
 
 
 @kopf.on.event("", "v1", "services", registry=registry, id="child-service", labels=CHILD_LABELS)
@@ -261,5 +288,6 @@ def child_changed(type: str, body: kopf.Body, namespace: str | None, logger: Any
     """Someone edited or deleted a child: put it back (a no-op read when it is our own write).
     PodDisruptionBudgets are watched too: the resync, the only other repair, runs every 10 minutes."""
     if type is not None:  # not the initial listing: the resume handler covers that
-        _child_event(body, namespace, "child-changed" if type != "DELETED" else "child-deleted", logger)
+        _child_event(body, namespace, "child-changed" if type != "DELETED" else "child-deleted", logger,
+                     deleted=type == "DELETED")
 

@@ -92,7 +92,10 @@ def operator_kubeconfig(cluster: DevClusterHandle, ns: str, tmp: Path) -> Path:
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
         {"apiGroups": [""], "resources": ["configmaps", "services", "pods"],
          "verbs": ["get", "list", "watch", "create", "patch"]},
-        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "create", "patch", "delete"]},
+        # list/watch as in the chart: every child kind is watched, and kopf runs no handler before
+        # each watched kind's first listing has filled the operator's cache
+        {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+         "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]
     manifests = [

@@ -193,6 +193,24 @@ def test_deleted_child_is_put_back(dev_cluster: DevClusterHandle, namespace: str
         assert back["spec"]["ports"][0]["port"] == 8000
 
 
+def test_an_unlabelled_object_of_a_childs_name_is_reported_not_taken_over(
+    dev_cluster: DevClusterHandle, namespace: str
+) -> None:
+    """The operator's watches see only labelled objects: someone else's ConfigMap of the child's name
+    is still found (read before anything is created), left as it is, and named in Degraded."""
+    dev_cluster.kubectl("create", "configmap", "taken-config", "-n", namespace, "--from-literal=owner=someone")
+    with operator(dev_cluster, namespace):
+        apply(dev_cluster, namespace, cheap("taken"))
+        cr = wait_until(lambda: (c := get(dev_cluster, namespace, "llmd", "taken"))
+                        and (condition(c, "Degraded") or {}).get("reason") == "ChildConflict" and c, 30,
+                        "Degraded=True/ChildConflict")
+        assert "ConfigMap taken-config exists and is not owned" in (condition(cr, "Degraded") or {})["message"]
+        assert get(dev_cluster, namespace, "deployment", "taken") is not None  # the rest is created
+        cm = get(dev_cluster, namespace, "configmap", "taken-config") or {}
+    assert cm["data"] == {"owner": "someone"}, cm
+    assert not cm["metadata"].get("ownerReferences") and not cm["metadata"].get("labels"), cm["metadata"]
+
+
 def test_restart_mid_reconcile_converges_without_duplicates_or_flapping(
     dev_cluster: DevClusterHandle, namespace: str
 ) -> None:

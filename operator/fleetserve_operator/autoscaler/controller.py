@@ -45,10 +45,16 @@ from pydantic import ValidationError
 from fleetserve_operator import metrics
 from fleetserve_operator.api.spec import Autoscaling, LLMDeploymentSpec, spec_from_body
 from fleetserve_operator.kube import Kube, KubeError, resource_path
+from fleetserve_operator.reconcile.cache import CHILDREN, ChildCache
 from fleetserve_operator.reconcile.fit import check_memory_fit
 from fleetserve_operator.reconcile.locks import cr_lock
 from fleetserve_operator.reconcile.plan import plan_replicas as plan_replicas_for_deployment
-from fleetserve_operator.resources.labels import router_selector_string, selector_string
+from fleetserve_operator.resources.labels import (
+    router_selector_labels,
+    router_selector_string,
+    selector_labels,
+    selector_string,
+)
 
 from .decision import plan_replicas
 from .history import History
@@ -98,6 +104,9 @@ class FleetState:
     clock: Callable[[], float] = field(default=time.monotonic)
     # Each router pod's fleetserve_router_requests_total at the previous tick (traffic detection).
     router_routed: dict[str, float] = field(default_factory=dict)
+    # The LLMDeployment's resourceVersion as this loop last read or wrote it: a watched body with
+    # it is current; any other (older: our write not delivered yet, or newer) is read again.
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,20 +146,26 @@ def scrape_timeout(policy: AutoscalingPolicy) -> float:
 
 async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetState, *,
                          reconcile: Callable[[], None] | None = None,
-                         now: datetime | None = None, cached: dict[str, Any] | None = None) -> TickResult:
+                         now: datetime | None = None, cached: dict[str, Any] | None = None,
+                         children: ChildCache = CHILDREN) -> TickResult:
     """One observe → scrape → decide → act → explain round (see the module docstring).
 
     ``cached`` is the newest body the watch delivered: while autoscaling is off
-    and ``ScalingActive`` already says so, the tick costs no API call.
+    and ``ScalingActive`` already says so, the tick costs no API call. With
+    autoscaling on, it is read instead of a GET when it is the version this loop
+    last read or wrote, and the Deployment and the pods come from ``children``
+    once synced (the watches' state): a settled fleet's tick sends no request.
     """
     started = state.clock()
     wall = now or datetime.now(UTC)
     if cached is not None and _idle(cached):
         state.history, state.seen_spec_replicas = None, None
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS)
-    cr = await asyncio.to_thread(kube.get, "LLMDeployment", namespace, name)
+    known = cached is not None and state.version is not None and _version(cached) == state.version
+    cr = cached if known else await asyncio.to_thread(kube.get, "LLMDeployment", namespace, name)
     if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS)
+    state.version = _version(cr)
     try:
         spec = spec_from_body(cr)
     except ValidationError:
@@ -162,7 +177,7 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         # spec.replicas sizes the fleet: desired_replicas keeps one meaning with autoscaling
         # on or off (the reconcile sets the same value; see reconcile.execute.export_metrics).
         metrics.AUTOSCALER_DESIRED_REPLICAS.labels(namespace, name).set(spec.replicas)
-        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_DISABLED,
+        patch = await asyncio.to_thread(_write_inactive, kube, cr, state, REASON_DISABLED,
                                         disabled_message(spec.replicas), wall)
         return TickResult(next_tick_s=DISABLED_POLL_SECONDS, status_patch=patch)
 
@@ -170,17 +185,21 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     fit = check_memory_fit(spec)
     if fit.status == "False":
         # No pod can run: nobody scales above 0, the autoscaler included.
-        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_MEMORY,
+        patch = await asyncio.to_thread(_write_inactive, kube, cr, state, REASON_MEMORY,
                                         f"the model does not fit, so the fleet stays at 0: {fit.message}", wall, 0)
         return TickResult(next_tick_s=policy.scrape_interval_s, status_patch=patch)
     await asyncio.to_thread(_warn_if_scaled_by_hand, kube, cr, spec.replicas, state)
-    deployment = await asyncio.to_thread(kube.get, "Deployment", namespace, name)
+    # A Deployment the cache lacks may be one the watch has not delivered yet: ask before saying so.
+    deployment = children.get("Deployment", namespace, name) if children.synced else None
+    if deployment is None:
+        deployment = await asyncio.to_thread(kube.get, "Deployment", namespace, name)
     if deployment is None:
         message = (f"no Deployment {name} to scale yet; see the MemoryFits and Ready conditions")
-        patch = await asyncio.to_thread(_write_inactive, kube, namespace, name, REASON_NO_DEPLOYMENT, message, wall)
+        patch = await asyncio.to_thread(_write_inactive, kube, cr, state, REASON_NO_DEPLOYMENT, message, wall)
         return TickResult(next_tick_s=policy.scrape_interval_s, status_patch=patch)
 
-    pods = await asyncio.to_thread(kube.list, "Pod", namespace, selector_string(name))
+    pods = children.select("Pod", namespace, selector_labels(name)) if children.synced else \
+        await asyncio.to_thread(kube.list, "Pod", namespace, selector_string(name))
     census = take_census(pods)
     wait = node_wait(pods, spec.scheduling.max_node_provision_seconds, wall)
     scrape = await scrape_pods(census.ready, scrape_timeout(policy))
@@ -188,7 +207,8 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
     observation = observe(current, census, scrape, wait)
     router_note = ""
     if spec.router.enabled:
-        held, traffic, router_note = await _router_load(kube, namespace, name, state, scrape_timeout(policy))
+        held, traffic, router_note = await _router_load(kube, namespace, name, state, scrape_timeout(policy),
+                                                        children)
         observation = dataclasses.replace(observation, held=held, traffic=traffic)
 
     mono = state.clock()
@@ -201,10 +221,10 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         state.history = state.history.scaled(mono, decision.current, decision.desired, policy.scale_down_period_s)
 
     summary = "; ".join(p for p in (scrape_summary(census, scrape), router_note) if p)
-    patch = await asyncio.to_thread(_write_decision, kube, cr, observation, decision, summary, wall,
+    patch = await asyncio.to_thread(_write_decision, kube, cr, state, observation, decision, summary, wall,
                                     wait.to_status())
     if spec.replicas != decision.desired:
-        await asyncio.to_thread(_set_spec_replicas, kube, namespace, name, decision.desired)
+        state.version = await asyncio.to_thread(_set_spec_replicas, kube, namespace, name, decision.desired)
     state.seen_spec_replicas = decision.desired
     wants_fewer = decision.desired < current or (decision.recommendation is not None
                                                  and decision.recommendation < current)
@@ -232,12 +252,13 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
 
 
 async def _router_load(kube: Kube, namespace: str, name: str, state: FleetState,
-                       timeout_s: float) -> tuple[int | None, bool, str]:
+                       timeout_s: float, children: ChildCache) -> tuple[int | None, bool, str]:
     """(held requests, traffic since the last tick, a note on failures) from the ready router pods.
 
     Held is None — unknown, so the fleet neither scales to zero nor trusts a 0 — when no router pod
     answered, or when one did not and those that did hold nothing."""
-    pods = await asyncio.to_thread(kube.list, "Pod", namespace, router_selector_string(name))
+    pods = children.select("Pod", namespace, router_selector_labels(name)) if children.synced else \
+        await asyncio.to_thread(kube.list, "Pod", namespace, router_selector_string(name))
     targets = take_census(pods).ready
     answered, failures = await scrape_routers(targets, timeout_s)
     note = ""
@@ -372,38 +393,50 @@ def forget_metrics(namespace: str, name: str) -> None:
 # --- writes (sync; run in a worker thread) --------------------------------------------
 
 
-def _patch_status_locked(kube: Kube, namespace: str, name: str,
+def _version(cr: dict[str, Any]) -> str | None:
+    return (cr.get("metadata") or {}).get("resourceVersion")
+
+
+def _patch_status_locked(kube: Kube, cr: dict[str, Any], state: FleetState,
                          build: Callable[[dict[str, Any], int | None], dict[str, Any] | None],
                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Read-compute-write the status under the CR's lock and its resourceVersion (one retry on 409).
+    """Compute-write the status under the CR's lock and its resourceVersion: first from ``cr`` as
+    the tick read it, and on a 409 (someone wrote since: the reconcile, kubectl) once more from a
+    fresh GET. Records the version written or read in ``state``.
 
-    Returns the status it read and the patch it wrote (None: nothing changed).
+    Returns the status the patch was computed from and the patch it wrote (None: nothing changed).
     """
+    meta = cr["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current: dict[str, Any] | None = cr
     for attempt in range(2):
         with cr_lock(namespace, name):
-            cr = kube.get("LLMDeployment", namespace, name)
-            if cr is None:
-                return {}, None
-            meta = cr.get("metadata") or {}
-            status = cr.get("status") or {}
-            patch = build(status, meta.get("generation"))
+            if current is None:
+                current = kube.get("LLMDeployment", namespace, name)
+                if current is None:
+                    return {}, None
+                state.version = _version(current)
+            status = current.get("status") or {}
+            patch = build(status, (current.get("metadata") or {}).get("generation"))
             if patch is None:
                 return status, None
             try:
-                kube.patch_status("LLMDeployment", namespace, name, patch, resource_version=meta.get("resourceVersion"))
+                written = kube.patch_status("LLMDeployment", namespace, name, patch, resource_version=_version(current))
+                state.version = _version(written)
                 return status, patch
             except KubeError as exc:
-                # A writer outside this process (kubectl, another tool) moved the object on.
+                # A writer moved the object on since it was read (or the watch had not caught up yet).
                 if exc.status != 409 or attempt == 1:
                     raise
+                current = None
     return {}, None
 
 
-def _write_decision(kube: Kube, cr: dict[str, Any], observation: FleetObservation, decision: Decision,
-                    summary: str, now: datetime, waiting: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    meta = cr["metadata"]
+def _write_decision(kube: Kube, cr: dict[str, Any], state: FleetState, observation: FleetObservation,
+                    decision: Decision, summary: str, now: datetime,
+                    waiting: dict[str, Any] | None = None) -> dict[str, Any] | None:
     before, patch = _patch_status_locked(
-        kube, meta["namespace"], meta["name"],
+        kube, cr, state,
         lambda status, generation: decision_status(status, observation, decision, generation, now, summary,
                                                    waiting))
     event = condition_event(before, patch)
@@ -412,10 +445,10 @@ def _write_decision(kube: Kube, cr: dict[str, Any], observation: FleetObservatio
     return patch
 
 
-def _write_inactive(kube: Kube, namespace: str, name: str, reason: str, message: str,
+def _write_inactive(kube: Kube, cr: dict[str, Any], state: FleetState, reason: str, message: str,
                     now: datetime, desired: int | None = None) -> dict[str, Any] | None:
     _, patch = _patch_status_locked(
-        kube, namespace, name,
+        kube, cr, state,
         lambda status, generation: inactive_status(status, reason, message, generation, now, desired))
     return patch
 
@@ -459,13 +492,15 @@ def _mark_do_not_disrupt(kube: Kube, namespace: str, pods: list[dict[str, Any]],
                 log.warning("cannot set %s on pod %s/%s: %s", DO_NOT_DISRUPT_ANNOTATION, namespace, pod, exc)
 
 
-def _set_spec_replicas(kube: Kube, namespace: str, name: str, replicas: int) -> None:
+def _set_spec_replicas(kube: Kube, namespace: str, name: str, replicas: int) -> str | None:
     """Keep the LLMDeployment's ``spec.replicas`` at the size in effect (field manager
     ``fleetserve-autoscaler``): the scale subresource reports it, and turning autoscaling off
-    keeps the fleet's size. The Deployment itself is written only by the reconcile."""
-    kube.request("PATCH", resource_path("fleetserve.io/v1alpha1", "llmdeployments", namespace, name),
-                 query=[("fieldManager", FIELD_MANAGER)], body={"spec": {"replicas": replicas}},
-                 content_type="application/merge-patch+json")
+    keeps the fleet's size. The Deployment itself is written only by the reconcile.
+    Returns the resourceVersion written."""
+    written = kube.request("PATCH", resource_path("fleetserve.io/v1alpha1", "llmdeployments", namespace, name),
+                           query=[("fieldManager", FIELD_MANAGER)], body={"spec": {"replicas": replicas}},
+                           content_type="application/merge-patch+json")
+    return _version(written)
 
 
 def _warn_if_scaled_by_hand(kube: Kube, cr: dict[str, Any], spec_replicas: int, state: FleetState) -> None:

@@ -2,7 +2,9 @@
 
 :func:`reconcile` is the one entry point the handlers call. It is idempotent:
 the plan applies only children whose applied-hash differs and patches only
-status keys that changed, so calling it on every event costs reads, not writes.
+status keys that changed, so calling it on every event costs reads, not writes; and once the
+operator's watches have listed the children (:mod:`.cache`), the reads are the LLMDeployment's
+GET and those of the unwatched kinds (the router's account objects, the monitoring objects).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pydantic import ValidationError
 from .. import metrics
 from ..api.spec import spec_from_body
 from ..kube import Kube, KubeError
-from ..resources.labels import LABEL_MANAGED_BY, MANAGED_BY, selector_string
+from ..resources.labels import LABEL_MANAGED_BY, MANAGED_BY, selector_labels
 from ..status.conditions import get_condition
 from ..status.monitoring import MonitoringFailure, monitoring_status
+from .cache import CHILDREN, ChildCache
 from .locks import coalescing_lock, cr_lock
 from .plan import (
     CHILD_KINDS,
@@ -72,18 +75,36 @@ def _router_children_possible(cr: dict[str, Any]) -> bool:
         (cr.get("status") or {}).get("conditions"), "RouterReady") is not None
 
 
-def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
-    """Read every child by name, the server pods by label, and which monitoring kinds exist."""
+# Child kinds the operator watches (handlers.CHILD_WATCHES, with the pods): a synced cache answers for them.
+WATCHED_KINDS = frozenset({"ConfigMap", "Service", "Deployment", "PodDisruptionBudget"})
+
+
+def observe(kube: Kube, cr: dict[str, Any], cache: ChildCache | None = None, fresh: bool = False) -> Observed:
+    """Read every child by name, the server pods by label, and which monitoring kinds exist.
+
+    With a synced ``cache`` the watched kinds and the pods come from it, without a request; only
+    the router's account objects and the monitoring kinds are read by GET. ``fresh`` (the resync:
+    the safety net must not trust what it repairs) reads everything from the API server, and drops
+    the cached objects those reads prove gone.
+    """
     meta = cr["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     kinds = monitoring_cache.get(kube)
     router = _router_children_possible(cr)
     wanted = [k for k in CHILD_KINDS if (k not in MONITORING_KINDS or k in kinds) and (router or k not in ROUTER_SLOTS)]
+    pod_labels = {**selector_labels(name), LABEL_MANAGED_BY: MANAGED_BY}  # the server pods, not the router's
+    synced = cache is not None and cache.synced
+    watched = [k for k in wanted if slot_kind(k) in WATCHED_KINDS] if synced else []
+    known = {slot: cache.get(slot_kind(slot), namespace, child_name(slot, name)) for slot in watched} if cache else {}
+    known_pods = cache.select("Pod", namespace, pod_labels) if cache and synced else []
+    cached = frozenset() if fresh else frozenset(watched)
     # The reads are independent: issue them together (one round trip of latency, not six).
-    futures = {slot: _readers.submit(kube.get, slot_kind(slot), namespace, child_name(slot, name)) for slot in wanted}
-    # The server pods only (the router's pods carry another app.kubernetes.io/name).
-    pods = _readers.submit(kube.list, "Pod", namespace, f"{selector_string(name)},{LABEL_MANAGED_BY}={MANAGED_BY}")
+    futures = {slot: _readers.submit(kube.get, slot_kind(slot), namespace, child_name(slot, name))
+               for slot in wanted if slot not in cached}
+    listed = None if synced and not fresh else _readers.submit(
+        kube.list, "Pod", namespace, ",".join(f"{k}={v}" for k, v in pod_labels.items()))
     children: dict[str, dict[str, Any] | None] = {kind: None for kind in CHILD_KINDS}
+    children.update({slot: known[slot] for slot in cached})
     unreadable: dict[str, tuple[int, str, str]] = {}
     for kind, future in futures.items():
         try:
@@ -92,7 +113,12 @@ def observe(kube: Kube, cr: dict[str, Any]) -> Observed:
             if kind not in MONITORING_KINDS:
                 raise
             unreadable[kind] = (exc.status, exc.reason, exc.message)  # optional: never blocks the rest
-    return Observed(children=children, pods=pods.result(), monitoring_kinds=kinds, unreadable=unreadable)
+    pods = listed.result() if listed is not None else known_pods
+    if cache is not None and fresh:
+        for slot, obj in known.items():
+            cache.forget_gone(slot_kind(slot), namespace, [obj] if obj else [], [children[slot]])
+        cache.forget_gone("Pod", namespace, known_pods, pods)
+    return Observed(children=children, pods=pods, monitoring_kinds=kinds, unreadable=unreadable, cached=cached)
 
 
 def execute(kube: Kube, cr: dict[str, Any], result: Plan, now: datetime | None = None) -> None:
@@ -185,7 +211,8 @@ def _held(lock: threading.Lock) -> Iterator[bool]:
 
 
 def reconcile(
-    kube: Kube, namespace: str, name: str, now: datetime | None = None, coalesce: bool = False
+    kube: Kube, namespace: str, name: str, now: datetime | None = None, coalesce: bool = False,
+    fresh: bool = False, cache: ChildCache | None = CHILDREN,
 ) -> Plan | None:
     """Bring one LLMDeployment's children and status in line with its spec.
 
@@ -193,6 +220,8 @@ def reconcile(
     being deleted (garbage collection removes the children) — or, with
     ``coalesce``, when another reconcile of it is already waiting to run. Raises
     :class:`KubeError` for API failures; the caller decides about retries.
+    The children come from ``cache`` when it is synced, from the API server with
+    ``fresh`` (see :func:`observe`).
     """
     with coalescing_lock(namespace, name) if coalesce else _held(cr_lock(namespace, name)) as held:
         if not held:
@@ -200,9 +229,33 @@ def reconcile(
         cr = kube.get("LLMDeployment", namespace, name)
         if cr is None or (cr.get("metadata") or {}).get("deletionTimestamp"):
             return None
-        observed = observe(kube, cr)
+        observed = observe(kube, cr, cache, fresh)
         now = now or datetime.now(UTC)
         result = plan(cr, observed, now)
+        if _confirm_writes(kube, cr, observed, result):
+            result = plan(cr, observed, now)
         execute(kube, cr, result, now)
         export_metrics(cr, result)
         return result
+
+
+def _confirm_writes(kube: Kube, cr: dict[str, Any], observed: Observed, result: Plan) -> bool:
+    """GET each cached child the plan would write (create, update or delete): the cache answers for
+    a settled fleet, the API server for a write. It may show the write is not needed (our own
+    write the watch has not delivered yet: no second apply, no second event), or an object the
+    watches never see (someone else's, unlabelled, of a child's name: a conflict, never taken over).
+    Puts what it read into ``observed``; True when anything differed from the cache."""
+    meta = cr["metadata"]
+    touched = {(obj["kind"], obj["metadata"]["name"]) for obj in (*result.apply, *result.delete)}
+    differed = False
+    for slot in observed.cached:
+        kind, name = slot_kind(slot), child_name(slot, meta["name"])
+        if (kind, name) in touched:
+            live = kube.get(kind, meta["namespace"], name)
+            differed = differed or _version(live) != _version(observed.children.get(slot))
+            observed.children[slot] = live
+    return differed
+
+
+def _version(obj: dict[str, Any] | None) -> tuple[str, str] | None:
+    return None if obj is None else (obj["metadata"].get("uid"), obj["metadata"].get("resourceVersion"))

@@ -88,6 +88,8 @@ class Observed:
     monitoring_kinds: frozenset[str] = frozenset()
     # optional kind -> (HTTP status, reason, message) of a read the API server refused
     unreadable: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    # the slots read from the operator's watch cache, not by GET (read again before the plan writes them)
+    cached: frozenset[str] = frozenset()
 
 
 @dataclass
