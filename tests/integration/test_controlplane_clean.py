@@ -141,7 +141,10 @@ def test_down_leaves_the_machine_as_it_was_before_up(tmp_path: Path) -> None:
     assert after[1] == before[1] == set(), "files left under the temporary directory"
     assert after[2] - before[2] == set(), "mounts left"
     assert after[4] - before[4] == set(), "entries left in /tmp"
-    assert after[5] - before[5] == set(), "lock files left"
+    # A lock file that another running dev cluster's agent holds (its pod-network block, claimed while this
+    # test ran) is not this cluster's: only a new file nobody holds is one `down` left behind.
+    left_locks = {n for n in after[5] - before[5] if not locks.held_elsewhere(locks.lock_dir() / n)}
+    assert left_locks == set(), "lock files left"
     assert not Path(mount_point).parent.exists(), "the pod's mount point was left on the host"
     net = report["block"]
     assert net is not None, "the node agent did not record its pod-network block in the state dir"

@@ -116,6 +116,10 @@ def test_real_node_runs_a_restricted_pod_serves_a_cluster_ip_and_down_leaves_not
     realnodes.import_image(state, 0, realnodes.binary_image(PROBE_IMAGE, probe), PROBE_IMAGE)
     kubectl(state, "create", "namespace", NS)
     kubectl(state, "label", "namespace", NS, "pod-security.kubernetes.io/enforce=restricted")
+    # The service-account controller adds `default` asynchronously: a pod created before it is refused
+    # ("serviceaccount \"default\" not found"; seen in a clean-clone run on a just-started cluster).
+    wait_for("the namespace's default ServiceAccount",
+             lambda: kubectl(state, "get", "serviceaccount", "default", "-n", NS, check=False) != "")
 
     # 1. To completion, as uid 1000 on a read-only root filesystem, writing only to its volume.
     kubectl(state, "apply", "-f", "-", stdin=json.dumps(restricted_pod("check", ["/data"], "Never")))
