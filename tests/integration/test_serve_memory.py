@@ -159,7 +159,10 @@ def test_kv_cache_sized_from_the_cgroup_limit(wide_kv_model: Path, tmp_path: Pat
     proc = _launch_in(memory_cgroup, wide_kv_model, tmp_path, common=False)
     try:
         kv_bytes = metric(proc.base_url, "fleetserve_model_memory_bytes", kind="kv_cache")
-        assert 64 * 2**20 < kv_bytes < limit - rss_bytes(proc.process.pid) + kv_bytes
+        # The cache fits beside the rest of the process's own memory (RssAnon: VmRSS also counts torch's
+        # library pages mapped from the page cache — 2.155 GB VmRSS in this 2 GiB cgroup in a clean-clone
+        # run, with no OOM kill: clean file pages the kernel reclaims, not the server's memory).
+        assert 64 * 2**20 < kv_bytes < limit - status_bytes(proc.process.pid, "RssAnon") + kv_bytes
         tokens = int(kv_bytes // KV_BYTES_PER_TOKEN)
         assert tokens < 65536, "the KV cache was not sized from the cgroup limit"
         fill_cache(proc.base_url, tokens)  # the whole cache in use: the limit holds, no OOM kill
