@@ -36,7 +36,7 @@ WORKLOADS = {
                        "--rate", "0.2", "--requests", "6", "--trial-requests", "6", "--start-rate", "0.1",
                        # Prefill-bound on one core: capacities differ by per cents, not by 2x, so the
                        # search bisects further (4 % resolution); maxNumSeqs never binds at these rates.
-                       "--rate-steps", "5", "--max-batch-tokens", "default,1024"],
+                       "--rate-steps", "5", "--max-num-seqs", "32", "--max-batch-tokens", "default,1024"],
 }
 
 
