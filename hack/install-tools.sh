@@ -31,21 +31,27 @@ log() { echo "install-tools: $*"; }
 scratch="$(mktemp -d)"  # 0700: private to this user, never opened up to others
 trap 'rm -rf "$scratch"' EXIT
 
+# apt_download DIR PKG...: Debian's packages as .deb files into DIR (no daemon, nothing installed).
+# The package lists may be absent on a fresh image (one update, when the first package is unknown).
+# As root, apt-get download drops to the _apt user, which cannot enter our private dir; keep it
+# root for the download rather than make a world-writable directory for it.
+apt_download() {
+  local dir="$1"; shift
+  if ! apt-cache show "$1" >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+  fi
+  local sandbox=()
+  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
+  (cd "$dir" && apt-get download -qq "${sandbox[@]}" "$@")
+}
+
 # ---------------------------------------------------------------- promtool, prometheus
 install_prometheus() {
   local out="$CACHE/prometheus/$PROMETHEUS_VERSION/bin"
   if [[ -x "$out/promtool" && -x "$out/prometheus" ]]; then log "prometheus $PROMETHEUS_VERSION: cached in $out"; return; fi
   log "prometheus $PROMETHEUS_VERSION: fetching Debian's prometheus package..."
-  # The package lists may be absent on a fresh image; one update is enough.
-  if ! apt-cache show prometheus >/dev/null 2>&1; then
-    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
-  fi
   local d="$scratch/prometheus"; mkdir -p "$d"
-  # As root, apt-get download drops to the _apt user, which cannot enter our private dir; keep it
-  # root for this one download rather than make a world-writable directory for it.
-  local sandbox=()
-  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
-  (cd "$d" && apt-get download -qq "${sandbox[@]}" prometheus)
+  apt_download "$d" prometheus
   local deb; deb="$(ls "$d"/prometheus_*.deb)"
   local ver; ver="$(dpkg-deb -f "$deb" Version)"
   if [[ "$ver" != "$PROMETHEUS_VERSION"+* && "$ver" != "$PROMETHEUS_VERSION"-* ]]; then
@@ -176,15 +182,10 @@ install_node_runtime() {
   fi
   need_go "the real nodes' pause image"
   log "node runtime ($NODE_RUNTIME): fetching Debian's containerd, runc, CNI plugins, iptables..."
-  if ! apt-cache show containerd >/dev/null 2>&1; then
-    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
-  fi
   local d="$scratch/node-runtime"; mkdir -p "$d/debs"
-  local sandbox=()
-  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
   # iptables' libraries too: a minimal Debian has none of them, and dpkg -x installs nothing system-wide.
-  (cd "$d/debs" && apt-get download -qq "${sandbox[@]}" containerd runc containernetworking-plugins iptables \
-    libip4tc2 libip6tc2 libxtables12 libnetfilter-conntrack3 libnfnetlink0 libnftnl11 libmnl0 libseccomp2)
+  apt_download "$d/debs" containerd runc containernetworking-plugins iptables \
+    libip4tc2 libip6tc2 libxtables12 libnetfilter-conntrack3 libnfnetlink0 libnftnl11 libmnl0 libseccomp2
   local pkg want
   for pkg in containerd:$CONTAINERD_VERSION runc:$RUNC_VERSION containernetworking-plugins:$CNI_PLUGINS_VERSION \
              iptables:$IPTABLES_VERSION; do
@@ -250,14 +251,9 @@ install_image_tools() {
   local out="$CACHE/image-tools/$IMAGE_TOOLS"
   if [[ -f "$out/.complete" ]]; then log "image tools ($IMAGE_TOOLS): cached in $out"; return; fi
   log "image tools ($IMAGE_TOOLS): fetching Debian's buildah and mmdebstrap..."
-  if ! apt-cache show buildah >/dev/null 2>&1; then
-    if [[ $(id -u) == 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
-  fi
   local d="$scratch/image-tools"; mkdir -p "$d/debs"
-  local sandbox=()
-  if [[ $(id -u) == 0 ]]; then sandbox=(-o APT::Sandbox::User=root); fi
-  (cd "$d/debs" && apt-get download -qq "${sandbox[@]}" buildah golang-github-containers-common \
-    libdevmapper1.02.1 libgpgme11 libassuan0 libgpg-error0 mmdebstrap)
+  apt_download "$d/debs" buildah golang-github-containers-common \
+    libdevmapper1.02.1 libgpgme11 libassuan0 libgpg-error0 mmdebstrap
   local pkg want ver
   for pkg in buildah:$BUILDAH_VERSION mmdebstrap:$MMDEBSTRAP_VERSION; do
     want="${pkg#*:}"; pkg="${pkg%%:*}"
