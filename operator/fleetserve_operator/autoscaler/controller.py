@@ -49,12 +49,7 @@ from fleetserve_operator.reconcile.cache import CHILDREN, ChildCache
 from fleetserve_operator.reconcile.fit import check_memory_fit
 from fleetserve_operator.reconcile.locks import cr_lock
 from fleetserve_operator.reconcile.plan import plan_replicas as plan_replicas_for_deployment
-from fleetserve_operator.resources.labels import (
-    router_selector_labels,
-    router_selector_string,
-    selector_labels,
-    selector_string,
-)
+from fleetserve_operator.resources.labels import router_selector_labels, selector_labels
 
 from .decision import plan_replicas
 from .history import History
@@ -198,8 +193,7 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
         patch = await asyncio.to_thread(_write_inactive, kube, cr, state, REASON_NO_DEPLOYMENT, message, wall)
         return TickResult(next_tick_s=policy.scrape_interval_s, status_patch=patch)
 
-    pods = children.select("Pod", namespace, selector_labels(name)) if children.synced else \
-        await asyncio.to_thread(kube.list, "Pod", namespace, selector_string(name))
+    pods = await _pods(kube, children, namespace, selector_labels(name))
     census = take_census(pods)
     wait = node_wait(pods, spec.scheduling.max_node_provision_seconds, wall)
     scrape = await scrape_pods(census.ready, scrape_timeout(policy))
@@ -251,14 +245,20 @@ async def autoscale_tick(kube: Kube, namespace: str, name: str, state: FleetStat
                       decision=decision, observation=observation, scaled=scaled, status_patch=patch)
 
 
+async def _pods(kube: Kube, children: ChildCache, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The pods carrying ``labels``: from the watch cache once synced, else by LIST."""
+    if children.synced:
+        return children.select("Pod", namespace, labels)
+    return await asyncio.to_thread(kube.list, "Pod", namespace, ",".join(f"{k}={v}" for k, v in labels.items()))
+
+
 async def _router_load(kube: Kube, namespace: str, name: str, state: FleetState,
                        timeout_s: float, children: ChildCache) -> tuple[int | None, bool, str]:
     """(held requests, traffic since the last tick, a note on failures) from the ready router pods.
 
     Held is None — unknown, so the fleet neither scales to zero nor trusts a 0 — when no router pod
     answered, or when one did not and those that did hold nothing."""
-    pods = children.select("Pod", namespace, router_selector_labels(name)) if children.synced else \
-        await asyncio.to_thread(kube.list, "Pod", namespace, router_selector_string(name))
+    pods = await _pods(kube, children, namespace, router_selector_labels(name))
     targets = take_census(pods).ready
     answered, failures = await scrape_routers(targets, timeout_s)
     note = ""
