@@ -51,10 +51,10 @@ unit: install
 	$(PYTEST) tests/unit
 
 integration: install monitoring-tools
-	$(PYTEST) tests/integration
+	$(PYTEST) tests/integration --durations=25
 
 e2e: install monitoring-tools
-	$(PYTEST) tests/e2e
+	$(PYTEST) tests/e2e --durations=25
 
 test: install monitoring-tools lint unit integration e2e
 
