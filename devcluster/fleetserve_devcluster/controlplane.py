@@ -132,8 +132,17 @@ class Cluster:
         return pki.PKIPaths(self.state_dir / "pki")
 
     @property
+    def api_address(self) -> str:
+        """Where the API server listens: loopback, or with real nodes an address their pods reach
+        (realnodes.API_ADDRESS: a local address of the host, so kube-proxy's DNAT of the `kubernetes`
+        Service delivers locally and needs no IPv4 forwarding)."""
+        from .realnodes import api_address
+
+        return api_address(self.config)
+
+    @property
     def server_url(self) -> str:
-        return f"https://127.0.0.1:{self.config.ports['apiserver']}"
+        return f"https://{self.api_address}:{self.config.ports['apiserver']}"
 
     def port(self, name: str) -> int:
         return self.config.ports[name]
@@ -164,11 +173,12 @@ class Component:
 # ---------------------------------------------------------------- probes
 
 
-def _https_get(cluster: Cluster, port: int, path: str, client_cert: bool, verify: bool) -> tuple[int, str]:
+def _https_get(cluster: Cluster, port: int, path: str, client_cert: bool, verify: bool,
+               host: str = "127.0.0.1") -> tuple[int, str]:
     ctx = ssl.create_default_context(cafile=str(cluster.pki.ca_crt)) if verify else ssl._create_unverified_context()
     if client_cert:
         ctx.load_cert_chain(str(cluster.pki.crt("admin")), str(cluster.pki.key("admin")))
-    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=3, context=ctx)
+    conn = http.client.HTTPSConnection(host, port, timeout=3, context=ctx)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -205,7 +215,8 @@ def etcd_healthy(cluster: Cluster) -> bool:
 
 def apiserver_readyz(cluster: Cluster) -> tuple[int, str]:
     """``GET /readyz`` as the admin, TLS verified against the cluster CA."""
-    return _https_get(cluster, cluster.port("apiserver"), "/readyz", client_cert=True, verify=True)
+    return _https_get(cluster, cluster.port("apiserver"), "/readyz", client_cert=True, verify=True,
+                      host=cluster.api_address)
 
 
 def apiserver_healthy(cluster: Cluster) -> bool:
@@ -267,7 +278,8 @@ def apiserver_argv(c: Cluster) -> list[str]:
         f"--etcd-servers={_etcd_url(c, 'etcd')}",
         *([f"--etcd-cafile={c.pki.crt(pki.ETCD_CA)}", f"--etcd-certfile={c.pki.crt('apiserver-etcd-client')}",
            f"--etcd-keyfile={c.pki.key('apiserver-etcd-client')}"] if c.config.etcd_tls else []),
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={c.port('apiserver')}",
+        f"--bind-address={c.api_address}", f"--advertise-address={c.api_address}",
+        f"--secure-port={c.port('apiserver')}",
         f"--tls-cert-file={p.crt('apiserver')}", f"--tls-private-key-file={p.key('apiserver')}",
         f"--client-ca-file={p.ca_crt}",
         "--authorization-mode=Node,RBAC",
@@ -288,9 +300,11 @@ def apiserver_argv(c: Cluster) -> list[str]:
         # nvidia.com/gpu:NoSchedule taint of the GPU NodePool, as on GKE and AKS.
         "--enable-admission-plugins=NodeRestriction" + (",ExtendedResourceToleration" if c.config.karpenter else ""),
         # Endpoints may not point at loopback, so the `kubernetes` Service cannot get
-        # 127.0.0.1 as its endpoint; processes in "pods" reach the API server through
-        # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>).
-        "--endpoint-reconciler-type=none",
+        # 127.0.0.1 as its endpoint; processes in the agent's "pods" reach the API server through
+        # the kubeconfig's URL instead (KUBERNETES_SERVICE_HOST/PORT = 127.0.0.1/<port>). With real
+        # nodes the API server's address is one their pods reach: the Service gets it as its
+        # endpoint (the default lease reconciler) and kube-proxy serves 198.19.255.1:443.
+        *([] if c.config.real_nodes else ["--endpoint-reconciler-type=none"]),
         # Real nodes (realnodes.py) report their name as a Hostname address too: reach them by IP, no DNS.
         *(["--kubelet-preferred-address-types=InternalIP"] if c.config.real_nodes else []),
         f"--audit-policy-file={audit / 'policy.json'}", f"--audit-log-path={audit_log_path(c.state_dir)}",
@@ -400,7 +414,9 @@ def port_free(port: int) -> bool:
 
 
 def _prepare(cluster: Cluster) -> None:
-    paths = pki.ensure_pki(cluster.state_dir / "pki")
+    if cluster.config.real_nodes:
+        realnodes.prepare_host(cluster.state_dir)  # the API server's address exists before it starts
+    paths = pki.ensure_pki(cluster.state_dir / "pki", realnodes.apiserver_sans(cluster.config))
     pki.write_kubeconfig(cluster.kubeconfig, cluster.server_url, paths, "admin")
     (cluster.state_dir / "kubeconfigs").mkdir(exist_ok=True)
     for identity in ("controller-manager", "scheduler"):

@@ -143,15 +143,19 @@ def _random_serial() -> str:
     return "4" + secrets.token_hex(15)
 
 
-def ensure_pki(root: Path) -> PKIPaths:
-    """Create (once) the CAs, the serving cert, the client certs and the service-account keys."""
+def ensure_pki(root: Path, extra_ips: tuple[str, ...] = ()) -> PKIPaths:
+    """Create (once) the CAs, the serving cert, the client certs and the service-account keys.
+
+    `extra_ips`: more IP SANs of the API server's serving certificate (with real nodes, its own
+    address and the `kubernetes` Service's ClusterIP in the real nodes' Service range)."""
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
     paths = PKIPaths(root)
     _new_ca(paths, "ca", "fleetserve-dev-ca")
     _new_ca(paths, "front-proxy-ca", "fleetserve-dev-front-proxy-ca")
     sans = ["DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
-            "DNS:kubernetes.default.svc.cluster.local", "IP:127.0.0.1", f"IP:{KUBERNETES_SERVICE_IP}"]
+            "DNS:kubernetes.default.svc.cluster.local", "IP:127.0.0.1", f"IP:{KUBERNETES_SERVICE_IP}",
+            *(f"IP:{ip}" for ip in extra_ips)]
     _new_leaf(paths, "apiserver", "/CN=kube-apiserver", "serverAuth", sans)
     for stem, (subject, usage) in CLIENT_IDENTITIES.items():
         _new_leaf(paths, stem, subject, usage)

@@ -52,6 +52,11 @@ NODE_PREFIX = "real-node-"
 CLUSTER_CIDR = "198.19.240.0/20"
 SERVICE_CIDR = "198.19.255.0/24"
 POD_ROUTE = "198.18.0.0/15"  # the only route a real node's pod gets
+# The API server's address in a cluster with real nodes: on `lo` (/32), a local address of the host, so
+# a pod's packet to it (or to the `kubernetes` ClusterIP, DNATed here by kube-proxy) is delivered
+# locally and needs no IPv4 forwarding, which stays off. Inside the real nodes' block, above their /24s.
+API_ADDRESS = "198.19.254.1"
+KUBERNETES_SERVICE_IP = "198.19.255.1"  # the first address of SERVICE_CIDR
 PAUSE_IMAGE = "fleetserve.local/pause:1"
 NODE_LABEL = "fleetserve.io/real-node"
 OWNER_FILE = "real-nodes.owner"
@@ -75,6 +80,16 @@ def pod_cidr(i: int) -> str:
 
 def bridge(i: int) -> str:
     return f"fsreal{i}"
+
+
+def api_address(config: Any) -> str:
+    """Where the API server listens and what it advertises: API_ADDRESS with real nodes, else loopback."""
+    return API_ADDRESS if getattr(config, "real_nodes", 0) else "127.0.0.1"
+
+
+def apiserver_sans(config: Any) -> tuple[str, ...]:
+    """The API server certificate's extra IP SANs: with real nodes, its address and the `kubernetes` ClusterIP."""
+    return (API_ADDRESS, KUBERNETES_SERVICE_IP) if getattr(config, "real_nodes", 0) else ()
 
 
 def service_cidr(config: Any) -> str:
@@ -173,6 +188,16 @@ def claim_host(state_dir: Path) -> None:
     if not record.exists():
         cgroups = [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}")]
         _write(record, json.dumps([p for p in HOST_PATHS if os.path.lexists(p)] + cgroups))
+
+
+def prepare_host(state_dir: Path) -> None:
+    """Before the API server starts: claim the host and put API_ADDRESS on `lo` (`down` removes it)."""
+    claim_host(state_dir)
+    _run("ip", "addr", "replace", f"{API_ADDRESS}/32", "dev", "lo", check=True)
+
+
+def _api_address_present() -> bool:
+    return f" {API_ADDRESS}/" in _run("ip", "-o", "-4", "addr", "show", "dev", "lo").stdout
 
 
 def _owns_host(state_dir: Path) -> bool:
@@ -581,6 +606,8 @@ def host_traces(state_dir: Path) -> set[str]:
             traces |= {f"iptables -t {table} chain {ch}" for ch in _iptables_chains(table)
                        if ch.startswith(("KUBE-", "CNI-"))}
     traces |= {f"path {p}" for p in HOST_PATHS if os.path.lexists(p)}
+    if _api_address_present():
+        traces.add(f"address {API_ADDRESS} on lo")
     for d in ("/run/containerd/s", "/var/lib/cni/results", "/var/log/containers"):
         if os.path.isdir(d):
             traces |= {f"path {d}/{name}" for name in os.listdir(d)}
@@ -629,6 +656,9 @@ def cleanup(state_dir: Path, log: Any = print) -> None:
             if _run("umount", point).returncode != 0:
                 _run("umount", "-l", point)
     if _owns_host(state_dir):
+        if _api_address_present():
+            _run("ip", "addr", "del", f"{API_ADDRESS}/32", "dev", "lo")
+            log(f"removed address {API_ADDRESS} from lo")
         for i in range(MAX_REAL_NODES):
             if _run("ip", "link", "show", bridge(i)).returncode == 0:
                 _run("ip", "link", "del", bridge(i))

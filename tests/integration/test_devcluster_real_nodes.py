@@ -1,8 +1,9 @@
 """`fleetserve dev-cluster up --real-nodes 1` (issue 21): a real kubelet with its own containerd and a
 kube-proxy register a Ready node against the dev cluster's control plane, run a pod with the restricted
-securityContext from an OCI image built here (no registry) to completion, serve a Service's ClusterIP
+securityContext from an OCI image built here (no registry) to completion, let that pod reach the API
+server through the `kubernetes` Service as an in-cluster client does, serve a Service's ClusterIP
 through kube-proxy's iptables rules, and `down` leaves nothing on the machine (processes, mounts,
-interfaces, iptables chains, host paths, cgroups).
+interfaces, addresses, iptables chains, host paths, cgroups).
 
 A cluster of its own (temporary state dir, free ports): the real nodes' bridges and iptables chains are
 host-wide, and `down` is part of what is tested.
@@ -130,7 +131,20 @@ def test_real_node_runs_a_restricted_pod_serves_a_cluster_ip_and_down_leaves_not
     assert "probe: uid=1000 gid=1000" in logs and "root filesystem is read-only" in logs and "probe: ok" in logs
     assert get(state, "pod", "-n", NS, "check")["spec"]["nodeName"] == realnodes.node_name(0)
 
-    # 2. A Service's ClusterIP, through kube-proxy's iptables rules, from the host.
+    # 2. The API server from a pod, as the operator in its container reaches it: the `kubernetes`
+    # Service (KUBERNETES_SERVICE_HOST/PORT), DNATed by kube-proxy to the API server's address on the
+    # host, TLS verified against the service account's CA, its token. (IPv4 forwarding stays off.)
+    endpoints = get(state, "endpointslices", "-n", "default", "-l", "kubernetes.io/service-name=kubernetes")
+    addresses = [a for s in endpoints["items"] for e in s.get("endpoints", []) for a in e["addresses"]]
+    assert addresses == [realnodes.API_ADDRESS], endpoints
+    kubectl(state, "apply", "-f", "-", stdin=json.dumps(restricted_pod("api", ["apiserver"], "Never")))
+    phase = wait_for("pod api to finish", lambda: get(state, "pod", "-n", NS, "api")["status"].get("phase")
+                     in ("Succeeded", "Failed") and get(state, "pod", "-n", NS, "api")["status"]["phase"])
+    logs = kubectl(state, "logs", "-n", NS, "api")
+    assert phase == "Succeeded", logs
+    assert f"probe: apiserver {tools.K8S_VERSION} at https://{realnodes.KUBERNETES_SERVICE_IP}:443/version" in logs, logs
+
+    # 3. A Service's ClusterIP, through kube-proxy's iptables rules, from the host.
     kubectl(state, "apply", "-f", "-", stdin=json.dumps(
         restricted_pod("web", ["serve", ":8080"], "Always", labels={"app": "web"})))
     kubectl(state, "apply", "-f", "-", stdin=json.dumps({
@@ -156,7 +170,7 @@ def test_real_node_runs_a_restricted_pod_serves_a_cluster_ip_and_down_leaves_not
         assert name in status.stdout
     assert realnodes.host_traces(state) - before, "a running real node leaves traces host_traces() sees"
 
-    # 3. down: nothing of the real nodes is left on the machine.
+    # 4. down: nothing of the real nodes is left on the machine.
     result = fleetserve("dev-cluster", "down", "--state-dir", str(state))
     assert result.returncode == 0, result.stderr
     assert not state.exists()
