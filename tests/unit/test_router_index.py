@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fleetserve_router.prefix_index import PrefixIndex
-from fleetserve_router.prompt import chunk_hashes, render_chat, render_request
+from fleetserve_router.prompt import ChunkHasher, chunk_hashes, render_chat, render_request
 from fleetserve_server.engine.block_manager import hash_block
 from hypothesis import given
 from hypothesis import strategies as st
@@ -25,6 +25,31 @@ def test_chunk_hashes_are_the_servers_chained_block_hashes() -> None:
     got = chunk_hashes("abcdefghij", 4)
     first = hash_block(None, [ord(c) for c in "abcd"])
     assert got == [first, hash_block(first, [ord(c) for c in "efgh"])]  # the partial tail is not hashed
+
+
+# every code point, lone surrogates included (json.loads makes them from "\\ud800")
+ANY_TEXT = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()),
+                   max_size=60)
+
+
+@given(ANY_TEXT, st.integers(1, 9))
+def test_chunk_hashes_are_hash_block_on_every_text(text: str, n: int) -> None:
+    expected: list[bytes] = []
+    parent = None
+    for start in range(0, len(text) - n + 1, n):
+        parent = hash_block(parent, [ord(c) for c in text[start : start + n]])
+        expected.append(parent)
+    assert chunk_hashes(text, n) == expected
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), ANY_TEXT), max_size=12), st.integers(1, 6), st.integers(1, 8))
+def test_the_memo_never_changes_a_hash(texts: list[tuple[int, str]], n: int, max_entries: int) -> None:
+    hasher = ChunkHasher(n, max_entries=max_entries)
+    shared = ["", "You are terse. " * 3, "sys\x1d" + "ab" * 9, "\ud800" * 7]
+    for i, tail in [*texts, *texts]:  # twice: the second pass is served from the memo where it kept them
+        text = shared[i] + tail
+        assert hasher.hashes(text) == chunk_hashes(text, n)
+        assert len(hasher) <= max_entries
 
 
 @given(st.text(max_size=80), st.text(max_size=80))

@@ -227,8 +227,10 @@ async def serve(config: ServerConfig) -> int:
     app = create_app(None, served_name=served_name, api_key=config.api_key, log_prompts=config.log_prompts,
                      max_request_bytes=max_request_bytes, capture=capture, tracing=tracing)
     ctx = app_context(app)
+    # h11 named, not "auto": the router's extra brings httptools into the same install, and the
+    # server's HTTP edge cases (fuzzed, tested) were settled on h11
     server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_config=None,
-                                    access_log=False, timeout_graceful_shutdown=5, lifespan="on"))
+                                    access_log=False, timeout_graceful_shutdown=5, lifespan="on", http="h11"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
-    uvicorn.run(build_app(args.model, args.threads), host=args.host, port=args.port, log_level="warning")
+    # the stock loop and parser named (the router's extra installs uvloop and httptools, which "auto"
+    # would pick), so this baseline stays the one BENCHMARKS.md measured
+    uvicorn.run(build_app(args.model, args.threads), host=args.host, port=args.port, log_level="warning",
+                loop="asyncio", http="h11")
     return 0
 
 
