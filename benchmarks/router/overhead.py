@@ -79,6 +79,15 @@ async def one_arm(url: str, rate: float, seconds: float, stream: bool, body_char
             "send_late_p99_ms": percentile([x * 1000 for x in late], 99)}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of ``pid`` so far (Linux /proc), None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=500.0, help="requests per second (open loop)")
@@ -91,6 +100,7 @@ def main() -> int:
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/fleetserve-router-overhead"))
     args = parser.parse_args()
     args.log_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     if args.pin:
         os.sched_setaffinity(0, {0})
     stub_port, router_port = free_port(), free_port()
@@ -122,7 +132,14 @@ def main() -> int:
             order = ("direct", "router") if r % 2 == 0 else ("router", "direct")
             result: dict[str, Any] = {}
             for arm in order:
+                cpu_before = cpu_seconds(router.pid)
                 result[arm] = asyncio.run(one_arm(urls[arm], args.rate, args.seconds, args.stream, args.body_chars))
+                cpu_after = cpu_seconds(router.pid)
+                if arm == "router" and cpu_before is not None and cpu_after is not None:
+                    # the router's own CPU per request (includes its 1/s /metrics poll): what sets
+                    # how far below one core's capacity it runs at this rate
+                    result[arm]["router_cpu_us_per_request"] = round(
+                        (cpu_after - cpu_before) / result[arm]["sent"] * 1e6)
                 print(f"round {r} {arm}: {result[arm]}", flush=True)
             result["added_p50_ms"] = round(result["router"]["p50_ms"] - result["direct"]["p50_ms"], 3)
             result["added_p99_ms"] = round(result["router"]["p99_ms"] - result["direct"]["p99_ms"], 3)
@@ -133,7 +150,8 @@ def main() -> int:
     summary = {
         "what": "router overhead vs a stub backend on loopback (open-loop client)",
         "rate_per_s": args.rate, "seconds_per_arm": args.seconds, "stream": args.stream, "pinned": args.pin,
-        "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end",
+        "machine": f"{os.cpu_count()} CPUs, load average {load_before:.2f} at the start, "
+                   f"{os.getloadavg()[0]:.2f} at the end",
         "added_p99_ms_median": statistics.median(r["added_p99_ms"] for r in rounds),
         "added_p50_ms_median": statistics.median(r["added_p50_ms"] for r in rounds),
         "errors": sum(r[a]["errors"] for r in rounds for a in ("direct", "router")),
