@@ -53,7 +53,8 @@ unit: install
 integration: install monitoring-tools
 	$(PYTEST) tests/integration --durations=25
 
-e2e: install monitoring-tools
+# The real-node e2e (tests/e2e/test_real_nodes_helm.py) runs the images `make images` built (cached by content).
+e2e: install monitoring-tools images
 	$(PYTEST) tests/e2e --durations=25
 
 test: install monitoring-tools lint unit integration e2e

@@ -79,10 +79,11 @@ def test_chart_metadata() -> None:
 def test_defaults_render_the_operator_and_nothing_optional() -> None:
     objs = render()
     kinds = sorted(o["kind"] for o in objs)
-    # Cluster-wide by default: one ClusterRole for kopf's cluster reads, one for the namespaced resources.
+    # Cluster-wide by default: one ClusterRole for kopf's cluster reads, one for the namespaced resources;
+    # the leader-election Lease is the release's, so that `helm uninstall` removes it.
     assert kinds == sorted([
         "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-        "Service", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding",
+        "Service", "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Lease",
     ])
     assert not by_kind(objs, "LLMDeployment")
     for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"):
@@ -251,8 +252,8 @@ def test_rbac_is_least_privilege() -> None:
             ("", "events"): {"create"},
             ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch", "get", "patch"},
             ("", "namespaces"): {"list", "watch"},
-            # leader election: the one Lease, in the release namespace
-            ("coordination.k8s.io", "leases"): {"create", "get", "update"},
+            # leader election: the release's one Lease, in the release namespace (no create: the chart makes it)
+            ("coordination.k8s.io", "leases"): {"get", "update"},
         }
         # The operator creates them per LLMDeployment whenever their CRDs exist (rbac.monitoringChildren).
         if monitoring_children:
@@ -413,9 +414,12 @@ def test_two_replicas_elect_a_leader_with_a_lease_of_their_own() -> None:
     assert "--no-leader-election" not in command
     role = next(o for o in by_kind(objs, "Role") if o["metadata"]["name"] == f"{name}-leader-election")
     assert role["metadata"]["namespace"] == "fleetserve-system"
-    assert _granted(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
-    named = [r for r in role["rules"] if "get" in r["verbs"]]
-    assert named and all(r["resourceNames"] == [name] for r in named)
+    # get/update of that one Lease only: the release makes it (so `helm uninstall` removes it), the
+    # operator never creates one.
+    assert _granted(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("get", "update")}
+    assert all(r["resourceNames"] == [name] for r in role["rules"])
+    lease = one(objs, "Lease")
+    assert (lease["metadata"]["name"], lease["metadata"]["namespace"]) == (name, "fleetserve-system")
     assert one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
     failed = _helm_run("template", "fs", CHART, "--set", "operator.leaderElection.enabled=false")
@@ -424,3 +428,4 @@ def test_two_replicas_elect_a_leader_with_a_lease_of_their_own() -> None:
     assert "--no-leader-election" in operator_container(single)["command"]
     assert one(single, "Deployment")["spec"]["strategy"]["type"] == "Recreate"
     assert not [o for o in by_kind(single, "Role") if o["metadata"]["name"].endswith("-leader-election")]
+    assert not by_kind(single, "Lease")
