@@ -226,5 +226,8 @@ def test_helm_install_brings_up_a_model_then_test_and_uninstall(
         assert not leftover, f"{kind} left behind: {leftover}"
     cluster_roles = [o["metadata"]["name"] for o in get_json(dev_cluster, "clusterroles")["items"]]
     assert not [n for n in cluster_roles if n.startswith(release)]
+    # The operators' leader-election Lease too: the release makes it (a Lease the operator created
+    # itself stayed behind after uninstall).
+    assert not [o["metadata"]["name"] for o in get_json(dev_cluster, "leases", "-n", namespace)["items"]]
     # ... but the CRD stays: Helm never deletes CRDs it installed from crds/.
     assert dev_cluster.kubectl("get", "crd", "llmdeployments.fleetserve.io", check=False).returncode == 0
