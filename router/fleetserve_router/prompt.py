@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import sys
 from array import array
-from hashlib import blake2b
 from typing import Any
 
-from fleetserve_server.engine.block_manager import hash_block
+from fleetserve_server.engine.block_manager import hash_block, hash_block_bytes
 
 # Separators that cannot be confused with message text (C0 controls are rare in prompts, and a
 # collision only costs a wrong guess that the server's ground truth then corrects).
@@ -89,9 +88,7 @@ def chunk_hashes(text: str, chunk_chars: int, parent: bytes | None = None) -> li
     step = 8 * chunk_chars
     hashes = []
     for start in range(0, 8 * full, step):
-        h = blake2b(digest_size=16) if parent is None else blake2b(parent, digest_size=16)
-        h.update(view[start : start + step])
-        parent = h.digest()
+        parent = hash_block_bytes(parent, view[start : start + step])
         hashes.append(parent)
     return hashes
 

@@ -21,10 +21,16 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
     """Chained content hash of one full block: it covers the block's tokens and,
     through ``parent``, every token before them, so equal hashes mean equal
     prefixes (128-bit; tokens are compared too on a hit)."""
+    return hash_block_bytes(parent, array("q", token_ids).tobytes())
+
+
+def hash_block_bytes(parent: bytes | None, token_bytes: bytes | memoryview) -> bytes:
+    """``hash_block`` of tokens already laid out as native int64s (the router lays out a whole
+    prompt's code points at once and hashes it block by block)."""
     h = blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
-    h.update(array("q", token_ids).tobytes())
+    h.update(token_bytes)
     return h.digest()
 
 
