@@ -36,6 +36,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+RESTRICTED = ("pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest")
+
+
+def enforce_restricted(cluster: DevClusterHandle, namespace: str) -> None:
+    """Label ``namespace`` to enforce the restricted Pod Security profile (version latest)."""
+    cluster.kubectl("label", "--overwrite", "namespace", namespace, *RESTRICTED)
+
+
 def apply_crds(cluster: DevClusterHandle) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     cluster.kubectl("wait", "--for=condition=established", "--timeout=60s", "crd/llmdeployments.fleetserve.io")

@@ -14,14 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from autoscaler_harness import apply_crds, running_operator
+from autoscaler_harness import apply_crds, enforce_restricted, running_operator
 from fleetserve_devcluster.testing import DevClusterHandle
-
-RESTRICTED = ("pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest")
-
-
-def enforce_restricted(cluster: DevClusterHandle, namespace: str) -> None:
-    cluster.kubectl("label", "--overwrite", "namespace", namespace, *RESTRICTED)
 
 
 @pytest.fixture

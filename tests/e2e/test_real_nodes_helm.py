@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from autoscaler_harness import enforce_restricted
 from fleetserve_devcluster import realnodes, tools
 from fleetserve_devcluster.testing import DevClusterHandle, cluster_env, free_port_base, wait_until
 
@@ -42,7 +43,6 @@ NS = "fleetserve-e2e"
 RELEASE = "fs"
 LLMD = "smollm2"
 SERVED = "smollm2-135m-instruct"
-RESTRICTED = ("pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/enforce-version=latest")
 
 
 @dataclass
@@ -201,7 +201,7 @@ def test_helm_chart_on_real_nodes_serves_rolls_under_load_and_uninstalls(real_cl
     c, figures = real_cluster.handle, real_cluster.figures
     started = time.monotonic()
     c.kubectl("create", "namespace", NS)
-    c.kubectl("label", "namespace", NS, *RESTRICTED)
+    enforce_restricted(c, NS)
     wait_until(lambda: c.kubectl("get", "serviceaccount", "default", "-n", NS, check=False).returncode == 0,
                120, "the namespace's default ServiceAccount")
 
