@@ -36,8 +36,23 @@ Each arm and round gets its own seed (the same shape with fresh text: no arm fin
 prompts in the cache). TTFT, output tokens/s come from inference-perf's summary report; the prefix
 hit rate is the servers' own (``fleetserve_prefix_cache_hits_total / queries_total`` over the pods
 the arm used, before/after). ``--loadgen bench-serve`` uses `fleetserve bench serve`'s load
-generator instead (chat messages, hit rate from ``usage.prompt_tokens_details``).
-Each round runs the arms in alternating order; ratios are medians over rounds.
+generator instead (chat messages, hit rate from ``usage.prompt_tokens_details``); there ``--rate`` is
+the rate at which conversations *start* (Poisson), each sending its next turn when the previous answer
+has ended (closed loop per conversation).
+
+* ``docs`` (bench-serve only): multi-turn chat where a conversation's own history dominates its prompt:
+  a short shared system prompt (``--system-tokens``), a first turn that pastes a ``--doc-tokens``
+  document plus a question, then ``--turns - 1`` short ``--question-tokens`` questions, short answers
+  (``--output-len``). inference-perf's multi-turn data has one question length for every turn, so it
+  cannot express it.
+* ``--fresh-connections`` (bench-serve only): every request on a new TCP connection in every arm. A
+  pooled client sends a conversation's next turn on the keep-alive connection its previous answer
+  came on; the Service balances per connection (kube-proxy, and the dev cluster's stand-in), so the
+  round-robin arm became sticky per conversation, which many users behind a gateway are not.
+
+Each round runs the arms in alternating order; ratios are medians over rounds. The text depends on
+``--seed`` (and the arm and round): on a warm fleet give every invocation its own ``--seed``, or the
+servers' prefix caches (TTL ``cacheTTLSeconds``) still hold an earlier invocation's prompts.
 """
 
 from __future__ import annotations
@@ -63,7 +78,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "router"))
 from autoscaler_harness import Fleet, apply_crds, free_port  # noqa: E402
 from common import percentile, start_process, stop_process  # noqa: E402
 from fleetserve_devcluster.testing import DevClusterHandle, acquire, wait_until  # noqa: E402
-from fleetserve_server.bench.loadgen import Conversation, RequestResult, run_workload  # noqa: E402
+from fleetserve_server.bench.loadgen import Conversation, RequestResult, _one_request, run_workload  # noqa: E402
 
 NAME = "rt"
 NAMESPACE = "router-bench"
@@ -154,13 +169,18 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def conversations(scenario: str, n: int, turns: int, system_words: int, turn_words: int, output_len: int,
-                  seed: int) -> list[Conversation]:
+                  seed: int, doc_words: int = 0) -> list[Conversation]:
     """The same conversations for every arm; ``tag`` them per arm and round."""
     rng = random.Random(seed)
     if scenario == "unique":  # no shared system prompt, one turn: nothing to share
         return [Conversation(system="", user_turns=[words(rng, system_words + turn_words)], output_len=output_len)
                 for _ in range(n)]
     system = "You are a helpful assistant for a city library. Policies: " + words(random.Random(0), system_words)
+    if scenario == "docs":  # a document pasted in the first turn, then short questions about it
+        return [Conversation(system=system, user_turns=[
+            "Read this document, then answer my questions about it.\n\n" + words(rng, doc_words)
+            + "\n\nFirst question: " + words(rng, turn_words),
+            *(words(rng, turn_words) + "?" for _ in range(turns - 1))], output_len=output_len) for _ in range(n)]
     return [Conversation(system=system, user_turns=[words(rng, turn_words) for _ in range(turns)],
                          output_len=output_len) for _ in range(n)]
 
@@ -175,6 +195,7 @@ def summary(results: list[RequestResult], duration: float) -> dict[str, Any]:
     ttft = [r.ttft for r in ok if r.ttft is not None]
     prompt = sum(r.prompt_tokens for r in ok)
     later = [r for r in ok if r.turn > 0]
+    t0 = min((r.start for r in results), default=0.0)
     return {
         "requests": len(results), "failures": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:3],
@@ -182,10 +203,17 @@ def summary(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "output_tok_s": round(sum(r.output_tokens for r in ok) / duration, 2),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90), "ttft_p99_s": percentile(ttft, 99),
         "e2e_p90_s": percentile([r.e2e for r in ok if r.e2e is not None], 90),
+        "ttft_p90_first_turn_s": percentile([r.ttft for r in ok if r.turn == 0 and r.ttft is not None], 90),
+        "ttft_p90_later_turns_s": percentile([r.ttft for r in later if r.ttft is not None], 90),
         "prefix_hit_rate": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else None,
         "later_turns_hit_rate": round(sum(r.cached_tokens for r in later) / max(1, sum(r.prompt_tokens for r in later)),
                                       4) if later else None,
         "prompt_tokens": prompt,
+        # every request: conversation, turn, start (s from the first), TTFT, e2e, prompt and cached tokens
+        "per_request_fields": ["conversation", "turn", "start_s", "ttft_s", "e2e_s", "prompt_tokens", "cached_tokens"],
+        "per_request": [[r.conversation, r.turn, round(r.start - t0, 3),
+                         None if r.ttft is None else round(r.ttft, 3), None if r.e2e is None else round(r.e2e, 3),
+                         r.prompt_tokens, r.cached_tokens] for r in sorted(results, key=lambda r: r.start)],
     }
 
 
@@ -221,11 +249,73 @@ def router_counters(base_url: str) -> dict[str, float]:
     return found
 
 
-def measure(url: str, convs: list[Conversation], rate: float, concurrency: int, seed: int) -> dict[str, Any]:
-    results, duration = asyncio.run(run_workload(base_url=url, model=SERVED, conversations=convs,
-                                                 request_rate=rate, concurrency=concurrency, seed=seed,
-                                                 timeout=600.0, extra_body={"ignore_eos": True}))
-    return summary(results, duration)
+async def run_fresh_connections(base_url: str, convs: list[Conversation], rate: float, concurrency: int,
+                                seed: int, timeout: float = 600.0) -> tuple[list[RequestResult], float]:
+    """`run_workload`'s load (conversations start at Poisson arrivals, ``rate`` per s; a conversation's
+    next turn is sent when its previous answer has ended, with the whole history), but every request
+    on a TCP connection of its own: the client keeps no idle connection (``max_keepalive_connections=0``
+    closes each one when its response ends). Many users behind a gateway do not share a keep-alive
+    connection per conversation; with a pooled client a conversation's next turn would reuse the
+    connection of its previous answer, and a Service balanced per connection (kube-proxy) would send
+    it to the same replica, a stickiness a real round-robin fleet does not have. The same for every
+    arm (the router arm pays a new connection to the router per request as well)."""
+    import httpx2  # the HTTP client the openai SDK is built on here
+    from openai import AsyncOpenAI
+
+    rng = random.Random(seed)
+    http = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0),
+                              timeout=timeout, trust_env=False)
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout, http_client=http)
+    gate = asyncio.Semaphore(concurrency)
+    results: list[RequestResult] = []
+
+    async def converse(index: int, conv: Conversation) -> None:
+        history: list[dict[str, str]] = [{"role": "system", "content": conv.system}] if conv.system else []
+        for turn, text in enumerate(conv.user_turns):
+            history.append({"role": "user", "content": text})
+            async with gate:
+                result, reply = await _one_request(client, SERVED, history, conv.output_len, index, turn, timeout,
+                                                   {"ignore_eos": True})
+            results.append(result)
+            if not result.ok:
+                return
+            history.append({"role": "assistant", "content": reply})
+
+    started = time.perf_counter()
+    tasks = []
+    for index, conv in enumerate(convs):
+        tasks.append(asyncio.create_task(converse(index, conv)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    duration = time.perf_counter() - started
+    await client.close()
+    await http.aclose()
+    return results, duration
+
+
+def measure(arm: str, url: str, convs: list[Conversation], rate: float, concurrency: int, seed: int,
+            pod_ips: list[str], fresh_connections: bool) -> dict[str, Any]:
+    base = url.removesuffix("/v1")
+    before = pod_prefix_counters(pod_ips)
+    routed = arm in ("router", "least_load")
+    router_before = router_counters(base) if routed else {}
+    load = time.time()
+    if fresh_connections:
+        results, duration = asyncio.run(run_fresh_connections(url, convs, rate, concurrency, seed))
+    else:
+        results, duration = asyncio.run(run_workload(base_url=url, model=SERVED, conversations=convs,
+                                                     request_rate=rate, concurrency=concurrency, seed=seed,
+                                                     timeout=600.0, extra_body={"ignore_eos": True}))
+    after = pod_prefix_counters(pod_ips)
+    queried = after[1] - before[1]
+    out = summary(results, duration)
+    out["servers_prefix_hit_rate"] = round((after[0] - before[0]) / queried, 4) if queried else None
+    out["loadavg_1m_end"] = os.getloadavg()[0]
+    out["started_unix"] = round(load, 1)
+    if routed:
+        router_after = router_counters(base)
+        out["router_prefix"] = {k: router_after[k] - router_before[k] for k in router_after}
+    return out
 
 
 def inference_perf_config(args: argparse.Namespace, base_url: str, seed: int, out: Path, *, sessions: int,
@@ -312,7 +402,7 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
     urls = {"router": f"http://{rt_svc.metadata.annotations[annotation]}/v1",
             "round_robin": f"http://{servers_svc.metadata.annotations[annotation]}/v1",
             "single": f"http://{pods[0].status.pod_ip}:8000/v1"}
-    arms = ["router", "round_robin"] if args.scenario == "multiturn" else ["router", "least_load"]
+    arms = ["router", "round_robin"] if args.scenario in ("multiturn", "docs") else ["router", "least_load"]
     least_load = None
     if "least_load" in arms:
         port = free_port()
@@ -331,8 +421,8 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
             return measure_inference_perf(args, arm, urls[arm].removesuffix("/v1"), seed, ips, sessions=sessions,
                                           rate=rate)
         convs = tagged(conversations(args.scenario, sessions, args.turns, args.system_tokens, args.question_tokens,
-                                     args.output_len, args.seed), f"{arm}{seed}")
-        return measure(urls[arm], convs, rate, args.concurrency, seed)
+                                     args.output_len, args.seed, args.doc_tokens), f"{arm}{seed}")
+        return measure(arm, urls[arm], convs, rate, args.concurrency, seed, ips, args.fresh_connections)
 
     try:
         # idle: a light load through the baseline arm (what "its idle p90 TTFT" means here)
@@ -354,15 +444,15 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
                       f"{probe['ttft_p90_s'] / idle_p90:.1f}x idle", flush=True)
                 if probe["ttft_p90_s"] >= args.auto_factor * idle_p90:
                     break
-                if args.scenario == "multiturn":
+                if args.scenario in ("multiturn", "docs") and args.loadgen == "inference-perf":
                     probe_sessions = round(probe_sessions * 1.5)
                 else:
                     rate = round(rate * 1.5, 2)
-            if args.scenario == "multiturn":
+            if args.scenario in ("multiturn", "docs") and args.loadgen == "inference-perf":
                 sessions = max(sessions, probe_sessions)
         report["sessions"] = sessions
         report["rate"] = rate
-        if args.scenario == "multiturn" and args.single_sessions:
+        if args.scenario in ("multiturn", "docs") and args.single_sessions:
             report["single_replica"] = arm_run("single", 902, args.single_sessions, args.single_rate, pod_ips[:1])
             print("single replica:", json.dumps(report["single_replica"]), flush=True)
         for r in range(args.rounds):
@@ -387,9 +477,11 @@ def write(report: dict[str, Any], args: argparse.Namespace) -> None:
     rounds = report["rounds"]
     if rounds:
         arms = list(rounds[0])
-        report["medians"] = {arm: {k: statistics.median(r[arm][k] for r in rounds if r[arm][k] is not None)
-                                   for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "output_tok_s",
-                                             "prefix_hit_rate", "e2e_p90_s")} for arm in arms}
+        keys = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "output_tok_s", "prefix_hit_rate", "e2e_p90_s",
+                "servers_prefix_hit_rate", "ttft_p90_first_turn_s", "ttft_p90_later_turns_s")
+        report["medians"] = {arm: {k: statistics.median(vals) for k in keys
+                                   if (vals := [r[arm][k] for r in rounds if r[arm].get(k) is not None])}
+                             for arm in arms}
         other = "round_robin" if "round_robin" in arms else "least_load"
 
         def ratio(key: str) -> float:
@@ -416,16 +508,23 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fleetserve-router-bench"))
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server pod")
-    parser.add_argument("--scenario", choices=("multiturn", "unique"), default="multiturn")
+    parser.add_argument("--scenario", choices=("multiturn", "docs", "unique"), default="multiturn",
+                        help="docs: multi-turn chat whose first turn pastes a --doc-tokens document, later turns "
+                             "short --question-tokens questions (bench-serve only)")
     parser.add_argument("--loadgen", choices=("inference-perf", "bench-serve"), default="inference-perf")
     parser.add_argument("--inference-perf", default=None,
                         help="the inference-perf executable (default: benchmarks/router/setup_inference_perf.sh)")
-    parser.add_argument("--sessions", type=int, default=12, help="conversations (multiturn) or requests (unique)")
+    parser.add_argument("--sessions", type=int, default=12,
+                        help="conversations (multiturn, docs) or requests (unique)")
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--system-tokens", type=int, default=250, help="shared system prompt (multiturn)")
     parser.add_argument("--question-tokens", type=int, default=100)
+    parser.add_argument("--doc-tokens", type=int, default=800, help="the document of a docs conversation's first turn")
+    parser.add_argument("--fresh-connections", action="store_true",
+                        help="bench-serve: every request on a new TCP connection (no keep-alive), in every arm")
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=1.0, help="requests per s (Poisson)")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="requests per s (Poisson); with bench-serve, conversations started per s")
     parser.add_argument("--rate-auto", action="store_true",
                         help="raise the load x1.5 (multiturn: --probe-sessions; unique: --rate) until the baseline arm's p90 TTFT >= --auto-factor x idle")
     parser.add_argument("--auto-factor", type=float, default=3.0, help="--rate-auto's target p90 / idle p90")
@@ -441,6 +540,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.command == "run" and (args.scenario == "docs" or args.fresh_connections) and args.loadgen != "bench-serve":
+        parser.error("--scenario docs and --fresh-connections need --loadgen bench-serve (inference-perf has one "
+                     "question length for every turn and its own keep-alive pool)")
     if args.command == "run" and args.loadgen == "inference-perf" and not args.inference_perf:
         setup = subprocess.run(["bash", str(REPO / "benchmarks/router/setup_inference_perf.sh")], check=True,
                                capture_output=True, text=True)
