@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -259,3 +260,42 @@ def test_patch_yaml_is_a_merge_patch() -> None:
     text = report.patch_yaml(search.recommend([default], default, 1.0))
     assert yaml.safe_load(text) == {"spec": {"quantization": "none", "engine": {
         "maxNumSeqs": 32, "kvCacheMemoryFraction": 0.9}, "replicas": 1, "autoscaling": {"maxReplicas": 1}}}
+
+
+def test_frontier_shows_both_bounds_and_which_trials_missed(tmp_path: Path) -> None:
+    """A setting can fail on TPOT alone (long documents: the default's TTFT is fine, its TPOT is not), so
+    the plot has a TPOT panel beside the TTFT one, each with its bound, and missed trials are hollow."""
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+    from fleetserve_server.tune import report
+
+    default = Setting()
+    serial = Setting(max_num_seqs=1)
+    d = SettingResult(default, True, "fits", 1000, "4Gi", [
+        Trial(default, 0.05, summary(ttft=10.0, tpot=0.325, tput=1.4), False, "TPOT"),
+        Trial(default, 0.1, summary(ttft=12.5, tpot=0.437, tput=2.7), False, "TPOT")])
+    s = SettingResult(serial, True, "fits", 1000, "4Gi", [
+        Trial(serial, 0.1, summary(ttft=16.7, tpot=0.061, tput=2.7), True, ""),
+        Trial(serial, 0.2, summary(ttft=27.3, tpot=0.062, tput=4.2), True, "")])
+    advice = search.recommend([d, s], d, peak_rate=0.2)
+    fig = report.frontier_figure([d, s], Objective(30.0, 0.2), advice, "docs")
+    try:
+        ttft_ax, tpot_ax = fig.axes
+        assert (ttft_ax.get_ylabel(), tpot_ax.get_ylabel()) == ("TTFT p99 (s)", "TPOT p99 (ms)")
+        # The bounds: 30 s and 200 ms, dashed.
+        assert [tuple(line.get_ydata()) for line in ttft_ax.lines if line.get_linestyle() == "--"] == [(30.0, 30.0)]
+        assert [tuple(line.get_ydata()) for line in tpot_ax.lines if line.get_linestyle() == "--"] == [(200.0, 200.0)]
+        # TPOT in ms per trial, x = output tokens/s, in order of throughput.
+        default_line, serial_line = [line for line in tpot_ax.lines if line.get_linestyle() != "--"]
+        assert list(default_line.get_ydata()) == pytest.approx([325.0, 437.0])
+        assert list(serial_line.get_ydata()) == pytest.approx([61.0, 62.0])
+        assert serial_line.get_linewidth() == 3 and default_line.get_linewidth() == 1  # the recommendation
+        assert "(best)" in serial_line.get_label() and "(default)" in default_line.get_label()
+        # Markers: the default's two trials missed (no fill), the serial setting's met (filled).
+        default_marks, serial_marks = tpot_ax.collections
+        assert [matplotlib.colors.to_rgba(c)[3] for c in default_marks.get_facecolors()] == [0.0, 0.0]
+        assert [matplotlib.colors.to_rgba(c)[3] for c in serial_marks.get_facecolors()] == [1.0, 1.0]
+    finally:
+        plt.close(fig)
+    report.plot([d, s], Objective(30.0, 0.2), advice, tmp_path / "frontier.png", "docs")
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -70,29 +70,47 @@ def to_json(workload: dict[str, Any], objective: Objective, results: Sequence[Se
 
 
 def plot(results: Sequence[SettingResult], objective: Objective, advice: Advice, path: Path, title: str) -> None:
-    """Output throughput against TTFT p99 for every trial, one line per setting; the objective's
-    TTFT bound dashed; the recommended setting drawn thick."""
+    """Draw :func:`frontier_figure` into ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(results, objective, advice, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_figure(results: Sequence[SettingResult], objective: Objective, advice: Advice, title: str) -> Any:
+    """Output throughput against TTFT p99 (left) and TPOT p99 (right) for every trial, one line per
+    setting; each objective bound dashed; trials that missed the objective hollow; the recommended
+    setting drawn thick. Both panels, because a setting can fail on either bound."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(11, 5))
     for r in results:
-        points = sorted((t.summary["output_throughput"], t.summary["ttft_s"]["p99"]) for t in r.trials
-                        if t.summary["ttft_s"]["p99"] is not None)
-        if not points:
+        trials = sorted((t for t in r.trials if t.summary["ttft_s"]["p99"] is not None),
+                        key=lambda t: t.summary["output_throughput"])
+        if not trials:
             continue
         best = advice.best is not None and r.setting == advice.best.setting
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", lw=3 if best else 1,
-                label=r.setting.label + (" (best)" if best else "") + (" (default)" if r is advice.default else ""))
-    ax.axhline(objective.ttft_p99_s, ls="--", color="grey", label=f"TTFT p99 objective {objective.ttft_p99_s:g} s")
-    ax.set_xlabel("output tokens/s")
-    ax.set_ylabel("TTFT p99 (s)")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+        label = r.setting.label + (" (best)" if best else "") + (" (default)" if r is advice.default else "")
+        x = [t.summary["output_throughput"] for t in trials]
+        for ax, key, scale in ((ax_ttft, "ttft_s", 1.0), (ax_tpot, "tpot_s", 1000.0)):
+            y = [(t.summary[key]["p99"] or 0.0) * scale for t in trials]
+            (line,) = ax.plot(x, y, lw=3 if best else 1, label=label)
+            ax.scatter(x, y, s=40, zorder=3, edgecolors=line.get_color(),
+                       facecolors=[line.get_color() if t.meets else "none" for t in trials])
+    ax_ttft.axhline(objective.ttft_p99_s, ls="--", color="grey", label=f"objective {objective.ttft_p99_s:g} s")
+    ax_tpot.axhline(objective.tpot_p99_s * 1000, ls="--", color="grey",
+                    label=f"objective {objective.tpot_p99_s * 1000:.0f} ms")
+    ax_ttft.set_ylabel("TTFT p99 (s)")
+    ax_ttft.set_yscale("log")
+    ax_tpot.set_ylabel("TPOT p99 (ms)")
+    for ax in (ax_ttft, ax_tpot):
+        ax.set_xlabel("output tokens/s (hollow: the trial missed the objective)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
