@@ -299,3 +299,86 @@ def test_frontier_shows_both_bounds_and_which_trials_missed(tmp_path: Path) -> N
         plt.close(fig)
     report.plot([d, s], Objective(30.0, 0.2), advice, tmp_path / "frontier.png", "docs")
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def timed(rate: float, ttfts: list[float], e2es: list[float]) -> dict:  # type: ignore[type-arg]
+    """A trial summary with per-request times: arrivals every 1/rate s, the given TTFT and e2e each."""
+    s = summary(ttft=max(ttfts), tpot=0.065)
+    s["per_request_s"] = [[i / rate, t, e] for i, (t, e) in enumerate(zip(ttfts, e2es, strict=True))]
+    return s
+
+
+def serial(rate: float, n: int = 10, prefill: float = 4.8, service: float = 6.3) -> dict:  # type: ignore[type-arg]
+    """One request at a time (maxNumSeqs 1), each ``service`` s of which ``prefill`` s before its first token."""
+    ttfts, e2es, free = [], [], 0.0
+    for i in range(n):
+        begin = max(i / rate, free)
+        free = begin + service
+        ttfts.append(begin + prefill - i / rate)
+        e2es.append(free - i / rate)
+    return timed(rate, ttfts, e2es)
+
+
+def test_a_trial_whose_queue_still_grows_is_not_sustained_and_the_search_bisects_below_it() -> None:
+    # Long documents on one core: ~6.3 s a document, at most 0.16 req/s. At 0.20 req/s the 10-request
+    # trial ends before the queue's TTFT reaches the 30 s bound (16.5 s here), so the latency objective
+    # alone "meets" it; the server began answering only 9 / 56.7 s = 0.16 requests/s.
+    objective, setting = Objective(30.0, 0.2), Setting(max_num_seqs=1)
+    fast = serial(0.2)
+    assert objective.check(fast) == (True, "meets the objective")
+    trial = search.judge(objective, setting, 0.2, fast)
+    assert not trial.meets and not trial.sustained
+    assert trial.served_rate == pytest.approx(9 / 56.7)
+    assert trial.reason == "not sustained: offered 0.20 req/s, served 0.16 req/s"
+    # At 0.10 req/s every document finishes before the next arrives: met, sustained.
+    ok = search.judge(objective, setting, 0.1, serial(0.1))
+    assert ok.meets and ok.sustained and ok.reason == "meets the objective"
+    assert ok.served_rate == pytest.approx(0.1)
+    # A missed objective keeps its own reason (the objective is checked first).
+    assert search.judge(Objective(10.0, 0.2), setting, 0.2, fast).reason == "TTFT p99 16.50 s > 10 s"
+    # The capacity search treats the unsustained rate as missed and bisects below it.
+    asked: list[float] = []
+
+    def measure(rate: float) -> Trial:
+        asked.append(rate)
+        return search.judge(objective, setting, rate, serial(rate))
+
+    result = SettingResult(setting, True, "fits", trials=search.capacity_search(measure, 0.1, steps=4))
+    assert asked == [0.1, 0.2, pytest.approx(math.sqrt(0.02)), pytest.approx(math.sqrt(math.sqrt(0.02) * 0.2))]
+    # 0.168 req/s (6 % over one core's 0.159) passes: within the 10 % a stable server's first tokens may lag.
+    assert result.limit_found and result.capacity < 0.2 == result.first_missed_rate
+    assert result.capacity <= (1 / 6.3) / search.SUSTAINED_FRACTION
+    # The report says so in its notes and in the trial record.
+    advice = search.recommend([result], result, peak_rate=0.2)
+    assert ("none seqs=1 batch=default kvfrac=0.9: offered 0.20 req/s, served 0.16 req/s: not sustained (the "
+            "queue was still growing when the 10-request trial ended, so its latency met the objective only "
+            "because the trial was short); not counted as capacity") in advice.notes
+    from fleetserve_server.tune import report
+
+    record = json.loads(report.to_json({}, objective, [result], [], advice))["results"][0]["trials"][1]
+    assert record["sustained"] is False and record["served_rps"] == pytest.approx(9 / 56.7)
+
+
+def test_a_batching_server_whose_latency_grows_with_its_batch_is_sustained() -> None:
+    # Short chats at 2 req/s on a batching server: first tokens follow the arrivals (TTFT 0.2-0.6 s) while
+    # e2e grows from 2 to 6 s as the batch fills (slower decode steps, not a longer queue). Finishes fall
+    # behind the arrivals by 4 s; first tokens by 0.4 s: 2 req/s offered, 1.97 served.
+    n = 48
+    s = timed(2.0, [0.2 + 0.4 * i / (n - 1) for i in range(n)], [2.0 + 4.0 * i / (n - 1) for i in range(n)])
+    trial = search.judge(Objective(4.0, 0.2), Setting(max_num_seqs=16), 2.0, s)
+    assert trial.meets and trial.sustained and trial.served_rate == pytest.approx(47 / 23.9)
+    # A summary without per-request times (older results) is judged on the objective alone.
+    legacy = search.judge(Objective(4.0, 0.2), Setting(), 2.0, summary())
+    assert legacy.meets and legacy.sustained and legacy.served_rate is None
+
+
+def test_a_trial_summary_keeps_each_requests_arrival_and_times() -> None:
+    from fleetserve_server.bench.loadgen import RequestResult
+    from fleetserve_server.tune.trials import trial_summary
+
+    results = [RequestResult(0, 0, True, 100.0, ttft=0.5, e2e=2.0, prompt_tokens=10, output_tokens=4, cached_tokens=3),
+               RequestResult(2, 0, False, 103.0, e2e=0.1, error="boom"),
+               RequestResult(1, 0, True, 101.25, ttft=0.75, e2e=1.5, prompt_tokens=12, output_tokens=4)]
+    s = trial_summary("x", results, 4.0)
+    assert s["per_request_s"] == [[0.0, 0.5, 2.0], [1.25, 0.75, 1.5], [3.0, None, 0.1]]
+    assert s["cached_prompt_tokens"] == 3 and s["requests"] == 3 and s["failures"] == 1

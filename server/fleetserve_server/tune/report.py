@@ -60,7 +60,8 @@ def to_json(workload: dict[str, Any], objective: Objective, results: Sequence[Se
         return {"setting": r.setting.to_dict(), "fits": r.fits, "plan": r.plan_message, "kv_tokens": r.kv_tokens,
                 "device_memory": r.device_memory, "capacity_rps": r.capacity, "limit_found": r.limit_found,
                 "error": r.error,
-                "trials": [{"rate": t.rate, "meets": t.meets, "reason": t.reason, "summary": t.summary}
+                "trials": [{"rate": t.rate, "meets": t.meets, "reason": t.reason, "sustained": t.sustained,
+                            "served_rps": t.served_rate, "summary": t.summary}
                            for t in r.trials]}
 
     return json.dumps({"workload": workload, "objective": {"ttft_p99_s": objective.ttft_p99_s,

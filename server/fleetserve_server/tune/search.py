@@ -80,6 +80,46 @@ class Trial:
     summary: dict[str, Any]
     meets: bool
     reason: str
+    sustained: bool = True  # False: the server fell behind the offered rate (see served_rate)
+    served_rate: float | None = None  # first tokens per second over the trial (None: not recorded)
+
+
+# A trial is sustained when the server began answering requests at >= this fraction of the offered
+# rate. Not 1: a stable server's first tokens trail the arrivals by its TTFT, which varies from request
+# to request (prompt length, arrivals that come together), and over a 10-request trial that jitter alone
+# moves the measured rate by several per cent; a queue that grows moves it by (offered - capacity).
+SUSTAINED_FRACTION = 0.9
+
+
+def served_rate(summary: dict[str, Any]) -> float | None:
+    """The rate at which the server began answering (first token) over the trial: (k - 1) requests
+    between the first and the last first token, k the requests that produced a token. The offered rate
+    counts the same way ((n - 1) arrivals between the first and the last), so for a server that keeps
+    up the two agree up to the TTFT's jitter, and for one that does not the first tokens fall behind at
+    the server's own pace however short the trial. First tokens rather than finishes: a batching
+    server's finishes trail the arrivals by a decode time that grows with its batch while its queue
+    does not. None when the trial did not record per-request times or fewer than 2 requests produced
+    a token."""
+    rows = summary.get("per_request_s")
+    if not rows:
+        return None
+    firsts = [arrival + ttft for arrival, ttft, _ in rows if ttft is not None]
+    if len(firsts) < 2 or max(firsts) <= min(firsts):
+        return None
+    return (len(firsts) - 1) / (max(firsts) - min(firsts))
+
+
+def judge(objective: Objective, setting: Setting, rate: float, summary: dict[str, Any]) -> Trial:
+    """The trial's verdict: the objective first (a miss keeps its reason); a trial that meets it but in
+    which the server served less than :data:`SUSTAINED_FRACTION` of the offered rate is not met either —
+    its queue was still growing when the trial ended, and a longer trial at that rate would miss."""
+    meets, reason = objective.check(summary)
+    served = served_rate(summary)
+    sustained = served is None or served >= SUSTAINED_FRACTION * rate
+    if meets and not sustained:
+        assert served is not None
+        meets, reason = False, f"not sustained: offered {rate:.2f} req/s, served {served:.2f} req/s"
+    return Trial(setting, rate, summary, meets, reason, sustained, served)
 
 
 @dataclass
@@ -231,6 +271,13 @@ def recommend(results: Sequence[SettingResult], default: SettingResult, peak_rat
         else:
             notes.append(f"vertical: a device with {r.device_memory} does not reduce the replicas "
                          f"({r.setting.label}: {r.capacity:.2f} req/s per replica, {n} replica(s))")
+    for r in (*results, *larger):
+        for t in r.trials:
+            if t.reason.startswith("not sustained: "):
+                notes.append(f"{r.setting.label}: {t.reason.removeprefix('not sustained: ')}: not sustained (the "
+                             f"queue was still growing when the {t.summary['requests']}-request trial ended, so "
+                             "its latency met the objective only because the trial was short); not counted as "
+                             "capacity")
     return Advice(best, default, peak_rate, rb, rd, notes)
 
 

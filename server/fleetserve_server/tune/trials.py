@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetserve_server.bench import launch, loadgen
-from fleetserve_server.tune.search import Objective, Setting, SettingResult, Trial, capacity_search
+from fleetserve_server.tune.search import Objective, Setting, SettingResult, Trial, capacity_search, judge
 from fleetserve_server.tune.workload import Request, Workload
 
 
@@ -120,6 +120,19 @@ async def replay(base_url: str, model: str, workload: Workload, *, vocab: int, s
     return list(results), duration
 
 
+def trial_summary(name: str, results: list[loadgen.RequestResult], duration: float) -> dict[str, Any]:
+    """The trial's summary, with what the prefix cache served (0 unless the server's cache outlived
+    distinct prompts) and each request's [arrival, TTFT, e2e] in seconds after the first request was
+    sent, in arrival order (TTFT None: no token) — what :func:`served_rate` reads."""
+    summary = loadgen.summarize(name, results, duration).to_dict()
+    summary["cached_prompt_tokens"] = sum(r.cached_tokens for r in results)
+    t0 = min((r.start for r in results), default=0.0)
+    summary["per_request_s"] = [
+        [round(r.start - t0, 6), None if r.ttft is None else round(r.ttft, 6), None if r.e2e is None else round(r.e2e, 6)]
+        for r in sorted(results, key=lambda r: r.start)]
+    return summary
+
+
 def run_setting(target: Target, setting: Setting, workload: Workload, objective: Objective, *,
                 start_rate: float, steps: int, trial_requests: int, log_dir: Path,
                 on_trial: Callable[[Trial], None] = lambda t: None, startup_timeout: float = 600.0
@@ -164,11 +177,7 @@ def run_setting(target: Target, setting: Setting, workload: Workload, objective:
         def measure(rate: float) -> Trial:
             results, duration = asyncio.run(replay(server.base_url, model_id, trial_load.at_rate(rate),
                                                    vocab=arch.vocab_size, salt=next(salts)))
-            summary = loadgen.summarize(setting.label, results, duration).to_dict()
-            # What the prefix cache served: 0 unless the server's cache outlived distinct prompts.
-            summary["cached_prompt_tokens"] = sum(r.cached_tokens for r in results)
-            meets, reason = objective.check(summary)
-            trial = Trial(setting, rate, summary, meets, reason)
+            trial = judge(objective, setting, rate, trial_summary(setting.label, results, duration))
             on_trial(trial)
             return trial
 
