@@ -416,13 +416,15 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
                               "args": {k: str(v) for k, v in vars(args).items()},
                               "urls": urls, "replicas": [p.metadata.name for p in pods], "rounds": []}
 
-    def arm_run(arm: str, seed: int, sessions: int, rate: float, ips: list[str]) -> dict[str, Any]:
+    def arm_run(arm: str, seed: int, sessions: int, rate: float, ips: list[str],
+                arrivals_seed: int | None = None) -> dict[str, Any]:
         if args.loadgen == "inference-perf":
             return measure_inference_perf(args, arm, urls[arm].removesuffix("/v1"), seed, ips, sessions=sessions,
                                           rate=rate)
         convs = tagged(conversations(args.scenario, sessions, args.turns, args.system_tokens, args.question_tokens,
                                      args.output_len, args.seed, args.doc_tokens), f"{arm}{seed}")
-        return measure(arm, urls[arm], convs, rate, args.concurrency, seed, ips, args.fresh_connections)
+        return measure(arm, urls[arm], convs, rate, args.concurrency, seed if arrivals_seed is None else arrivals_seed,
+                       ips, args.fresh_connections)
 
     try:
         # idle: a light load through the baseline arm (what "its idle p90 TTFT" means here)
@@ -460,8 +462,12 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
             row: dict[str, Any] = {}
             for arm in order:
                 # the same seed for both arms of a round would let the second find the first's text
-                # cached; a seed per arm and round gives the same shape with fresh text
-                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, sessions, rate, pod_ips)
+                # cached; a seed per arm and round gives the same shape with fresh text. The arrival
+                # times (bench-serve) come from one seed per round, the same for both arms: with 30
+                # Poisson starts the realised rate varies by +-30 % between seeds, which would hand one
+                # arm a heavier load than the other
+                row[arm] = arm_run(arm, 100 * r + arms.index(arm) + 1, sessions, rate, pod_ips,
+                                   arrivals_seed=100 * r + 50)
                 print(f"round {r} {arm}: {json.dumps(row[arm])}", flush=True)
             report["rounds"].append(row)
             write(report, args)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The router benchmarks of BENCHMARKS.md "Router" (issue 16 point 3), in the order they were run.
 # Each step is one short command under the machine's heavy-work lock; results go to benchmarks/results/.
-#   STATE=~/.cache/fleetserve/dev-cluster-b16 PORT_BASE=19000 benchmarks/router/run_all.sh [overhead|multiturn|unique|zero]...
+#   STATE=~/.cache/fleetserve/dev-cluster-b16 PORT_BASE=19000 benchmarks/router/run_all.sh [overhead|multiturn|docs|unique|zero]...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STATE="${STATE:-$HOME/.cache/fleetserve/dev-cluster-router-bench}"
@@ -25,6 +25,13 @@ for step in "${steps[@]}"; do
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario multiturn \
         --rate "$RATE_MULTITURN" --rate-auto --sessions 10 --rounds 3 \
         --json benchmarks/results/router-multiturn.json ;;
+    docs)       # a, redone: a pasted document then short questions, a TCP connection per request in every arm
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
+      "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --loadgen bench-serve \
+        --fresh-connections --scenario docs --system-tokens 20 --doc-tokens 800 --question-tokens 12 \
+        --output-len 16 --turns 5 --sessions 30 --rate 0.2 --idle-sessions 2 --idle-rate 0.1 \
+        --single-sessions 3 --single-rate 0.1 --rounds 3 --seed 23 \
+        --json benchmarks/results/router-multiturn-docs.json ;;
     unique)     # b: router vs least-load, unique prompts (inference-perf)
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py up --state-dir "$STATE"
       "${LOCK[@]}" $PY benchmarks/router/fleet_bench.py run --state-dir "$STATE" --scenario unique \
