@@ -64,6 +64,14 @@ def test_tune_replays_a_recorded_log_against_real_servers(server_factory, tiny_m
             # Every trial (the later ones run on the same server) sends prompts the server has not seen:
             # a repeated replay would be served from the prefix cache and look faster than it is.
             assert s["cached_prompt_tokens"] == 0, s
+            # Each request's [arrival, TTFT, e2e], in arrival order: what the sustained-rate rule reads.
+            rows = s["per_request_s"]
+            assert len(rows) == len(PROMPTS) and rows[0][0] == 0.0, rows
+            assert [a for a, _, _ in rows] == sorted(a for a, _, _ in rows), rows
+            # (TTFT None: every token the tiny model sent decoded to empty text, so the client saw none.)
+            assert all(ttft is None or 0 < ttft <= e2e for _, ttft, e2e in rows), rows
+            assert sum(ttft is not None for _, ttft, _ in rows) >= 2, rows
+            assert trial["served_rps"] > 0 and isinstance(trial["sustained"], bool), trial
         assert r["capacity_rps"] > 0  # a 5 s TTFT bound on a tiny model: met
     assert report["advice"]["best"] is not None and report["advice"]["replicas_best"] >= 1
     assert (tmp_path / "frontier.png").stat().st_size > 10_000
