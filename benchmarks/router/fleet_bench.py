@@ -78,7 +78,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "router"))
 from autoscaler_harness import Fleet, apply_crds, free_port  # noqa: E402
 from common import percentile, start_process, stop_process  # noqa: E402
 from fleetserve_devcluster.testing import DevClusterHandle, acquire, wait_until  # noqa: E402
-from fleetserve_server.bench.loadgen import Conversation, RequestResult, _one_request, run_workload  # noqa: E402
+from fleetserve_server.bench.loadgen import Conversation, RequestResult, run_workload  # noqa: E402
 
 NAME = "rt"
 NAMESPACE = "router-bench"
@@ -249,50 +249,6 @@ def router_counters(base_url: str) -> dict[str, float]:
     return found
 
 
-async def run_fresh_connections(base_url: str, convs: list[Conversation], rate: float, concurrency: int,
-                                seed: int, timeout: float = 600.0) -> tuple[list[RequestResult], float]:
-    """`run_workload`'s load (conversations start at Poisson arrivals, ``rate`` per s; a conversation's
-    next turn is sent when its previous answer has ended, with the whole history), but every request
-    on a TCP connection of its own: the client keeps no idle connection (``max_keepalive_connections=0``
-    closes each one when its response ends). Many users behind a gateway do not share a keep-alive
-    connection per conversation; with a pooled client a conversation's next turn would reuse the
-    connection of its previous answer, and a Service balanced per connection (kube-proxy) would send
-    it to the same replica, a stickiness a real round-robin fleet does not have. The same for every
-    arm (the router arm pays a new connection to the router per request as well)."""
-    import httpx2  # the HTTP client the openai SDK is built on here
-    from openai import AsyncOpenAI
-
-    rng = random.Random(seed)
-    http = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0),
-                              timeout=timeout, trust_env=False)
-    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout, http_client=http)
-    gate = asyncio.Semaphore(concurrency)
-    results: list[RequestResult] = []
-
-    async def converse(index: int, conv: Conversation) -> None:
-        history: list[dict[str, str]] = [{"role": "system", "content": conv.system}] if conv.system else []
-        for turn, text in enumerate(conv.user_turns):
-            history.append({"role": "user", "content": text})
-            async with gate:
-                result, reply = await _one_request(client, SERVED, history, conv.output_len, index, turn, timeout,
-                                                   {"ignore_eos": True})
-            results.append(result)
-            if not result.ok:
-                return
-            history.append({"role": "assistant", "content": reply})
-
-    started = time.perf_counter()
-    tasks = []
-    for index, conv in enumerate(convs):
-        tasks.append(asyncio.create_task(converse(index, conv)))
-        await asyncio.sleep(rng.expovariate(rate))
-    await asyncio.gather(*tasks)
-    duration = time.perf_counter() - started
-    await client.close()
-    await http.aclose()
-    return results, duration
-
-
 def measure(arm: str, url: str, convs: list[Conversation], rate: float, concurrency: int, seed: int,
             pod_ips: list[str], fresh_connections: bool) -> dict[str, Any]:
     base = url.removesuffix("/v1")
@@ -300,12 +256,10 @@ def measure(arm: str, url: str, convs: list[Conversation], rate: float, concurre
     routed = arm in ("router", "least_load")
     router_before = router_counters(base) if routed else {}
     load = time.time()
-    if fresh_connections:
-        results, duration = asyncio.run(run_fresh_connections(url, convs, rate, concurrency, seed))
-    else:
-        results, duration = asyncio.run(run_workload(base_url=url, model=SERVED, conversations=convs,
-                                                     request_rate=rate, concurrency=concurrency, seed=seed,
-                                                     timeout=600.0, extra_body={"ignore_eos": True}))
+    results, duration = asyncio.run(run_workload(base_url=url, model=SERVED, conversations=convs,
+                                                 request_rate=rate, concurrency=concurrency, seed=seed,
+                                                 timeout=600.0, extra_body={"ignore_eos": True},
+                                                 fresh_connections=fresh_connections))
     after = pod_prefix_counters(pod_ips)
     queried = after[1] - before[1]
     out = summary(results, duration)

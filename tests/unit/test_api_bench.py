@@ -96,3 +96,42 @@ def test_transformers_serve_gets_a_model_dir_that_names_its_architecture(tmp_pat
     (model / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
     with pytest.raises(ValueError, match="no-such-type"):
         _with_architectures(model, tmp_path / "other")
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_connections_open_one_connection_per_request(fake_server: str, fresh: bool) -> None:
+    """``fresh_connections``: every request on a TCP connection of its own (a Service balanced per
+    connection then balances per request); the default pool reuses keep-alive connections."""
+    upstream_port = int(fake_server.rsplit(":", 1)[1].split("/")[0])
+    accepted = 0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    async def main() -> list[RequestResult]:
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        convs = multiturn_dataset(2, 3, 8, 4, seed=0)
+        async with proxy:
+            results, _ = await run_workload(base_url=f"http://127.0.0.1:{port}/v1", model="fake-model",
+                                            conversations=convs, request_rate=float("inf"), concurrency=1,
+                                            extra_body={"ignore_eos": True}, fresh_connections=fresh)
+        return results
+
+    results = asyncio.run(main())
+    assert len(results) == 6 and all(r.ok for r in results), [r.error for r in results]
+    if fresh:
+        assert accepted == 6
+    else:
+        assert accepted < 6

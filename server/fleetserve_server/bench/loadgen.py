@@ -123,18 +123,30 @@ async def run_workload(
     seed: int = 0,
     timeout: float = 600.0,
     extra_body: dict[str, Any] | None = None,
+    fresh_connections: bool = False,
 ) -> tuple[list[RequestResult], float]:
     """Start conversations at Poisson arrivals (``request_rate`` per s, or all at once for inf),
     at most ``concurrency`` requests in flight. Returns the results and the wall time.
 
     ``extra_body`` carries the server-specific way to force exactly ``output_len``
     tokens (``ignore_eos`` for vLLM-style servers), so every server does the same work.
+    ``fresh_connections``: every request on a TCP connection of its own (the client keeps no idle
+    connection). Many users behind a gateway do not share a keep-alive connection per conversation;
+    with the pool, a conversation's next turn reuses its previous answer's connection, and a Service
+    balanced per connection (kube-proxy) sends it to the same replica.
     """
     from openai import AsyncOpenAI
 
     rng = random.Random(seed)
+    http = None
+    if fresh_connections:
+        import httpx2  # the HTTP client the openai SDK is built on here
+
+        http = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=0),
+                                  timeout=timeout, trust_env=False)
     # The SDK's own connection pool (up to 1000 connections) is larger than any --concurrency here.
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=timeout,
+                         http_client=http)
     gate = asyncio.Semaphore(concurrency)
     results: list[RequestResult] = []
 
@@ -159,6 +171,8 @@ async def run_workload(
     await asyncio.gather(*tasks)
     duration = time.perf_counter() - started
     await client.close()
+    if http is not None:
+        await http.aclose()
     return results, duration
 
 
