@@ -77,6 +77,7 @@ async def serve(args: argparse.Namespace) -> int:
     from fleetserve_router.hold import HoldQueue
     from fleetserve_router.metrics import RouterMetrics
     from fleetserve_router.prefix_index import PrefixIndex
+    from fleetserve_router.prompt import CHARS_PER_TOKEN
     from fleetserve_router.proxy import RouterApp, RouterConfig
 
     log = logging.getLogger("fleetserve.router")
@@ -84,7 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
     hold = HoldQueue(args.max_held)
     index = PrefixIndex(args.cache_ttl)
     fleet = Fleet(index, hold, metrics, static=args.endpoints is not None, poll_interval=args.poll_interval,
-                  load_factor=args.load_factor)
+                  load_factor=args.load_factor, chunk_tokens=args.chunk_chars / CHARS_PER_TOKEN)
     watcher: Any = None
     background: list[asyncio.Task[Any]] = []
     if args.endpoints is not None:

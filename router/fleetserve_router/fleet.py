@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve_router.hold import HoldQueue
 from fleetserve_router.metrics import RouterMetrics
+from fleetserve_router.prefill import PendingPrefill
 from fleetserve_router.prefix_index import PrefixIndex
-from fleetserve_router.scoring import Decision, Replica, Weights, pick
+from fleetserve_router.scoring import Decision, Replica, pick
 
 log = logging.getLogger("fleetserve.router")
 
@@ -49,17 +50,17 @@ class Fleet:
     """
 
     def __init__(self, index: PrefixIndex, hold: HoldQueue, metrics: RouterMetrics, *,
-                 static: bool = False, poll_interval: float = 1.0, weights: Weights | None = None,
-                 load_factor: float = 1.25, down_seconds: float = 2.0,
+                 static: bool = False, poll_interval: float = 1.0, load_factor: float = 1.25,
+                 down_seconds: float = 2.0, chunk_tokens: float = 16.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.index = index
         self.hold = hold
         self.metrics = metrics
         self.static = static
         self.poll_interval = poll_interval
-        self.weights = weights or Weights()
         self.load_factor = load_factor
         self.down_seconds = down_seconds
+        self.chunk_tokens = chunk_tokens  # tokens a prompt chunk stands for (the metric's unit)
         self.clock = clock
         self.replicas: dict[str, Replica] = {}
         self._metrics_at: dict[str, float] = {}
@@ -75,6 +76,7 @@ class Fleet:
         for key in set(self.replicas) - keys:
             self.replicas.pop(key)
             self.index.forget_replica(key)  # a replacement pod starts cold
+            self.metrics.forget_replica(key)
             task = self._pollers.pop(key, None)
             if task is not None:
                 task.cancel()
@@ -111,7 +113,7 @@ class Fleet:
         matches = self.index.match(hashes, [r.key for r in candidates]) if hashes else {}
         for key in self.replicas:
             self._tiebreak[key] = random.random()
-        decision = pick(candidates, matches, len(hashes), weights=self.weights, load_factor=self.load_factor,
+        decision = pick(candidates, matches, len(hashes), load_factor=self.load_factor,
                         tiebreak=lambda r: self._tiebreak.get(r.key, 0.0))
         if decision is not None and decision.matched_chunks:
             decision.credit_time = self.index.last_used(decision.replica.key, hashes[decision.matched_chunks - 1])
@@ -119,6 +121,16 @@ class Fleet:
             self.index.record(decision.replica.key, hashes)  # later requests follow this one at once
             self.metrics.index_entries.set(len(self.index))
         return decision
+
+    def start_prefill(self, decision: Decision) -> PendingPrefill:
+        """The chosen replica computes the request's uncached chunks before its first output: they
+        count as pending there until ``done()`` (proxy.py calls it at the first output, or at the end)."""
+        return PendingPrefill(decision.replica, decision.uncached_chunks, self._show_prefill)
+
+    def _show_prefill(self, replica: Replica) -> None:
+        key, pending = replica.key, replica.pending_prefill
+        if self.replicas.get(key) is replica:  # a removed replica's label stays removed
+            self.metrics.set_pending_prefill(key, pending * self.chunk_tokens)
 
     # ---- ground truth ----------------------------------------------------------------------------
 

@@ -46,10 +46,23 @@ class RouterMetrics:
                                     registry=r)
         self.index_entries = Gauge("fleetserve_router_prefix_index_entries", "Chunk hashes in the prefix index",
                                    registry=r)
+        self.pending_prefill = Gauge("fleetserve_router_pending_prefill_tokens",
+                                     "Uncached prompt tokens (estimated: characters / 4) this router sent each "
+                                     "replica that have produced no output yet", ["replica"], registry=r)
         # the labelled children, looked up once (labels() takes a lock and builds a key per call)
         self.routed = {route: self.requests.labels(route=route) for route in ("prefix", "least_load", "fail_open")}
         for reason in ("hold_full", "hold_timeout", "draining", "invalid"):
             self.rejected.labels(reason=reason)
+
+    def set_pending_prefill(self, replica: str, tokens: float) -> None:
+        self.pending_prefill.labels(replica=replica).set(tokens)
+
+    def forget_replica(self, replica: str) -> None:
+        """A replica left the fleet: drop its labelled series."""
+        try:
+            self.pending_prefill.remove(replica)
+        except KeyError:
+            pass
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,9 @@ from typing import Any
 
 from fleetserve_server.engine.block_manager import hash_block, hash_block_bytes
 
+# English text runs about 4 characters a token: the router's estimate of a chunk's tokens.
+CHARS_PER_TOKEN = 4
+
 # Separators that cannot be confused with message text (C0 controls are rare in prompts, and a
 # collision only costs a wrong guess that the server's ground truth then corrects).
 _ROLE_START = "\x02"

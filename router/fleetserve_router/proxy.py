@@ -7,6 +7,10 @@ A replica that refuses the connection or answers 503 (draining/loading) before a
 the client is skipped and the request goes elsewhere (or is held), so a request that arrives
 during scale-down is not lost.
 
+Pending prefill (scoring.py): a request's uncached prompt chunks count on its replica from dispatch
+to the first output event of its stream (the response headers for other answers), and come off in
+any case when the dispatch ends.
+
 Streams: a streamed answer's cached-token ground truth is read from its final usage event when the
 server's headers lack it (usage.py); the router asks for that event when the client did not and
 drops it from what it relays, so the client gets the server's own bytes (passed on event by event).
@@ -33,6 +37,7 @@ from yarl import URL
 from fleetserve_router.fleet import Fleet
 from fleetserve_router.hold import HoldFull, HoldQueue, Waiter
 from fleetserve_router.metrics import RouterMetrics
+from fleetserve_router.prefill import FirstEvent, PendingPrefill
 from fleetserve_router.prompt import ChunkHasher, render_request
 from fleetserve_router.scoring import Decision
 from fleetserve_router.usage import UsageTap, ask_for_usage
@@ -242,6 +247,7 @@ class RouterApp:
         key = decision.replica.key
         replica = decision.replica
         replica.inflight += 1
+        prefill = self.fleet.start_prefill(decision)
         try:
             try:
                 resp = await self.upstream.request(method, URL(f"http://{key}{url_path}", encoded=True),
@@ -263,16 +269,21 @@ class RouterApp:
                 cached: int | None = None
                 if resp.status == 200:
                     cached = self.fleet.observe_response(key, resp.headers, hashes, decision)
-                if resp.headers.get("content-encoding", "identity").lower() != "identity":
+                plain = resp.headers.get("content-encoding", "identity").lower() == "identity"
+                if not plain:
                     tap = None  # not plain bytes to read (no fleetserve server compresses its streams)
+                events = resp.headers.get("content-type", "").startswith("text/event-stream")
+                watch = prefill if resp.status == 200 and events and plain else None
+                if watch is None:
+                    prefill.done()  # a whole answer or an error: no prompt of this request is computed any more
                 out_headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in _HOP_BY_HOP]
                 out_headers += [(b"x-fleetserve-route", decision.route.encode()),
                                 (b"x-fleetserve-replica", key.encode())]
                 if started:
-                    await self._relay_into_stream(resp, send, tap)
-                elif resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    await self._relay_into_stream(resp, send, tap, watch)
+                elif events:
                     await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-                    await _relay_events(resp, send, tap)
+                    await _relay_events(resp, send, tap, watch)
                 else:
                     data = await resp.read()
                     out_headers.append((b"content-length", str(len(data)).encode()))
@@ -288,13 +299,15 @@ class RouterApp:
                 else:
                     resp.close()  # cancelled (the client left) or failed: the server sees the disconnect
         finally:
+            prefill.done()  # refused, failed, cancelled (the client left) or relayed: never left pending
             replica.inflight -= 1
 
-    async def _relay_into_stream(self, resp: aiohttp.ClientResponse, send: Send, tap: UsageTap | None) -> None:
+    async def _relay_into_stream(self, resp: aiohttp.ClientResponse, send: Send, tap: UsageTap | None,
+                                 prefill: PendingPrefill | None) -> None:
         """The client already has a 200 event stream (it was held): pass the replica's events, or turn
         its error answer into an error event, as the server itself does after a stream started."""
         if resp.status == 200:
-            await _relay_events(resp, send, tap)
+            await _relay_events(resp, send, tap, prefill)
             return
         data = await resp.read()
         await send({"type": "http.response.body", "body": b"data: " + data.replace(b"\n", b"") + b"\n\n"
@@ -320,9 +333,15 @@ class RouterApp:
             await self._upstream.close()
 
 
-async def _relay_events(resp: aiohttp.ClientResponse, send: Send, tap: UsageTap | None) -> None:
-    """Pass an event stream on chunk by chunk, as the bytes arrive (through ``tap`` when there is one)."""
+async def _relay_events(resp: aiohttp.ClientResponse, send: Send, tap: UsageTap | None,
+                        prefill: PendingPrefill | None = None) -> None:
+    """Pass an event stream on chunk by chunk, as the bytes arrive (through ``tap`` when there is one);
+    ``prefill`` is done at the first event that is not a comment (the request's first output)."""
+    first = FirstEvent() if prefill is not None else None
     async for chunk in resp.content.iter_any():
+        if first is not None and prefill is not None and first.feed(chunk):
+            prefill.done()
+            first = None
         data = tap.feed(chunk) if tap is not None else chunk
         if data:
             await send({"type": "http.response.body", "body": data, "more_body": True})

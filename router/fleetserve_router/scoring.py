@@ -1,17 +1,34 @@
-"""Endpoint picking, llm-d style: filters -> weighted scorers -> picker. Pure functions on plain data.
+"""Endpoint picking, llm-d style: filters -> a cost -> picker. Pure functions on plain data.
 
 A request's candidates are the ready replicas; filters drop the saturated ones and, for bounded
-load, those already over 1.25x the mean load (consistent hashing with bounded loads: a hot prefix
-spills to the next best replica instead of piling up). Each scorer maps a replica to [0, 1]; the
-picker takes the highest weighted sum. With no prefix credit anywhere the choice is least-load;
-with stale load figures it fails open to the router's own in-flight counts.
+load, those already over 1.25x the mean load in requests (consistent hashing with bounded loads: a
+hot prefix spills to the next best replica instead of piling up). Among the rest the picker takes the
+replica where the request's first token should come soonest, counted in prompt chunks (~16 tokens):
+
+    expected wait = the replica's pending prefill
+                    + the request's own uncached chunks there (its chunks - the prefix the index credits)
+
+A replica's *pending prefill* is the uncached prompt chunks this router sent it that have produced no
+output yet (proxy.py adds a request's uncached chunks when it dispatches it and takes them off at its
+first output event, or when it ends in any other way). An engine computes the prompts queued ahead
+before a new prompt's first token (next to a prefill's hundreds of tokens a running request adds one
+token a step), so that is most of the wait. A request count is blind to it: a replica prefilling a
+900-token document counts 1, as much as one finishing a 12-word question, and a second document sent
+there waits behind the first. So a new document goes to the replica with the least prefill ahead; a
+conversation's later turn (its history cached where its previous turn went) stays there unless that
+replica has more prefill queued than the history is long. Equal waits go to the longer prefix match
+(less work for the fleet), then to fewer requests, the emptier KV cache, and then at random. Only this
+router's requests are counted as pending: another router's are in the replica's requests only.
+
+With stale load figures the choice fails open to the router's own in-flight counts (then its pending
+prefill).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROUTE_PREFIX = "prefix"
 ROUTE_LEAST_LOAD = "least_load"
@@ -22,13 +39,16 @@ ROUTE_FAIL_OPEN = "fail_open"
 class Replica:
     """What the router knows about one server replica (``key`` is ``host:port``).
 
-    ``inflight`` is exact (the router's own open requests); ``running``/``waiting``/``kv_usage``
-    come from the replica's /metrics and are trusted only while ``metrics_fresh``.
+    ``inflight`` is exact (the router's own open requests); ``pending_prefill`` is exact too: the
+    uncached prompt chunks of those requests that have no output yet (>= 0, 0 when none is open);
+    ``running``/``waiting``/``kv_usage`` come from the replica's /metrics and are trusted only while
+    ``metrics_fresh``.
     """
 
     key: str
     ready: bool = True
     inflight: int = 0
+    pending_prefill: int = 0
     running: float = 0.0
     waiting: float = 0.0
     kv_usage: float = 0.0
@@ -44,24 +64,17 @@ class Replica:
         return float(self.inflight)
 
 
-@dataclass(frozen=True)
-class Weights:
-    """Scorer weights. Prefix dominates because a hit saves a whole prefill; load and KV break
-    ties and steer unshared prompts (see BENCHMARKS.md for how they were checked)."""
-
-    prefix: float = 2.0
-    queue: float = 1.0
-    kv: float = 0.5
-
-
 @dataclass
 class Decision:
     replica: Replica
     route: str
     matched_chunks: int = 0
+    # the request's prompt chunks the chosen replica is not credited with: its own prefill there
+    uncached_chunks: int = 0
     # when the index last credited the chosen replica with the matched prefix (before this request)
     credit_time: float | None = None
-    scores: dict[str, float] = field(default_factory=dict)
+    # pending prefill + uncached chunks on the chosen replica (0 when failing open)
+    expected_wait: float = 0.0
 
 
 # ---- filters ---------------------------------------------------------------------------------
@@ -99,52 +112,42 @@ def filter_bounded_load(replicas: Sequence[Replica], factor: float = 1.25) -> li
     return [r for r in replicas if r.load + 1.0 <= capacity] or [min(replicas, key=lambda r: r.load)]
 
 
-# ---- scorers (each -> [0, 1]) ----------------------------------------------------------------
+# ---- cost and picker -------------------------------------------------------------------------
 
-def score_prefix(matched_chunks: int, total_chunks: int) -> float:
-    return matched_chunks / total_chunks if total_chunks > 0 else 0.0
-
-
-def score_queue(replica: Replica, max_load: float) -> float:
-    return 1.0 - replica.load / max_load if max_load > 0 else 1.0
+def uncached_chunks(matched_chunks: int, total_chunks: int) -> int:
+    return max(total_chunks - matched_chunks, 0)
 
 
-def score_kv(replica: Replica) -> float:
-    return 1.0 - min(max(replica.kv_usage, 0.0), 1.0) if replica.metrics_fresh else 0.5
+def expected_wait(replica: Replica, matched_chunks: int, total_chunks: int) -> float:
+    """Prompt chunks a replica computes before this request's first token: those queued ahead of it
+    by this router, then its own uncached ones."""
+    return float(replica.pending_prefill + uncached_chunks(matched_chunks, total_chunks))
 
-
-# ---- picker ----------------------------------------------------------------------------------
 
 def pick(replicas: Sequence[Replica], matches: dict[str, int], total_chunks: int, *,
-         weights: Weights = Weights(), load_factor: float = 1.25,
-         tiebreak: Callable[[Replica], float] = lambda r: 0.0) -> Decision | None:
+         load_factor: float = 1.25, tiebreak: Callable[[Replica], float] = lambda r: 0.0) -> Decision | None:
     """The replica for one request, or None when no replica is ready (the caller holds it).
 
     ``matches``: leading prompt chunks each replica is credited with (the prefix index);
-    ``tiebreak``: a small per-replica value that orders exact ties (random in production, so equal
-    replicas share unshared traffic).
+    ``total_chunks``: the prompt's chunks; ``tiebreak``: a small per-replica value that orders exact
+    ties (random in production, so equal replicas share unshared traffic).
     """
     candidates = filter_ready(replicas)
     if not candidates:
         return None
     if not any(r.metrics_fresh for r in candidates):
         # Load figures are stale: fall back to what the router knows for sure.
-        chosen = min(candidates, key=lambda r: (r.inflight, tiebreak(r)))
-        return Decision(chosen, ROUTE_FAIL_OPEN, matches.get(chosen.key, 0))
+        chosen = min(candidates, key=lambda r: (r.inflight, r.pending_prefill, tiebreak(r)))
+        matched = matches.get(chosen.key, 0)
+        return Decision(chosen, ROUTE_FAIL_OPEN, matched, uncached_chunks(matched, total_chunks))
     candidates = filter_bounded_load(filter_saturated(candidates), load_factor)
-    if not any(matches.get(r.key, 0) for r in candidates):
-        chosen = min(candidates, key=lambda r: (r.load, r.kv_usage, tiebreak(r)))
-        return Decision(chosen, ROUTE_LEAST_LOAD, 0)
-    max_load = max(r.load for r in candidates) + 1.0
-    best: tuple[float, float] | None = None
-    decision: Decision | None = None
-    for r in candidates:
-        scores = {"prefix": score_prefix(matches.get(r.key, 0), total_chunks),
-                  "queue": score_queue(r, max_load), "kv": score_kv(r)}
-        total = weights.prefix * scores["prefix"] + weights.queue * scores["queue"] + weights.kv * scores["kv"]
-        key = (total, -tiebreak(r))
-        if best is None or key > best:
-            best = key
-            matched = matches.get(r.key, 0)
-            decision = Decision(r, ROUTE_PREFIX if matched else ROUTE_LEAST_LOAD, matched, scores=scores)
-    return decision
+
+    def cost(r: Replica) -> tuple[float, int, float, float, float]:
+        matched = matches.get(r.key, 0)
+        return (expected_wait(r, matched, total_chunks), -matched, r.load, r.kv_usage, tiebreak(r))
+
+    chosen = min(candidates, key=cost)
+    matched = matches.get(chosen.key, 0)
+    return Decision(chosen, ROUTE_PREFIX if matched else ROUTE_LEAST_LOAD, matched,
+                    uncached_chunks(matched, total_chunks),
+                    expected_wait=expected_wait(chosen, matched, total_chunks))

@@ -78,6 +78,7 @@ def test_hold_then_dispatch_when_a_replica_turns_ready(tiny_model: Path, tmp_pat
         assert stream.lines[-1] == "data: [DONE]" and any('"content"' in x for x in stream.lines)
         assert router_metric(router.base_url, "fleetserve_router_requests_held") == 0
         assert router_metric(router.base_url, "fleetserve_router_hold_seconds_count") == 3
+        assert router_metric(router.base_url, "fleetserve_router_pending_prefill_tokens") == 0
     finally:
         assert router.stop() == 0, router.log_tail()
         if server is not None:

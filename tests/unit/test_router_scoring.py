@@ -82,3 +82,54 @@ def test_many_requests_with_one_prefix_stay_within_125_percent_of_the_mean(start
         assert d.replica.load + 1 <= bound or d.replica.load == min(r.load for r in replicas)
         d.replica.inflight += 1
         d.replica.running += 1
+
+
+# ---- pending prefill: the work ahead of a request's first token --------------------------------
+
+DOC_CHUNKS = 56  # a ~900-token document: 64-character chunks of ~16 tokens
+
+
+def busy(key: str, requests: int, pending: int) -> Replica:
+    r = rep(key, load=requests)
+    r.pending_prefill = pending
+    return r
+
+
+def test_a_new_document_goes_to_the_replica_with_less_prefill_ahead_not_fewer_requests() -> None:
+    # a: one document of 900 uncached tokens still prefilling; b: two short questions in flight
+    a, b = busy("a", requests=1, pending=DOC_CHUNKS), busy("b", requests=2, pending=1)
+    d = pick([a, b], {}, DOC_CHUNKS)
+    assert d is not None and d.replica.key == "b" and d.route == ROUTE_LEAST_LOAD
+
+
+def test_a_later_turn_stays_with_its_history_next_to_a_document_prefill() -> None:
+    # the owner holds 60 of the turn's 63 chunks and has one document prefilling
+    owner, idle = busy("owner", requests=1, pending=DOC_CHUNKS), busy("idle", requests=0, pending=0)
+    d = pick([owner, idle], {"owner": 60}, 63)
+    assert d is not None and d.replica.key == "owner" and d.route == ROUTE_PREFIX and d.matched_chunks == 60
+
+
+def test_a_later_turn_leaves_an_owner_with_a_bigger_prefill_backlog_than_its_history() -> None:
+    # two documents queued ahead on the owner (112 chunks) take longer than recomputing 63 chunks on b
+    owner, idle = busy("owner", requests=2, pending=2 * DOC_CHUNKS), busy("idle", requests=1, pending=0)
+    d = pick([owner, idle], {"owner": 60}, 63)
+    assert d is not None and d.replica.key == "idle" and d.route == ROUTE_LEAST_LOAD
+
+
+def test_equal_prefill_ahead_goes_to_fewer_requests() -> None:
+    d = pick([busy("a", requests=3, pending=0), busy("b", requests=1, pending=0)], {}, DOC_CHUNKS)
+    assert d is not None and d.replica.key == "b"
+
+
+def test_bounded_load_still_caps_a_replica_with_no_prefill_ahead() -> None:
+    # a has no prefill queued but 6 requests: over ceil(1.25 * 7/3) = 3, so it is not a candidate
+    d = pick([busy("a", requests=6, pending=0), busy("c", requests=0, pending=50), busy("b", requests=0, pending=40)],
+             {}, DOC_CHUNKS)
+    assert d is not None and d.replica.key == "b"
+
+
+def test_stale_metrics_fail_open_to_in_flight_counts_then_prefill() -> None:
+    a, b = Replica("a", inflight=1), Replica("b", inflight=1)
+    a.pending_prefill, b.pending_prefill = DOC_CHUNKS, 2
+    d = pick([a, b], {}, DOC_CHUNKS)
+    assert d is not None and d.replica.key == "b" and d.route == ROUTE_FAIL_OPEN
