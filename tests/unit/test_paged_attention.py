@@ -136,11 +136,14 @@ def test_kernel_rejects_out_of_range_tables() -> None:
                                torch.tensor([9], dtype=torch.int32), 4, 1.0)
 
 
-def test_cache_key_depends_on_the_source(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("changed", [0, 1])
+def test_cache_key_depends_on_every_source(monkeypatch: pytest.MonkeyPatch, tmp_path, changed: int) -> None:  # type: ignore[no-untyped-def]
     key = pa.cache_key()
-    other = tmp_path / "paged_attention.cpp"
-    other.write_bytes(pa.SOURCE.read_bytes() + b"\n// changed\n")
-    monkeypatch.setattr(pa, "SOURCE", other)
+    sources = list(pa.SOURCES)
+    other = tmp_path / sources[changed].name
+    other.write_bytes(sources[changed].read_bytes() + b"\n// changed\n")
+    sources[changed] = other
+    monkeypatch.setattr(pa, "SOURCES", tuple(sources))
     assert pa.cache_key() != key
 
 

@@ -14,6 +14,14 @@ each sequence's block table (a C++ kernel on CPU, a torch fallback elsewhere;
 see ``runner.paged_attention``). A step's K/V are written to the cache first, so
 a prefill token at position ``p`` simply attends to positions ``0 .. p``.
 
+On CPU float32 the elementwise glue runs in the same C++ module (``csrc/fused_ops.cpp``): one
+``rms_norm`` call per norm (ATen's CPU ``rms_norm`` took ~14 ms for a 2048-token chunk of
+SmolLM2's 576 values a row, a single vectorized pass a fraction of that) and one ``rope_write_kv``
+call per layer that rotates q and k and writes the step's K/V to their cache slots (the ATen
+path: ~15 ops, slices, products, cat, stack and ``index_copy_``, each allocating). The rotation is
+bit-identical to the ATen path; the norm differs only in the order of its sum of squares.
+``fused_ops = False`` (or a kernel that does not build) keeps the ATen ops.
+
 KV cache layout: ``[layers, 2, kv_heads, num_blocks * block_size, head_dim]``;
 position ``p`` of a sequence lives in slot ``block_table[p // block_size] *
 block_size + p % block_size``. Heads outermost, so that one (K or V, head) row
@@ -47,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fleetserve_server.runner.paged_attention import extension as paged_attention_extension
 from fleetserve_server.runner.paged_attention import gathered_decode_attention, paged_attention
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -66,6 +75,8 @@ class StepMetadata:
     each token's row of ``tables``; ``token_ctx`` [T] int32: how many positions each
     token attends to (its position + 1).
     ``logits_idx`` [S]: flat index of the last token of each sampling sequence.
+    ``slots`` [T] int64: each token's cache slot (``write_index`` before its expansion to rows),
+    for the fused rope-and-write; None takes the ATen path.
     """
 
     positions: torch.Tensor
@@ -76,6 +87,7 @@ class StepMetadata:
     token_ctx: torch.Tensor
     logits_idx: torch.Tensor
     block_size: int
+    slots: torch.Tensor | None = None
 
 
 def _fuse_linear(parts: list[nn.Module]) -> nn.Module:
@@ -196,6 +208,8 @@ class PagedCausalLM(nn.Module):
         # "paged": the C++ kernel where it loads, else the torch fallback; "torch": the fallback;
         # "gather": decode through the previous padded gather (a reference for benchmarks)
         self.attention = "paged"
+        # the C++ rms_norm / rope_write_kv on CPU float32 (runner.fused_ops); False: the ATen ops
+        self.fused_ops = True
         # tensor parallelism (set by ``shard``): the collectives and the first vocabulary row held here
         self.tp: Any = None
         self.vocab_start = 0
@@ -234,7 +248,11 @@ class PagedCausalLM(nn.Module):
             gc.collect()  # free the replaced plain weights now, should a reference cycle hold them
         return count
 
-    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _rms(self, x: torch.Tensor, w: torch.Tensor, ext: Any = None) -> torch.Tensor:
+        if ext is not None and x.dim() == 2 and x.stride(1) == 1:
+            out = x.new_empty(x.shape)
+            ext.rms_norm(out, x, w, self.eps)
+            return out
         return F.rms_norm(x, (x.shape[-1],), w, self.eps)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -243,36 +261,54 @@ class PagedCausalLM(nn.Module):
         x1, x2 = x[..., :half], x[..., half:]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
+    def _fused_module(self, kv_cache: torch.Tensor) -> Any:
+        """The C++ module whose fused ops this forward uses (``runner.fused_ops``), or None: CPU
+        float32 weights and cache with the kernels loaded, unless ``fused_ops`` is off."""
+        if not self.fused_ops or self.device.type != "cpu" or self.dtype != torch.float32 \
+                or kv_cache.dtype != torch.float32:
+            return None
+        return paged_attention_extension()
+
     def forward(self, input_ids: torch.Tensor, meta: StepMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
         """Return logits [len(meta.logits_idx), vocab] (float32) after writing KV."""
         num_tokens = input_ids.shape[0]
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        cos = self.cos[meta.positions].unsqueeze(1)
-        sin = self.sin[meta.positions].unsqueeze(1)
+        ext = self._fused_module(kv_cache)
+        # one C++ call rotates q and k and writes the step's K/V (Qwen3's q/k norms take the torch path)
+        fused_rope = ext is not None and meta.slots is not None and self.layers[0].q_norm is None
+        if not fused_rope:
+            cos = self.cos[meta.positions].unsqueeze(1)
+            sin = self.sin[meta.positions].unsqueeze(1)
+        num_slots = kv_cache.shape[3]
         h = self._embed(input_ids)
         for li, layer in enumerate(self.layers):
-            x = self._rms(h, layer.in_norm)
+            x = self._rms(h, layer.in_norm, ext)
             qkv = layer.qkv(x)
-            v = qkv[:, (nh + nkv) * hd :].view(num_tokens, nkv, hd)
-            if layer.q_norm is not None:
-                q = self._rope(self._rms(qkv[:, : nh * hd].view(num_tokens, nh, hd), layer.q_norm), cos, sin)
-                k = self._rope(self._rms(qkv[:, nh * hd : (nh + nkv) * hd].view(num_tokens, nkv, hd),
-                                         layer.k_norm), cos, sin)
-            else:
-                # q and k heads rotated together: one set of elementwise ops instead of two
-                qk = self._rope(qkv[:, : (nh + nkv) * hd].view(num_tokens, nh + nkv, hd), cos, sin)
-                q, k = qk[:, :nh], qk[:, nh:]
             # rows of [2 * kv * slots, hd]: dim-0 index ops are plain row copies
             # (index_select/index_copy_ on an inner dim take a slow generic path on CPU)
             kv_rows = kv_cache[li].view(-1, hd)
-            new_kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1))).to(kv_cache.dtype)  # [2, kv, T, hd]
-            kv_rows.index_copy_(0, meta.write_index, new_kv.view(-1, hd))
-            out = self._attention(q, k, v, kv_cache[li], meta)
+            if fused_rope:
+                q = qkv.new_empty(num_tokens, nh, hd)
+                ext.rope_write_kv(q, kv_rows, qkv, self.cos, self.sin, meta.positions, meta.slots, nh, nkv,
+                                  num_slots)
+            else:
+                v = qkv[:, (nh + nkv) * hd :].view(num_tokens, nkv, hd)
+                if layer.q_norm is not None:
+                    q = self._rope(self._rms(qkv[:, : nh * hd].view(num_tokens, nh, hd), layer.q_norm), cos, sin)
+                    k = self._rope(self._rms(qkv[:, nh * hd : (nh + nkv) * hd].view(num_tokens, nkv, hd),
+                                             layer.k_norm), cos, sin)
+                else:
+                    # q and k heads rotated together: one set of elementwise ops instead of two
+                    qk = self._rope(qkv[:, : (nh + nkv) * hd].view(num_tokens, nh + nkv, hd), cos, sin)
+                    q, k = qk[:, :nh], qk[:, nh:]
+                new_kv = torch.stack((k.transpose(0, 1), v.transpose(0, 1))).to(kv_cache.dtype)  # [2, kv, T, hd]
+                kv_rows.index_copy_(0, meta.write_index, new_kv.view(-1, hd))
+            out = self._attention(q, kv_cache[li], meta)
             h = self._add_row_parallel(h, layer.o_proj, out.view(num_tokens, nh * hd))
-            x = self._rms(h, layer.post_norm)
+            x = self._rms(h, layer.post_norm, ext)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = self._add_row_parallel(h, layer.down, F.silu(gate) * up)
-        h = self._rms(h[meta.logits_idx], self.norm)
+        h = self._rms(h[meta.logits_idx], self.norm, ext)
         logits = self.lm_head(h).float()
         if self.tp is not None:  # vocabulary-parallel: rank 0 gathers every rank's columns
             return self.tp.gather_vocab(logits)
@@ -297,10 +333,8 @@ class PagedCausalLM(nn.Module):
             return _add_linear(residual, linear, x)
         return residual + self.tp.all_reduce(linear(x).contiguous())
 
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, meta: StepMetadata
-    ) -> torch.Tensor:
-        # k and v are already in the cache (written by forward); every token reads them from there
+    def _attention(self, q: torch.Tensor, layer_cache: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        # the step's k and v are already in the cache (written by forward); every token reads them from there
         cache = layer_cache.view(2, self.num_kv_heads, -1, self.head_dim)
         b = meta.num_decode
         if self.attention == "gather" and b:

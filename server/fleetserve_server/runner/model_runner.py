@@ -247,9 +247,11 @@ class TorchModelRunner:
         for i, (_, n, _, _) in enumerate(plan.prefills, start=len(plan.decode_tables)):
             token_seq.extend([i] * n)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
+        slots = torch.tensor(plan.slots, dtype=torch.long, device=dev)
         meta = StepMetadata(
             positions=positions,
-            write_index=self._rows(torch.tensor(plan.slots, dtype=torch.long, device=dev)),
+            write_index=self._rows(slots),
+            slots=slots,
             num_decode=len(plan.decode_tables),
             tables=torch.tensor([[*t, *[0] * (width - len(t))] for t in tables], dtype=torch.int32, device=dev),
             token_seq=torch.tensor(token_seq, dtype=torch.int32, device=dev),

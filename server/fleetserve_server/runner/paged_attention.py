@@ -10,7 +10,8 @@ written to the cache before attention), so decode and varlen prefill, with or wi
 a cached prefix, are one call with no Python loop over sequences. Query heads
 ``g * group .. (g + 1) * group - 1`` share kv head ``g`` (GQA).
 
-On CPU the work runs in a C++ extension (``csrc/paged_attention.cpp``) that walks each
+On CPU the work runs in a C++ extension (``csrc/paged_attention.cpp``; the same module carries the
+fused norm and rotary ops of ``csrc/fused_ops.cpp``, see ``runner.model``) that walks each
 sequence's block table: its cost grows with the live tokens, not with batch x longest
 context, and it allocates no per-step copy of the KV. The extension is compiled with
 ``torch.utils.cpp_extension`` at install time (``python -m
@@ -44,6 +45,8 @@ from fleetserve_server.memory import FALLBACK_ATTENTION_BYTES, fallback_attentio
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+# compiled into the same module: the fused elementwise ops of a decoder layer (``runner.fused_ops``)
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "fused_ops.cpp")
 # -fopenmp: at::parallel_for is inlined into the extension and is serial without it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -61,7 +64,7 @@ def _cpu_flags() -> str:
 def cache_key() -> str:
     """Hash of everything the compiled module depends on (source, torch, flags, CPU ISA)."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
+    for part in (*(src.read_bytes() for src in SOURCES), torch.__version__.encode(), " ".join(CFLAGS).encode(),
                  platform.machine().encode(), _cpu_flags().encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
@@ -103,7 +106,7 @@ def build(verbose: bool = False) -> ModuleType:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     return cpp_extension.load(
-        name=_module_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
+        name=_module_name(), sources=[str(src) for src in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
         verbose=verbose,
     )
 
