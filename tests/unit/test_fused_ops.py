@@ -49,6 +49,26 @@ def test_rms_norm_reads_strided_rows_and_refuses_bad_input() -> None:
         _kernel().rms_norm(out, x, torch.randn(63), 1e-6)
 
 
+@pytest.mark.parametrize("tokens,inter", [(1, 1536), (2048, 1536), (5, 20), (3, 72)])
+def test_silu_mul_matches_aten_and_float64(tokens: int, inter: int) -> None:
+    gen = torch.Generator().manual_seed(tokens + inter)
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = torch.empty(tokens, inter)
+    _kernel().silu_mul(out, gate_up)
+    exact = gate.double() * torch.sigmoid(gate.double()) * up.double()
+    torch.testing.assert_close(out, F.silu(gate) * up, rtol=5e-7, atol=1e-30)
+    torch.testing.assert_close(out.double(), exact, rtol=3e-7, atol=1e-30)
+
+
+def test_silu_mul_at_the_edges_of_exp() -> None:
+    gate = torch.tensor([-1e4, -100.0, -88.0, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.0, 100.0, 1e4,
+                         float("inf"), -float("inf"), 3.0, 4.0])
+    out = torch.empty(1, gate.numel())
+    _kernel().silu_mul(out, torch.cat([gate, torch.ones_like(gate)])[None])
+    torch.testing.assert_close(out[0], F.silu(gate), rtol=5e-7, atol=1e-30, equal_nan=True)
+
+
 def _torch_rope_write(qkv, cos, sin, positions, slots, cache_rows, nh, nkv, hd, num_slots):  # type: ignore[no-untyped-def]
     """The ATen path of PagedCausalLM.forward: rotate q and k together, stack K/V, index_copy_."""
     t = qkv.shape[0]

@@ -266,6 +266,7 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor cache, at::Tensor 
 
 // csrc/fused_ops.cpp, compiled into the same module
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& w, double eps);
+void silu_mul(at::Tensor out, const at::Tensor& gate_up);
 void rope_write_kv(at::Tensor q_out, at::Tensor cache_rows, const at::Tensor& qkv, const at::Tensor& cos,
                    const at::Tensor& sin, const at::Tensor& positions, const at::Tensor& slots, int64_t nh,
                    int64_t nkv, int64_t num_slots);
@@ -273,6 +274,7 @@ void rope_write_kv(at::Tensor q_out, at::Tensor cache_rows, const at::Tensor& qk
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "Paged attention over a block-table KV cache (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm of float32 rows into out (CPU)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [tokens, 2 * intermediate] row into out (CPU)");
   m.def("rope_write_kv", &rope_write_kv,
         "Rotary embedding of q (into q_out) and k, and the step's K/V written to their cache slots (CPU)");
 }
