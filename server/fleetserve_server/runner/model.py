@@ -209,7 +209,7 @@ class PagedCausalLM(nn.Module):
         # "paged": the C++ kernel where it loads, else the torch fallback; "torch": the fallback;
         # "gather": decode through the previous padded gather (a reference for benchmarks)
         self.attention = "paged"
-        # the C++ rms_norm / rope_write_kv on CPU float32 (runner.fused_ops); False: the ATen ops
+        # the C++ rms_norm / rope_write_kv / silu_mul on CPU float32 (csrc/fused_ops.cpp); False: the ATen ops
         self.fused_ops = True
         # tensor parallelism (set by ``shard``): the collectives and the first vocabulary row held here
         self.tp: Any = None
@@ -273,7 +273,7 @@ class PagedCausalLM(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     def _fused_module(self, kv_cache: torch.Tensor) -> Any:
-        """The C++ module whose fused ops this forward uses (``runner.fused_ops``), or None: CPU
+        """The C++ module whose fused ops this forward uses (``csrc/fused_ops.cpp``), or None: CPU
         float32 weights and cache with the kernels loaded, unless ``fused_ops`` is off."""
         if not self.fused_ops or self.device.type != "cpu" or self.dtype != torch.float32 \
                 or kv_cache.dtype != torch.float32:

@@ -45,7 +45,7 @@ from fleetserve_server.memory import FALLBACK_ATTENTION_BYTES, fallback_attentio
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
-# compiled into the same module: the fused elementwise ops of a decoder layer (``runner.fused_ops``)
+# compiled into the same module: the fused elementwise ops of a decoder layer (see ``runner.model``)
 SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "fused_ops.cpp")
 # -fopenmp: at::parallel_for is inlined into the extension and is serial without it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
