@@ -17,7 +17,8 @@ operator running as ``fleetserve operator`` in the background. Its arms, all on 
   the ready server pods) -> a server pod: what a fleet without the router does;
 * ``least_load``: a second ``fleetserve router`` on the host with ``--cache-ttl 1e-6``, so its prefix
   index never holds credit and every pick is the least-loaded replica (scored like the real router
-  otherwise); reached directly, one proxy hop fewer than ``router``;
+  otherwise); reached directly, one proxy hop fewer than ``router`` (``--router-direct`` sends the
+  ``router`` arm to the router pod's own address instead, so both arms have one proxy hop);
 * ``single``: one server pod directly, the same conversations at a lighter load: the prefix hit rate
   one replica alone achieves.
 
@@ -356,6 +357,14 @@ def cmd_run(cluster: DevClusterHandle, args: argparse.Namespace) -> int:
     urls = {"router": f"http://{rt_svc.metadata.annotations[annotation]}/v1",
             "round_robin": f"http://{servers_svc.metadata.annotations[annotation]}/v1",
             "single": f"http://{pods[0].status.pod_ip}:8000/v1"}
+    if args.router_direct:
+        # the router pod itself, not through the Service's proxy: one proxy hop, like the host-side
+        # least-load router, so a unique-prompt comparison measures the pick and not the extra hop
+        routers = [p for p in fleet.ready_pods()
+                   if (p.metadata.labels or {}).get("app.kubernetes.io/name") == "fleetserve-router"]
+        if not routers:
+            raise SystemExit("--router-direct: no router pod is Ready")
+        urls["router"] = f"http://{routers[0].status.pod_ip}:8000/v1"
     arms = ["router", "round_robin"] if args.scenario in ("multiturn", "docs") else ["router", "least_load"]
     least_load = None
     if "least_load" in arms:
@@ -465,6 +474,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("up", "run", "down"))
     parser.add_argument("--state-dir", type=Path, required=True, help="the dev cluster (started if not running)")
+    parser.add_argument("--port-base", type=int, default=None,
+                        help="the dev cluster's first loopback port when this starts it (`dev-cluster up --port-base`); "
+                             "keep it off the test suite's default 16000 (a benchmark fleet on the default ports "
+                             "makes a concurrent `make test` fail at setup)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fleetserve-router-bench"))
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server pod")
@@ -482,6 +495,9 @@ def main() -> int:
     parser.add_argument("--doc-tokens", type=int, default=800, help="the document of a docs conversation's first turn")
     parser.add_argument("--fresh-connections", action="store_true",
                         help="bench-serve: every request on a new TCP connection (no keep-alive), in every arm")
+    parser.add_argument("--router-direct", action="store_true",
+                        help="send the router arm to the router pod's address, not through the Service's proxy "
+                             "(the least-load arm is reached directly too: the same number of hops)")
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0,
                         help="requests per s (Poisson); with bench-serve, conversations started per s")
@@ -507,6 +523,11 @@ def main() -> int:
         setup = subprocess.run(["bash", str(REPO / "benchmarks/router/setup_inference_perf.sh")], check=True,
                                capture_output=True, text=True)
         args.inference_perf = setup.stdout.strip().splitlines()[-1]
+    if args.port_base is not None:
+        # start it (or check it) with the ports asked for; acquire() then finds it running. A state dir
+        # created earlier keeps its own ports (dev-cluster up says so)
+        subprocess.run([sys.executable, "-m", "fleetserve_cli.main", "dev-cluster", "up", "--state-dir",
+                        str(args.state_dir), "--port-base", str(args.port_base)], check=True)
     cluster = acquire(args.state_dir)
     return {"up": cmd_up, "run": cmd_run, "down": cmd_down}[args.command](cluster, args)
 
