@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve_router.hold import HoldQueue
 from fleetserve_router.metrics import RouterMetrics
-from fleetserve_router.prefill import PendingPrefill
+from fleetserve_router.prefill import PendingPrefill, PrefillQueue
 from fleetserve_router.prefix_index import PrefixIndex
 from fleetserve_router.scoring import Decision, Replica, pick
 
@@ -67,6 +67,7 @@ class Fleet:
         self._down_until: dict[str, float] = {}
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._tiebreak: dict[str, float] = {}
+        self._prefill: dict[str, PrefillQueue] = {}  # per replica: its pending prefill in dispatch order
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
 
     # ---- membership ---------------------------------------------------------------------------
@@ -75,6 +76,7 @@ class Fleet:
         """Discovery's current ready set (in static mode: the configured list, readiness polled)."""
         for key in set(self.replicas) - keys:
             self.replicas.pop(key)
+            self._prefill.pop(key, None)
             self.index.forget_replica(key)  # a replacement pod starts cold
             self.metrics.forget_replica(key)
             task = self._pollers.pop(key, None)
@@ -82,6 +84,7 @@ class Fleet:
                 task.cancel()
         for key in keys - set(self.replicas):
             self.replicas[key] = Replica(key, ready=not self.static)
+            self._prefill[key] = PrefillQueue()
             self._pollers[key] = asyncio.get_running_loop().create_task(self._poll(key))
         self._changed()
 
@@ -109,12 +112,16 @@ class Fleet:
                 continue
             replica = self.replicas[key]
             replica.metrics_fresh = now - self._metrics_at.get(key, -1e9) <= 3 * self.poll_interval
+            queue = self._prefill.get(key)
+            replica.prefill_ahead = queue.ahead(now) if queue is not None else None
             candidates.append(replica)
         matches = self.index.match(hashes, [r.key for r in candidates]) if hashes else {}
         for key in self.replicas:
             self._tiebreak[key] = random.random()
         decision = pick(candidates, matches, len(hashes), load_factor=self.load_factor,
                         tiebreak=lambda r: self._tiebreak.get(r.key, 0.0))
+        if decision is not None and decision.moved is not None:
+            self.metrics.moved[decision.moved].inc()
         if decision is not None and decision.matched_chunks:
             decision.credit_time = self.index.last_used(decision.replica.key, hashes[decision.matched_chunks - 1])
         if decision is not None and hashes:
@@ -125,7 +132,8 @@ class Fleet:
     def start_prefill(self, decision: Decision) -> PendingPrefill:
         """The chosen replica computes the request's uncached chunks before its first output: they
         count as pending there until ``done()`` (proxy.py calls it at the first output, or at the end)."""
-        return PendingPrefill(decision.replica, decision.uncached_chunks, self._show_prefill)
+        return PendingPrefill(decision.replica, decision.uncached_chunks, self._show_prefill,
+                              self._prefill.get(decision.replica.key), self.clock)
 
     def _show_prefill(self, replica: Replica) -> None:
         key, pending = replica.key, replica.pending_prefill
@@ -200,6 +208,7 @@ class Fleet:
                     replica.running = load.get("running", 0.0)
                     replica.waiting = load.get("waiting", 0.0)
                     replica.kv_usage = load.get("kv_usage", 0.0)
+                    replica.inflight_at_scrape = replica.inflight
                     self._metrics_at[key] = self.clock()
                     self.observe_epoch(key, resp.headers.get(EPOCH_HEADER))
             except asyncio.CancelledError:

@@ -49,10 +49,15 @@ class RouterMetrics:
         self.pending_prefill = Gauge("fleetserve_router_pending_prefill_tokens",
                                      "Uncached prompt tokens (estimated: characters / 4) this router sent each "
                                      "replica that have produced no output yet", ["replica"], registry=r)
+        self.moves = Counter("fleetserve_router_prefix_moves",
+                             "Requests not sent to the ready replica with their longest prefix match, by why "
+                             "(saturated, bounded_load, prefill_ahead)", ["reason"], registry=r)
         # the labelled children, looked up once (labels() takes a lock and builds a key per call)
         self.routed = {route: self.requests.labels(route=route) for route in ("prefix", "least_load", "fail_open")}
         for reason in ("hold_full", "hold_timeout", "draining", "invalid"):
             self.rejected.labels(reason=reason)
+        self.moved = {reason: self.moves.labels(reason=reason)
+                      for reason in ("saturated", "bounded_load", "prefill_ahead")}
 
     def set_pending_prefill(self, replica: str, tokens: float) -> None:
         self.pending_prefill.labels(replica=replica).set(tokens)

@@ -9,7 +9,8 @@ during scale-down is not lost.
 
 Pending prefill (scoring.py): a request's uncached prompt chunks count on its replica from dispatch
 to the first output event of its stream (the response headers for other answers), and come off in
-any case when the dispatch ends.
+any case when the dispatch ends; a stream's first output is also a sample of its replica's prefill
+rate (prefill.PrefillQueue).
 
 Streams: a streamed answer's cached-token ground truth is read from its final usage event when the
 server's headers lack it (usage.py); the router asks for that event when the client did not and
@@ -340,7 +341,7 @@ async def _relay_events(resp: aiohttp.ClientResponse, send: Send, tap: UsageTap 
     first = FirstEvent() if prefill is not None else None
     async for chunk in resp.content.iter_any():
         if first is not None and prefill is not None and first.feed(chunk):
-            prefill.done()
+            prefill.done(first_output=True)
             first = None
         data = tap.feed(chunk) if tap is not None else chunk
         if data:

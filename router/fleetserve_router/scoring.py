@@ -20,6 +20,19 @@ replica has more prefill queued than the history is long. Equal waits go to the 
 (less work for the fleet), then to fewer requests, the emptier KV cache, and then at random. Only this
 router's requests are counted as pending: another router's are in the replica's requests only.
 
+Pending prefill counts a request whole until its first output, but the replica is computing it all
+along: a document dispatched 2 s ago may be mostly done. So the cost takes each replica's *prefill
+ahead* where there is an estimate (``prefill.PrefillQueue``: the pending requests drained oldest first
+at the replica's measured prefill rate), never more than the pending count; a later turn then leaves
+its history only for prefill that is really still ahead of it.
+
+A request's *load* in the bound is this router's own requests on the replica (exact) plus the others'
+that the last scrape counted: a scrape lags, and the requests of this router that ended since it must
+not hold a conversation's next turn off its replica.
+
+When a request does not go to the ready replica with its longest prefix match, ``Decision.moved`` says
+why (saturated, bounded_load, prefill_ahead): the router counts it (``fleetserve_router_prefix_moves``).
+
 With stale load figures the choice fails open to the router's own in-flight counts (then its pending
 prefill).
 """
@@ -33,6 +46,12 @@ from dataclasses import dataclass
 ROUTE_PREFIX = "prefix"
 ROUTE_LEAST_LOAD = "least_load"
 ROUTE_FAIL_OPEN = "fail_open"
+
+# why a request did not go to the ready replica with its longest prefix match
+MOVE_SATURATED = "saturated"  # that replica's KV cache is full with requests waiting
+MOVE_BOUNDED_LOAD = "bounded_load"  # it is at the load bound (1.25x the mean) while others have room
+MOVE_PREFILL = "prefill_ahead"  # it has more prefill queued than recomputing the prefix elsewhere costs
+MOVES = (MOVE_SATURATED, MOVE_BOUNDED_LOAD, MOVE_PREFILL)
 
 
 @dataclass
@@ -54,13 +73,20 @@ class Replica:
     kv_usage: float = 0.0
     metrics_fresh: bool = False
     cache_epoch: str | None = None
+    # this router's ``inflight`` when ``running``/``waiting`` were scraped
+    inflight_at_scrape: int = 0
+    # ``pending_prefill`` less what the replica has computed since (``prefill.PrefillQueue``), set
+    # before each pick; None: no estimate (the whole pending prefill counts)
+    prefill_ahead: float | None = None
 
     @property
     def load(self) -> float:
-        """Requests on the replica: its own count when fresh (other routers' requests too), never
-        below what this router has open on it (metrics lag a scrape behind)."""
+        """Requests on the replica: this router's own, exact, plus the others' (other routers',
+        direct clients') as the last fresh scrape counted them. Not ``running + waiting`` alone: that
+        lags a scrape behind, so requests that ended since still counted and a conversation's next
+        turn was pushed off its replica by the load bound for a load that was gone."""
         if self.metrics_fresh:
-            return max(float(self.inflight), self.running + self.waiting)
+            return float(self.inflight) + max(0.0, self.running + self.waiting - self.inflight_at_scrape)
         return float(self.inflight)
 
 
@@ -75,6 +101,8 @@ class Decision:
     credit_time: float | None = None
     # pending prefill + uncached chunks on the chosen replica (0 when failing open)
     expected_wait: float = 0.0
+    # why a ready replica with a longer prefix match than the chosen one was passed over (MOVE_*), or None
+    moved: str | None = None
 
 
 # ---- filters ---------------------------------------------------------------------------------
@@ -118,10 +146,18 @@ def uncached_chunks(matched_chunks: int, total_chunks: int) -> int:
     return max(total_chunks - matched_chunks, 0)
 
 
+def prefill_ahead(replica: Replica) -> float:
+    """Prompt chunks queued ahead on the replica: what this router sent it that it has not computed yet
+    by the estimate when there is one, else all of it that has produced no output."""
+    if replica.prefill_ahead is not None:
+        return min(float(replica.pending_prefill), max(0.0, replica.prefill_ahead))
+    return float(replica.pending_prefill)
+
+
 def expected_wait(replica: Replica, matched_chunks: int, total_chunks: int) -> float:
     """Prompt chunks a replica computes before this request's first token: those queued ahead of it
     by this router, then its own uncached ones."""
-    return float(replica.pending_prefill + uncached_chunks(matched_chunks, total_chunks))
+    return prefill_ahead(replica) + uncached_chunks(matched_chunks, total_chunks)
 
 
 def pick(replicas: Sequence[Replica], matches: dict[str, int], total_chunks: int, *,
@@ -140,7 +176,9 @@ def pick(replicas: Sequence[Replica], matches: dict[str, int], total_chunks: int
         chosen = min(candidates, key=lambda r: (r.inflight, r.pending_prefill, tiebreak(r)))
         matched = matches.get(chosen.key, 0)
         return Decision(chosen, ROUTE_FAIL_OPEN, matched, uncached_chunks(matched, total_chunks))
-    candidates = filter_bounded_load(filter_saturated(candidates), load_factor)
+    ready = candidates
+    unsaturated = filter_saturated(ready)
+    candidates = filter_bounded_load(unsaturated, load_factor)
 
     def cost(r: Replica) -> tuple[float, int, float, float, float]:
         matched = matches.get(r.key, 0)
@@ -148,6 +186,11 @@ def pick(replicas: Sequence[Replica], matches: dict[str, int], total_chunks: int
 
     chosen = min(candidates, key=cost)
     matched = matches.get(chosen.key, 0)
+    best = max(ready, key=lambda r: matches.get(r.key, 0))
+    moved = None
+    if matches.get(best.key, 0) > matched:
+        moved = (MOVE_SATURATED if all(r is not best for r in unsaturated) else
+                 MOVE_BOUNDED_LOAD if all(r is not best for r in candidates) else MOVE_PREFILL)
     return Decision(chosen, ROUTE_PREFIX if matched else ROUTE_LEAST_LOAD, matched,
                     uncached_chunks(matched, total_chunks),
-                    expected_wait=expected_wait(chosen, matched, total_chunks))
+                    expected_wait=expected_wait(chosen, matched, total_chunks), moved=moved)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from fleetserve_router.scoring import (
+    MOVE_BOUNDED_LOAD,
+    MOVE_PREFILL,
+    MOVE_SATURATED,
     ROUTE_FAIL_OPEN,
     ROUTE_LEAST_LOAD,
     ROUTE_PREFIX,
@@ -17,7 +20,9 @@ from hypothesis import strategies as st
 
 
 def rep(key: str, load: int = 0, kv: float = 0.0, fresh: bool = True, ready: bool = True) -> Replica:
-    return Replica(key, ready=ready, inflight=load, running=load, kv_usage=kv, metrics_fresh=fresh)
+    # ``load`` requests, all this router's, all counted by the last scrape
+    return Replica(key, ready=ready, inflight=load, running=load, inflight_at_scrape=load, kv_usage=kv,
+                   metrics_fresh=fresh)
 
 
 def test_no_ready_replica_means_hold() -> None:
@@ -80,8 +85,7 @@ def test_many_requests_with_one_prefix_stay_within_125_percent_of_the_mean(start
         mean = (sum(r.load for r in replicas) + 1) / len(replicas)
         bound = max(2, -(-1.25 * mean // 1))
         assert d.replica.load + 1 <= bound or d.replica.load == min(r.load for r in replicas)
-        d.replica.inflight += 1
-        d.replica.running += 1
+        d.replica.inflight += 1  # dispatched; the next scrape has not seen it yet
 
 
 # ---- pending prefill: the work ahead of a request's first token --------------------------------
@@ -133,3 +137,55 @@ def test_stale_metrics_fail_open_to_in_flight_counts_then_prefill() -> None:
     a.pending_prefill, b.pending_prefill = DOC_CHUNKS, 2
     d = pick([a, b], {}, DOC_CHUNKS)
     assert d is not None and d.replica.key == "b" and d.route == ROUTE_FAIL_OPEN
+
+
+# ---- what a replica has already computed, and a load that is gone ------------------------------
+
+def test_a_later_turn_stays_when_its_replica_has_computed_most_of_the_document_ahead() -> None:
+    # the owner's document (DOC_CHUNKS + 8 uncached chunks, no output yet) was dispatched a while ago:
+    # by the replica's rate it has ~20 chunks left; recomputing the 63-chunk history elsewhere is longer
+    owner, idle = busy("owner", requests=1, pending=DOC_CHUNKS + 8), busy("idle", requests=0, pending=0)
+    owner.prefill_ahead = 20.0
+    d = pick([owner, idle], {"owner": 60}, 63)
+    assert d is not None and d.replica.key == "owner" and d.moved is None
+    assert d.expected_wait == 23.0
+
+
+def test_the_estimate_never_exceeds_the_pending_count() -> None:
+    a = busy("a", requests=1, pending=10)
+    a.prefill_ahead = 50.0  # a late drain update cannot add work the router did not send
+    d = pick([a], {}, 4)
+    assert d is not None and d.expected_wait == 14.0
+
+
+def test_requests_that_ended_since_the_scrape_do_not_count_toward_the_bound() -> None:
+    # the owner had 3 of this router's requests running at the last scrape; 2 have ended since.
+    # Scraped load alone (3) would put it at the bound (ceil(1.25 x 4/3) = 2 -> floor 2); its load is 1
+    owner = Replica("owner", inflight=1, running=3, inflight_at_scrape=3, metrics_fresh=True)
+    a, b = rep("a"), rep("b")
+    assert owner.load == 1.0
+    d = pick([owner, a, b], {"owner": 60}, 63)
+    assert d is not None and d.replica.key == "owner" and d.moved is None
+
+
+def test_other_clients_requests_still_count_toward_the_load() -> None:
+    # 4 requests on the replica at the scrape, 1 of them this router's: 3 are someone else's
+    r = Replica("r", inflight=2, running=3, waiting=1, inflight_at_scrape=1, metrics_fresh=True)
+    assert r.load == 5.0
+    assert Replica("s", inflight=2, running=3, inflight_at_scrape=1).load == 2.0  # stale: own count only
+
+
+def test_why_a_request_left_its_longest_match_is_reported() -> None:
+    owner, idle = busy("owner", requests=2, pending=2 * DOC_CHUNKS), busy("idle", requests=1, pending=0)
+    d = pick([owner, idle], {"owner": 60, "idle": 2}, 63)
+    assert d is not None and d.replica.key == "idle" and d.moved == MOVE_PREFILL
+    hot, b, c = rep("hot", load=6), rep("b", load=1), rep("c", load=1)
+    d = pick([hot, b, c], {"hot": 60}, 63)
+    assert d is not None and d.replica.key != "hot" and d.moved == MOVE_BOUNDED_LOAD
+    full, e = rep("full", load=2, kv=0.99), rep("e", load=2)
+    full.waiting = 1
+    d = pick([full, e], {"full": 60}, 63)
+    assert d is not None and d.replica.key == "e" and d.moved == MOVE_SATURATED
+    # a new prompt: every replica matches the same shared system prompt, nothing was left
+    d = pick([rep("x"), rep("y")], {"x": 2, "y": 2}, 63)
+    assert d is not None and d.moved is None
