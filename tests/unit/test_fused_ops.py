@@ -8,15 +8,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
-from fleetserve_server.runner import paged_attention as pa  # noqa: E402
+from test_paged_attention import _kernel  # noqa: E402  (the same module carries the fused ops)
 
 torch.set_num_threads(2)
-
-
-def _kernel():  # type: ignore[no-untyped-def]
-    module = pa.extension()
-    assert module is not None, "the C++ kernels did not build (see the log for why)"
-    return module
 
 
 def _hf_rms(x, w, eps):  # type: ignore[no-untyped-def]

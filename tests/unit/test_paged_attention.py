@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 
 def _kernel():  # type: ignore[no-untyped-def]
     module = pa.extension()
-    assert module is not None, "the C++ paged attention kernel did not build (see the log for why)"
+    assert module is not None, "the C++ kernels (paged attention, fused ops) did not build (see the log for why)"
     return module
 
 

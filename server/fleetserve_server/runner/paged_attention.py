@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # compiled into the same module: the fused elementwise ops of a decoder layer (see ``runner.model``)
 SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "fused_ops.cpp")
+# included by both sources: part of the cache key, not compiled on its own
+HEADERS = (Path(__file__).parent / "csrc" / "vec.h",)
 # -fopenmp: at::parallel_for is inlined into the extension and is serial without it
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
@@ -64,7 +66,7 @@ def _cpu_flags() -> str:
 def cache_key() -> str:
     """Hash of everything the compiled module depends on (source, torch, flags, CPU ISA)."""
     h = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), torch.__version__.encode(), " ".join(CFLAGS).encode(),
+    for part in (*(src.read_bytes() for src in (*SOURCES, *HEADERS)), torch.__version__.encode(), " ".join(CFLAGS).encode(),
                  platform.machine().encode(), _cpu_flags().encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")

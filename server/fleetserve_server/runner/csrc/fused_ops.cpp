@@ -28,29 +28,13 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec.h"
+
 #pragma GCC optimize("fp-contract=off")
 
 namespace {
 
-typedef float vfloat __attribute__((vector_size(64), aligned(4)));
-typedef float vfloat8 __attribute__((vector_size(32), aligned(4)));
-typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
-constexpr int64_t kLanes = 16;
-
-inline vfloat vload(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
-inline void vstore(float* p, vfloat v) { *reinterpret_cast<vfloat*>(p) = v; }
-
-inline float hsum(vfloat v) {
-  vfloat8 lo, hi;
-  __builtin_memcpy(&lo, &v, sizeof lo);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  const vfloat8 s8 = lo + hi;
-  vfloat4 a, b;
-  __builtin_memcpy(&a, &s8, sizeof a);
-  __builtin_memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
-  const vfloat4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace fleetserve_vec;
 
 // Rows per parallel chunk: enough values that a thread's share outweighs waking it.
 inline int64_t grain_rows(int64_t values_per_row) {

@@ -30,29 +30,11 @@
 #include <utility>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// 16 floats in GCC/Clang's portable vector type (AVX-512: one register; AVX2/SSE/NEON: several),
-// element-aligned so that any row can be loaded.
-typedef float vfloat __attribute__((vector_size(64), aligned(4)));
-typedef float vfloat8 __attribute__((vector_size(32), aligned(4)));
-typedef float vfloat4 __attribute__((vector_size(16), aligned(4)));
-constexpr int64_t kLanes = 16;
-
-inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
-
-// Sum of the 16 lanes as a tree (a chain of 15 scalar adds would be the step's critical path).
-inline float hsum(vfloat v) {
-  vfloat8 lo, hi;
-  __builtin_memcpy(&lo, &v, sizeof lo);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  const vfloat8 s8 = lo + hi;
-  vfloat4 a, b;
-  __builtin_memcpy(&a, &s8, sizeof a);
-  __builtin_memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
-  const vfloat4 s4 = a + b;
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace fleetserve_vec;
 
 // Row operations over head_dim = NJ x 16 values (NJ > 0: unrolled, accumulators in registers),
 // or any head_dim (NJ == 0).
@@ -61,13 +43,13 @@ struct Rows {
   // a . b
   static inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
     if constexpr (NJ > 0) {
-      vfloat acc[2] = {load(a) * load(b), {}};
-      for (int j = 1; j < NJ; ++j) acc[j & 1] += load(a + j * kLanes) * load(b + j * kLanes);
+      vfloat acc[2] = {vload(a) * vload(b), {}};
+      for (int j = 1; j < NJ; ++j) acc[j & 1] += vload(a + j * kLanes) * vload(b + j * kLanes);
       return hsum(acc[0] + acc[1]);
     } else {
       vfloat acc = {};
       int64_t d = 0;
-      for (; d + kLanes <= n; d += kLanes) acc += load(a + d) * load(b + d);
+      for (; d + kLanes <= n; d += kLanes) acc += vload(a + d) * vload(b + d);
       float s = hsum(acc);
       for (; d < n; ++d) s += a[d] * b[d];
       return s;
@@ -80,11 +62,11 @@ struct Rows {
                                 const float* __restrict__ rows, int64_t count, int64_t n) {
     if constexpr (NJ > 0) {
       vfloat a[NJ];
-      for (int j = 0; j < NJ; ++j) a[j] = load(acc + j * kLanes);
+      for (int j = 0; j < NJ; ++j) a[j] = vload(acc + j * kLanes);
       for (int64_t r = 0; r < count; ++r) {
         const float w = p[r];
         const float* row = rows + r * n;
-        for (int j = 0; j < NJ; ++j) a[j] += w * load(row + j * kLanes);
+        for (int j = 0; j < NJ; ++j) a[j] += w * vload(row + j * kLanes);
       }
       for (int j = 0; j < NJ; ++j) *reinterpret_cast<vfloat*>(acc + j * kLanes) = a[j];
     } else {
@@ -93,7 +75,7 @@ struct Rows {
         const float* row = rows + r * n;
         int64_t d = 0;
         for (; d + kLanes <= n; d += kLanes) {
-          *reinterpret_cast<vfloat*>(acc + d) += w * load(row + d);
+          *reinterpret_cast<vfloat*>(acc + d) += w * vload(row + d);
         }
         for (; d < n; ++d) acc[d] += w * row[d];
       }
