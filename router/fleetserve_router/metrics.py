@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from fleetserve_router.scoring import MOVES
+
 # Holds last from milliseconds (a replica just turned ready) to a GPU node's provisioning (minutes).
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800)
 
@@ -56,8 +58,7 @@ class RouterMetrics:
         self.routed = {route: self.requests.labels(route=route) for route in ("prefix", "least_load", "fail_open")}
         for reason in ("hold_full", "hold_timeout", "draining", "invalid"):
             self.rejected.labels(reason=reason)
-        self.moved = {reason: self.moves.labels(reason=reason)
-                      for reason in ("saturated", "bounded_load", "prefill_ahead")}
+        self.moved = {reason: self.moves.labels(reason=reason) for reason in MOVES}
 
     def set_pending_prefill(self, replica: str, tokens: float) -> None:
         self.pending_prefill.labels(replica=replica).set(tokens)
