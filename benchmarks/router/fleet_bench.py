@@ -523,12 +523,7 @@ def main() -> int:
         setup = subprocess.run(["bash", str(REPO / "benchmarks/router/setup_inference_perf.sh")], check=True,
                                capture_output=True, text=True)
         args.inference_perf = setup.stdout.strip().splitlines()[-1]
-    if args.port_base is not None:
-        # start it (or check it) with the ports asked for; acquire() then finds it running. A state dir
-        # created earlier keeps its own ports (dev-cluster up says so)
-        subprocess.run([sys.executable, "-m", "fleetserve_cli.main", "dev-cluster", "up", "--state-dir",
-                        str(args.state_dir), "--port-base", str(args.port_base)], check=True)
-    cluster = acquire(args.state_dir)
+    cluster = acquire(args.state_dir, args.port_base)
     return {"up": cmd_up, "run": cmd_run, "down": cmd_down}[args.command](cluster, args)
 
 

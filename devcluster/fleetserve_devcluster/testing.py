@@ -64,13 +64,15 @@ def _fleetserve(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600)
 
 
-def acquire(state_dir: Path | None = None) -> DevClusterHandle:
-    """Reuse the dev cluster running in ``state_dir`` or start one with `fleetserve dev-cluster up`."""
+def acquire(state_dir: Path | None = None, port_base: int | None = None) -> DevClusterHandle:
+    """Reuse the dev cluster running in ``state_dir`` or start one with `fleetserve dev-cluster up`
+    (on ``port_base`` when given; a state dir created earlier keeps its own ports)."""
     state_dir = (state_dir or controlplane.default_state_dir()).expanduser().resolve()
     started = not controlplane.is_up(state_dir)
     # `up` is idempotent and cheap on a running cluster (health probes only), and
     # it restarts a component that died, so a reused cluster is a whole one.
-    proc = _fleetserve("dev-cluster", "up", "--state-dir", str(state_dir))
+    ports = () if port_base is None else ("--port-base", str(port_base))
+    proc = _fleetserve("dev-cluster", "up", "--state-dir", str(state_dir), *ports)
     if proc.returncode != 0:
         raise RuntimeError(f"`fleetserve dev-cluster up` failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return DevClusterHandle(state_dir, state_dir / "kubeconfig", cluster_env(state_dir), started)
