@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from fake_clock import Clock
 from fleetserve_server.engine.async_engine import AsyncEngine
 from fleetserve_server.engine.config import EngineConfig
 from fleetserve_server.engine.errors import (
@@ -187,14 +188,6 @@ def test_shutdown_fails_in_flight_requests():
             async for _ in gen:
                 pass
     asyncio.run(main())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_idle_engine_still_expires_cache():

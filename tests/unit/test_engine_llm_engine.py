@@ -5,6 +5,7 @@ cache-free reference, whatever the batching, chunking, preemption or caching."""
 from __future__ import annotations
 
 import pytest
+from fake_clock import Clock
 from fleetserve_server.engine.config import EngineConfig
 from fleetserve_server.engine.errors import QueueFullError, RequestValidationError
 from fleetserve_server.engine.interfaces import RequestOutputDelta, ScheduledBatch
@@ -16,14 +17,6 @@ from hypothesis import strategies as st
 
 TOK = ByteTokenizer()
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make(eos_period: int = 0, clock=None, **kw) -> tuple[LLMEngine, ToyModelRunner]:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
+from fake_clock import Clock
 from fleetserve_router.prefix_index import PrefixIndex
 from fleetserve_router.prompt import ChunkHasher, chunk_hashes, render_chat, render_request
 from fleetserve_server.engine.block_manager import hash_block
 from hypothesis import given
 from hypothesis import strategies as st
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def hashes(text: str, n: int = 4) -> list[bytes]:
@@ -70,7 +63,7 @@ def test_next_turn_rendering_extends_this_turn() -> None:
 
 
 def test_match_counts_leading_chunks_per_replica() -> None:
-    index = PrefixIndex(60, clock=Clock())
+    index = PrefixIndex(60, clock=Clock(1000.0))
     index.record("a", hashes("0123456789abcdef"))           # 4 chunks
     index.record("b", hashes("0123456789ab"))               # first 3 chunks
     assert index.match(hashes("0123456789abcdefXYZW")) == {"a": 4, "b": 3}
@@ -80,7 +73,7 @@ def test_match_counts_leading_chunks_per_replica() -> None:
 
 
 def test_ttl_expires_credit_like_the_servers_idle_expiry() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     index = PrefixIndex(60, clock=clock)
     index.record("a", hashes("01234567"))
     clock.now += 59
@@ -94,7 +87,7 @@ def test_ttl_expires_credit_like_the_servers_idle_expiry() -> None:
 
 
 def test_forget_replica_and_older_credit() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     index = PrefixIndex(600, clock=clock)
     index.record("a", hashes("AAAAAAAA"))
     clock.now += 1
@@ -110,7 +103,7 @@ def test_forget_replica_and_older_credit() -> None:
 
 
 def test_size_is_bounded_lru() -> None:
-    index = PrefixIndex(600, max_entries=3, clock=Clock())
+    index = PrefixIndex(600, max_entries=3, clock=Clock(1000.0))
     index.record("a", hashes("0000111122223333"))
     assert len(index) == 3
     assert index.match(hashes("0000111122223333")) == {}  # the oldest (first) chunk went: no leading run
@@ -120,7 +113,7 @@ def test_size_is_bounded_lru() -> None:
        st.text(alphabet="xy", max_size=16))
 def test_match_never_credits_a_replica_that_was_not_sent_the_prefix(records: list[tuple[str, str]],
                                                                     query: str) -> None:
-    index = PrefixIndex(600, clock=Clock())
+    index = PrefixIndex(600, clock=Clock(1000.0))
     for replica, text in records:
         index.record(replica, hashes(text, 2))
     for replica, n in index.match(hashes(query, 2)).items():

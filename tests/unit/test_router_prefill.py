@@ -4,8 +4,12 @@ output of an event stream is found wherever the bytes are cut."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from fake_clock import Clock
 from fleetserve_router.fleet import Fleet
+from fleetserve_router.hold import HoldQueue
 from fleetserve_router.metrics import RouterMetrics
 from fleetserve_router.prefill import (
     MIN_SAMPLE_CHUNKS,
@@ -14,6 +18,7 @@ from fleetserve_router.prefill import (
     PendingPrefill,
     PrefillQueue,
 )
+from fleetserve_router.prefix_index import PrefixIndex
 from fleetserve_router.scoring import Replica
 from hypothesis import given
 from hypothesis import strategies as st
@@ -90,14 +95,6 @@ def test_the_gauge_per_replica_and_its_removal() -> None:
 
 # ---- the pending prefill a replica has computed by now (PrefillQueue) ----------------------------
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_no_drain_before_a_rate_is_measured() -> None:
     clock, q, r = Clock(), PrefillQueue(), Replica("a")
     PendingPrefill(r, 40, lambda rep: None, q, clock)
@@ -171,11 +168,6 @@ def test_the_fleet_keeps_a_later_turn_with_its_history_once_the_document_ahead_i
     """Through Fleet.choose: a conversation's history (60 chunks) is on replica X, which measured its
     rate (30 chunks/s) on it; an 80-chunk document is then dispatched to X. Its whole count (83 with the
     turn's own 3) would send the turn to Y to recompute 63 chunks; 2 s later X has ~20 chunks left."""
-    import asyncio
-
-    from fleetserve_router.hold import HoldQueue
-    from fleetserve_router.prefix_index import PrefixIndex
-
     async def main() -> None:
         clock, metrics = Clock(), RouterMetrics()
         # a poll interval this long keeps the (never scraped) replicas "fresh" for the whole test
